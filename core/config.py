@@ -1,0 +1,261 @@
+"""Configs: attrs classes structured by cattrs from ``key=value`` overrides or a config.yaml.
+
+A run's config has one group per plugin kind (``objective``, ``teacher``, ``student``, ``critic``,
+``sampler``, ``data``), each ``{name: PLUGIN, **that plugin's attrs fields}``, plus ``train``, ``seed``,
+``out`` and ``callbacks``. CLI values arrive as strings; the hooks below convert them strictly
+(``train.steps=1.5`` is an error, not 1).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal
+
+import attrs
+import cattrs
+import yaml
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from core.errors import UsageError, suggest
+
+PLUGIN_GROUPS = ("objective", "teacher", "student", "critic", "sampler", "data")
+GROUP_KIND = {"objective": "objective", "teacher": "teacher", "student": "student", "critic": "critic",
+              "sampler": "sampler", "data": "dataset"}
+
+
+def positive(instance, attribute, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def non_negative(instance, attribute, value):
+    if value is not None and value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+def unit_interval(instance, attribute, value):
+    if value is not None and not 0 <= value <= 1:
+        raise ValueError(f"must be in [0, 1], got {value}")
+
+
+@attrs.define(kw_only=True)
+class TrainConfig:
+    """Runner settings shared by every objective."""
+
+    steps: int = attrs.field(default=2000, validator=positive, metadata={"doc": "training iterations"})
+    batch: int = attrs.field(default=256, validator=positive, metadata={"doc": "per-iteration batch size"})
+    lr: float | None = attrs.field(default=None, validator=positive,
+                                   metadata={"doc": "override every phase's learning rate"})
+    warmup: int = attrs.field(default=0, validator=non_negative, metadata={"doc": "linear LR warmup iterations"})
+    lr_decay: Literal["none", "linear", "cosine"] = attrs.field(
+        default="none", metadata={"doc": "LR decay after warmup, to 0 at the last step"})
+    grad_clip: float | None = attrs.field(default=10.0, validator=positive,
+                                          metadata={"doc": "global grad-norm clip (none: off)"})
+    ema: float = attrs.field(default=0.0, validator=unit_interval,
+                             metadata={"doc": "student EMA decay (0: off); samples use the EMA when on"})
+    log_every: int = attrs.field(default=50, validator=positive, metadata={"doc": "metrics.jsonl cadence"})
+    eval_every: int = attrs.field(default=500, validator=non_negative,
+                                  metadata={"doc": "quality metrics cadence when the teacher has exact samples (0: off)"})
+    eval_samples: int = attrs.field(default=2000, validator=positive)
+    ckpt_every: int = attrs.field(default=500, validator=positive, metadata={"doc": "checkpoint cadence"})
+    preview_every: int = attrs.field(default=1000, validator=non_negative, metadata={"doc": "preview.png cadence (0: end only)"})
+    keep: int = attrs.field(default=2, validator=positive, metadata={"doc": "checkpoints kept"})
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = attrs.field(
+        default="auto", metadata={"doc": "auto: bf16 autocast on CUDA, fp32 on CPU"})
+    progress: bool = attrs.field(default=True, metadata={"doc": "tqdm progress bar"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict converter for CLI strings and YAML values.
+
+def _fail(value, what):
+    raise ValueError(f"expected {what}, got {value!r}")
+
+
+def _to_int(value, _):
+    if isinstance(value, bool):
+        _fail(value, "an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+    _fail(value, "an integer")
+
+
+def _to_float(value, _):
+    if isinstance(value, bool):
+        _fail(value, "a number")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    _fail(value, "a number")
+
+
+def _to_bool(value, _):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    _fail(value, "true or false")
+
+
+def _to_str(value, _):
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    _fail(value, "a string")
+
+
+def _is_optional(tp) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+        and type(None) in args and len(args) == 2
+
+
+def _is_sequence(tp) -> bool:
+    return typing.get_origin(tp) in (list, tuple)
+
+
+def make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _to_int)
+    conv.register_structure_hook(float, _to_float)
+    conv.register_structure_hook(bool, _to_bool)
+    conv.register_structure_hook(str, _to_str)
+
+    def optional(value, tp):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        return conv.structure(value, inner)
+
+    def sequence(value, tp):
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            _fail(value, "a list like [1,2] or 1,2")
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(conv.structure(v, args[0]) for v in value)
+            if len(args) != len(value):
+                _fail(value, f"{len(args)} values")
+            return tuple(conv.structure(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return [conv.structure(v, inner) if inner is not Any else v for v in value]
+
+    def literal(value, tp):
+        choices = typing.get_args(tp)
+        for c in choices:
+            if value == c or str(value) == str(c):
+                return c
+        raise ValueError(f"must be one of {', '.join(map(str, choices))}, got {value!r}{suggest(value, choices)}")
+
+    conv.register_structure_hook_func(_is_optional, optional)
+    conv.register_structure_hook_func(_is_sequence, sequence)
+    conv.register_structure_hook_func(lambda tp: typing.get_origin(tp) is Literal, literal)
+    conv.register_unstructure_hook_func(lambda tp: typing.get_origin(tp) is tuple, lambda v: list(v))
+    return conv
+
+
+converter = make_converter()
+
+
+def _first_error(exc: BaseException, path: str) -> str:
+    """One line out of a (possibly nested) cattrs validation error."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unknown key(s) {', '.join(sorted(exc.extra_fields))} in {path}"
+    if isinstance(exc, (ClassValidationError, ExceptionGroup)):
+        for sub in exc.exceptions:
+            note = next((n for n in getattr(sub, "__notes__", []) if "@ attribute" in n), "")
+            attr = note.rsplit("@ attribute", 1)[-1].strip() if note else ""
+            return _first_error(sub, f"{path}.{attr}" if attr else path)
+    return f"{path}: {exc}"
+
+
+def structure(data: dict, cls: type, path: str):
+    """Build ``cls`` from ``data``; any problem becomes a one-line UsageError naming ``path.field``."""
+    fields = [f.name for f in attrs.fields(cls)]
+    for key in data:
+        if key not in fields:
+            hint = suggest(key, fields)
+            listed = ", ".join(fields) if fields else "(none)"
+            raise UsageError(f"unknown key '{path}.{key}'{hint}; {path} accepts: {listed}")
+    try:
+        return converter.structure(dict(data), cls)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(_first_error(exc, path)) from None
+
+
+def unstructure(obj) -> dict:
+    return converter.unstructure(obj)
+
+
+def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, doc) for ``help``."""
+    rows = []
+    for f in attrs.fields(cls):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((f.name, str(tp).replace("typing.", ""), default, f.metadata.get("doc", "")))
+    return rows
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['a=1', 'b.c=x']`` -> ``{'a': '1', 'b': {'c': 'x'}}``, values kept as strings."""
+    tree: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise UsageError(f"expected key=value, got '{arg}' (e.g. objective=dmd2 train.steps=500)")
+        key, value = arg.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"malformed key '{key}'")
+        node = tree
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                child = node[p] = {"name": child}
+            node = child
+        leaf = parts[-1]
+        if isinstance(node.get(leaf), dict) and len(parts) == 1:
+            node[leaf]["name"] = value
+        else:
+            node[leaf] = value
+    return tree
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        elif isinstance(out.get(k), dict) and not isinstance(v, dict):
+            # ``teacher=gmm`` on top of a loaded ``teacher: {name: ...}``: switching plugin drops its fields
+            out[k] = {"name": v} if out[k].get("name") != v else out[k]
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,53 @@
+"""Preview pictures: a scatter plot for vector data (first two dims), an image grid for images."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def scatter_png(samples: torch.Tensor, reference: torch.Tensor | None = None, size: int = 512) -> bytes:
+    pts = samples.detach().float().flatten(1)[:, :2].cpu()
+    ref = None if reference is None else reference.detach().float().flatten(1)[:, :2].cpu()
+    both = pts if ref is None else torch.cat([pts, ref])
+    lo, hi = both.quantile(0.001, dim=0), both.quantile(0.999, dim=0)
+    span = float((hi - lo).max()) * 1.1 + 1e-6
+    center = (lo + hi) / 2
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+
+    def plot(p, color):
+        uv = ((p - center) / span + 0.5) * size
+        for u, v in uv.tolist():
+            draw.point((u, size - v), fill=color)
+
+    if ref is not None:
+        plot(ref, (170, 170, 170))
+    plot(pts, (200, 30, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_png(images: torch.Tensor) -> bytes:
+    """Images in [-1, 1], shape [N, C, H, W] (C = 1 or 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    arr = canvas.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def preview_png(samples: torch.Tensor, reference: torch.Tensor | None = None) -> bytes:
+    return grid_png(samples[:64]) if samples.ndim == 4 else scatter_png(samples, reference)

@@ -1,0 +1,161 @@
+"""The protocols every plugin implements.
+
+One denoiser convention serves every network role: ``denoise(x_t, t, cond) -> x0_hat`` on a
+``NoiseSchedule`` (``core.schedules``), with t a [B] tensor in that schedule's units. Samplers and
+objectives need nothing else, which is what lets one method run on a Gaussian mixture, an EDM MLP and
+an SDXL UNet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+import attrs
+import torch
+from torch import Tensor
+
+from core.schedules import NoiseSchedule
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Anything that maps a noisy x_t at time t to its estimate of x0."""
+
+    schedule: NoiseSchedule
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor: ...
+
+
+@runtime_checkable
+class Teacher(Denoiser, Protocol):
+    """A frozen pretrained model (or an exact one).
+
+    - ``data_shape``: shape of one sample in model space (latents for VAE models).
+    - ``denoise(x_t, t, cond, guidance=None)``: x0 with classifier-free guidance scale ``guidance``
+      (None or 1: no guidance); ``cond=None`` is the unconditional model.
+    - ``encode_condition(raw)``: raw conditions from a Dataset (labels, prompts) -> what ``denoise`` takes.
+    - ``to_model_space`` / ``to_data_space``: VAE encode/decode (identity without a VAE).
+    - ``trainable_copy()``: a fresh trainable ``torch.nn.Module`` denoiser initialised from the
+      teacher's network, or None when the teacher has no network (exact teachers).
+    """
+
+    data_shape: tuple[int, ...]
+
+    def encode_condition(self, raw: Any) -> Any: ...
+
+    def to_model_space(self, x: Tensor) -> Tensor: ...
+
+    def to_data_space(self, z: Tensor) -> Tensor: ...
+
+    def trainable_copy(self) -> torch.nn.Module | None: ...
+
+
+@runtime_checkable
+class Student(Denoiser, Protocol):
+    """The trainable few-step generator: a ``torch.nn.Module`` with ``denoise`` and ``schedule``."""
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]: ...
+
+
+@runtime_checkable
+class Critic(Denoiser, Protocol):
+    """A trainable auxiliary network (fake score, auxiliary denoiser), a ``torch.nn.Module`` with ``denoise``."""
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]: ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """Real data and conditions. ``sample(n)`` returns ``{"x": Tensor | None, "cond": raw | None}``,
+    x in data space. Randomness comes from torch's global RNG so runs resume exactly."""
+
+    def sample(self, n: int) -> dict: ...
+
+
+# A sampler is a plain function (k-diffusion style):
+#   sampler(model, noise, times, cond=None, *, return_trajectory=False, **options) -> x  (or (x, [x_i]))
+# ``model`` is a Denoiser, ``noise`` is unit Gaussian, ``times`` a decreasing 1-D tensor in the
+# schedule's units; the sampler starts from x = sigma(times[0]) * noise.
+Sampler = Callable[..., Any]
+
+
+@attrs.frozen
+class Phase:
+    """One update phase of an objective.
+
+    ``trains`` names the networks whose parameters this phase's optimizer steps (``student``,
+    ``critic`` or an objective's own module). The phase runs on iterations where
+    ``iteration % every == offset`` and then ``repeats`` times (each repeat one optimizer step).
+    """
+
+    name: str
+    trains: tuple[str, ...]
+    every: int = 1
+    offset: int = 0
+    repeats: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+
+
+@attrs.frozen
+class SamplingSpec:
+    """How a trained student generates: a sampler plugin, its time grid and options (JSON-able)."""
+
+    sampler: str
+    times: list[float]
+    options: dict = attrs.field(factory=dict)
+
+
+class Context:
+    """What an objective sees in one phase call: networks, real data batch, iteration and a
+    per-iteration cache (shared by the phases and repeats of one iteration, cleared after it)."""
+
+    def __init__(self, nets: dict, batch: dict, iteration: int, batch_size: int, device, cache=None):
+        self.nets = nets
+        self.batch = batch
+        self.iteration = iteration
+        self.batch_size = batch_size
+        self.device = device
+        self.cache = {} if cache is None else cache
+        self.repeat = 0
+
+    @property
+    def teacher(self):
+        return self.nets["teacher"]
+
+    @property
+    def student(self):
+        return self.nets["student"]
+
+    @property
+    def critic(self):
+        return self.nets.get("critic")
+
+
+@runtime_checkable
+class DistillObjective(Protocol):
+    """A method. It declares what it needs and computes losses; the runner does the rest
+    (optimizers, backward, clipping, stepping, autocast, EMA, logging, checkpoints).
+
+    - ``needs_critic``: whether the runner must build a critic (``critic=`` plugin).
+    - ``build(nets) -> dict[str, nn.Module]``: extra trainable modules owned by the objective
+      (e.g. a GAN head); called once after the networks exist.
+    - ``phases() -> list[Phase]``
+    - ``loss(phase, ctx) -> (loss, metrics)``: the scalar to minimise for that phase and a dict of floats
+      or 0-d tensors to log.
+    - ``sampling(student) -> SamplingSpec``: how the trained student generates (times in the
+      student schedule's units).
+    """
+
+    needs_critic: bool
+
+    def build(self, nets: dict) -> dict: ...
+
+    def phases(self) -> list[Phase]: ...
+
+    def loss(self, phase: str, ctx: Context) -> tuple[Tensor, dict]: ...
+
+    def sampling(self, student) -> SamplingSpec: ...

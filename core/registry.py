@@ -1,0 +1,157 @@
+"""Plugin registry on pluggy. Built-ins and third-party plugins load the same way: entry points in
+the ``fewstep`` group.
+
+``FEWSTEP_PLUGINS=a,b`` loads only those entry points; ``FEWSTEP_PLUGINS=`` (empty) loads none (tests
+register their own); ``FEWSTEP_DISABLE_PLUGINS=a,b`` blocks some.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from typing import Any, Callable
+
+import attrs
+import pluggy
+
+from core import hookspecs
+from core.errors import UsageError, unknown
+
+KINDS = ("teacher", "student", "critic", "objective", "sampler", "dataset", "callback")
+_HOOKS = {kind: f"register_{kind}s" for kind in KINDS}
+ENTRY_POINT_GROUP = "fewstep"
+
+
+class DuplicatePluginError(UsageError):
+    pass
+
+
+@attrs.define
+class PluginInfo:
+    kind: str
+    name: str
+    factory: Callable
+    config: type | None
+    plugin: str  # the pluggy plugin (entry point) name that registered it
+    dist: str  # the distribution it came from
+
+    @property
+    def doc(self) -> str:
+        doc = (self.factory.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class Registry:
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager("fewstep")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, dict[str, PluginInfo]] = {k: {} for k in KINDS}
+        self.failed: dict[str, str] = {}  # entry point name -> error line
+        self._dists: dict[str, str] = {}
+        if load_entry_points:
+            self.load_entry_points()
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        only = os.environ.get("FEWSTEP_PLUGINS")
+        allowed = None if only is None else {s.strip() for s in only.split(",") if s.strip()}
+        blocked = {s.strip() for s in os.environ.get("FEWSTEP_DISABLE_PLUGINS", "").split(",") if s.strip()}
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if (allowed is not None and ep.name not in allowed) or ep.name in blocked:
+                continue
+            if self.pm.has_plugin(ep.name):
+                continue
+            dist = ep.dist.name if ep.dist is not None else "unknown"
+            try:
+                self.add(ep.load(), name=ep.name, dist=dist)
+            except DuplicatePluginError:
+                raise
+            except Exception as exc:  # a broken plugin is reported, not fatal
+                self.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+
+    def add(self, plugin: Any, name: str | None = None, dist: str = "local") -> None:
+        """Register a plugin object (module or class) and collect what it registers."""
+        name = name or getattr(plugin, "__name__", repr(plugin))
+        self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()  # an implementation of an unknown hook is an error (tox-style)
+        except pluggy.PluginValidationError:
+            self.pm.unregister(name=name)
+            raise
+        self._dists[name] = dist
+        for kind, hook in _HOOKS.items():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.plugin_name == name:
+                    impl.function(register=self._registrar(kind, name, dist))
+
+    def remove(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        for kind in KINDS:
+            for pname in [n for n, info in self.plugins[kind].items() if info.plugin == name]:
+                del self.plugins[kind][pname]
+
+    def _registrar(self, kind: str, plugin: str, dist: str):
+        def register(name: str, factory: Callable, config: type | None = None) -> None:
+            existing = self.plugins[kind].get(name)
+            if existing is not None:
+                raise DuplicatePluginError(
+                    f"{kind} '{name}' is registered twice: by plugin '{existing.plugin}' ({existing.dist}) "
+                    f"and by plugin '{plugin}' ({dist}); uninstall one or disable it with "
+                    f"FEWSTEP_DISABLE_PLUGINS={plugin}")
+            if config is not None and not attrs.has(config):
+                raise TypeError(f"{kind} '{name}': config must be an attrs class, got {config!r}")
+            self.plugins[kind][name] = PluginInfo(kind, name, factory, config, plugin, dist)
+
+        return register
+
+    # -- lookup ------------------------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> PluginInfo:
+        table = self.plugins[kind]
+        if name in table:
+            return table[name]
+        if name in self.failed:
+            raise UsageError(f"{kind} plugin '{name}' failed to import: {self.failed[name]}")
+        err = unknown(kind, name, table)
+        if self.failed:
+            broken = "; ".join(f"{k} ({v})" for k, v in self.failed.items())
+            err = UsageError(f"{err}; plugins that failed to import: {broken}")
+        raise err
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.plugins[kind])
+
+    def describe(self) -> str:
+        """Every plugin by kind with its distribution (``python -m core.run list``)."""
+        lines = []
+        for kind in KINDS:
+            lines.append(f"{kind}s:")
+            for name in sorted(self.plugins[kind]):
+                info = self.plugins[kind][name]
+                origin = "built-in" if info.dist == "fewstep" else "third-party"
+                lines.append(f"  {name:<16} {info.dist} ({origin}){'  ' + info.doc if info.doc else ''}")
+            if not self.plugins[kind]:
+                lines.append("  (none)")
+        for name, err in self.failed.items():
+            lines.append(f"failed to import: {name}: {err}")
+        return "\n".join(lines)
+
+
+_default: Registry | None = None
+
+
+def get_registry() -> Registry:
+    global _default
+    if _default is None:
+        _default = Registry()
+    return _default
+
+
+def set_registry(registry: Registry | None) -> None:
+    """Replace the process-wide registry (tests)."""
+    global _default
+    _default = registry
+
+
+def warn(msg: str) -> None:
+    print(f"fewstep: warning: {msg}", file=sys.stderr)

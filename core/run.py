@@ -1,0 +1,38 @@
+"""``python -m core.run [key=value ...]``: train (or resume) a run. See docs/cli.md."""
+
+from __future__ import annotations
+
+import sys
+
+from core.cli import guard, help_text, load_tree
+from core.registry import get_registry
+from core.runconfig import resolve
+
+
+@guard
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "list":
+        print(get_registry().describe())
+        return 0
+    if argv and argv[0] in ("help", "--help", "-h"):
+        print(help_text(load_tree(argv[1:])))
+        return 0
+    from core.runner import Trainer
+
+    cfg = resolve(load_tree(argv))
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    metrics = " ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    ck = result["checkpoint"]
+    print(f"run:        {result['out']}")
+    print(f"preview:    {result['preview']}")
+    print(f"checkpoint: {result['out']}/checkpoints/{ck['dir']} (step {ck['step']})")
+    print(f"student:    {result['export']}")
+    if metrics:
+        print(f"metrics:    {metrics}")
+    print(f"sample it:  python -m core.sample run={result['out']} num=10000 out=samples.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

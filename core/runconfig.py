@@ -1,0 +1,128 @@
+"""A run's resolved configuration: which plugin fills each role, each plugin's config, runner settings.
+
+``resolve(tree)`` turns the nested dict from CLI overrides and/or a config.yaml into a ``RunConfig``;
+``RunConfig.to_dict()`` is what config.yaml holds, so ``config=RUN/config.yaml`` reproduces a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from core.config import GROUP_KIND, PLUGIN_GROUPS, TrainConfig, structure, unstructure
+from core.errors import UsageError, suggest
+from core.registry import Registry, get_registry
+
+DEFAULTS = {"objective": "dmd2", "teacher": "gmm", "student": "auto", "critic": "auto", "sampler": "euler",
+            "data": "auto"}
+TOP_KEYS = (*PLUGIN_GROUPS, "train", "seed", "out", "callbacks")
+
+
+@attrs.define
+class Choice:
+    name: str
+    config: Any  # the plugin's attrs config instance (None when the plugin declares none)
+
+
+@attrs.define
+class RunConfig:
+    objective: Choice
+    teacher: Choice
+    student: Choice
+    critic: Choice | None
+    sampler: Choice
+    data: Choice | None
+    train: TrainConfig
+    seed: int = 0
+    out: str = ""
+    callbacks: list[str] = attrs.Factory(list)
+
+    def to_dict(self) -> dict:
+        d: dict = {}
+        for group in PLUGIN_GROUPS:
+            choice = getattr(self, group)
+            if choice is None:
+                d[group] = None
+                continue
+            fields = unstructure(choice.config) if choice.config is not None else {}
+            d[group] = {"name": choice.name, **fields}
+        d["train"] = unstructure(self.train)
+        d.update(seed=self.seed, out=self.out, callbacks=list(self.callbacks))
+        return d
+
+
+def _default_objective(registry: Registry) -> str:
+    return DEFAULTS["objective"] if "dmd2" in registry.plugins["objective"] else "denoise"
+
+
+def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
+    registry = registry or get_registry()
+    for key in tree:
+        if key not in TOP_KEYS:
+            raise UsageError(f"unknown key '{key}'{suggest(key, TOP_KEYS)}; top-level keys: {', '.join(TOP_KEYS)}")
+
+    def group(name: str, default: str) -> tuple[str, dict]:
+        value = tree.get(name)
+        if value is None:
+            return default, {}
+        if isinstance(value, str):
+            return value, {}
+        if not isinstance(value, dict):
+            raise UsageError(f"{name}: expected a plugin name, got {value!r}")
+        fields = {k: v for k, v in value.items() if k != "name"}
+        return str(value.get("name", default)), fields
+
+    def build(name_group: str, plugin: str, fields: dict) -> Choice:
+        info = registry.get(GROUP_KIND[name_group], plugin)
+        if info.config is None:
+            if fields:
+                raise UsageError(f"{name_group} '{plugin}' takes no options, got {', '.join(fields)}")
+            return Choice(plugin, None)
+        return Choice(plugin, structure(fields, info.config, name_group))
+
+    teacher_name, teacher_fields = group("teacher", DEFAULTS["teacher"])
+    teacher = build("teacher", teacher_name, teacher_fields)
+    teacher_factory = registry.get("teacher", teacher_name).factory
+    obj_name, obj_fields = group("objective", _default_objective(registry))
+    objective = build("objective", obj_name, obj_fields)
+    obj_factory = registry.get("objective", obj_name).factory
+
+    student_name, student_fields = group("student", DEFAULTS["student"])
+    if student_name == "auto":
+        student_name = getattr(teacher_factory, "default_student", "copy")
+    student = build("student", student_name, student_fields)
+
+    critic = None
+    critic_name, critic_fields = group("critic", DEFAULTS["critic"])
+    if getattr(obj_factory, "needs_critic", False):
+        if critic_name == "auto":
+            critic_name = getattr(obj_factory, "default_critic", "fake-score")
+        critic = build("critic", critic_name, critic_fields)
+    elif critic_fields or critic_name != "auto":
+        raise UsageError(f"objective '{obj_name}' uses no critic; drop critic={critic_name}")
+
+    sampler_name, sampler_fields = group("sampler", DEFAULTS["sampler"])
+    sampler = build("sampler", sampler_name, sampler_fields)
+
+    data = None
+    data_name, data_fields = group("data", DEFAULTS["data"])
+    if data_name == "auto":
+        data_name = getattr(teacher_factory, "default_data", None)
+    if data_name not in (None, "none"):
+        data = build("data", data_name, data_fields)
+
+    train = structure(tree.get("train") or {}, TrainConfig, "train")
+    from core.config import converter
+
+    try:
+        seed = converter.structure(tree.get("seed", 0), int)
+    except ValueError as exc:
+        raise UsageError(f"seed: {exc}") from None
+    callbacks = tree.get("callbacks") or []
+    if isinstance(callbacks, str):
+        callbacks = [c for c in callbacks.strip("[]").split(",") if c.strip()]
+    for cb in callbacks:
+        registry.get("callback", cb)
+    out = str(tree.get("out") or f"runs/{obj_name}-{teacher_name}")
+    return RunConfig(objective, teacher, student, critic, sampler, data, train, seed, out, list(callbacks))

@@ -1,0 +1,387 @@
+"""The training runner. Objectives compute losses; this owns everything else: building the networks,
+per-phase optimizers, backward, clipping, stepping, autocast, EMA, logging, previews and checkpoints.
+
+Life of one iteration (docs/architecture.md): draw a real batch -> for each phase due this iteration
+(and each repeat): enable grads of the networks it trains only, loss = objective.loss(phase, ctx),
+backward, clip, step, update the EMA -> log -> evaluate / preview / checkpoint when due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import attrs
+import fsspec
+import torch
+import yaml
+from tqdm import tqdm
+
+from core import checkpoint as ckpt
+from core.errors import UsageError
+from core.protocols import Context, Phase, SamplingSpec
+from core.registry import Registry, get_registry
+from core.runconfig import RunConfig
+from core.sampling import generate
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class Networks:
+    """Builds every role of a run from its config. Shared by training, sampling and ``teacher=checkpoint``."""
+
+    def __init__(self, cfg: RunConfig, registry: Registry | None = None, device="cpu", with_critic: bool = True):
+        self.registry = registry or get_registry()
+        reg = self.registry
+        self.device = torch.device(device)
+        self.teacher = reg.get("teacher", cfg.teacher.name).factory(cfg.teacher.config, self.device)
+        if isinstance(self.teacher, torch.nn.Module):
+            self.teacher.requires_grad_(False).eval()
+        self.dataset = None if cfg.data is None else reg.get("dataset", cfg.data.name).factory(cfg.data.config, self.teacher)
+        self.student = reg.get("student", cfg.student.name).factory(cfg.student.config, self.teacher, self.device)
+        self.student.to(self.device)
+        self.objective = reg.get("objective", cfg.objective.name).factory(cfg.objective.config)
+        self.nets: dict = {"teacher": self.teacher, "student": self.student}
+        if cfg.critic is not None and with_critic:
+            critic = reg.get("critic", cfg.critic.name).factory(cfg.critic.config, self.teacher, self.student, self.device)
+            self.nets["critic"] = critic.to(self.device)
+        if with_critic:
+            for name, module in (self.objective.build(self.nets) or {}).items():
+                if name in self.nets:
+                    raise UsageError(f"objective '{cfg.objective.name}' builds a module named '{name}', "
+                                     "which clashes with a network role")
+                self.nets[name] = module.to(self.device)
+
+    @property
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        return {k: v for k, v in self.nets.items() if k != "teacher" and isinstance(v, torch.nn.Module)}
+
+
+def lr_factor(iteration: int, warmup: int, total: int, decay: str) -> float:
+    if warmup and iteration < warmup:
+        return (iteration + 1) / warmup
+    if decay == "none":
+        return 1.0
+    frac = (iteration - warmup) / max(1, total - warmup)
+    return max(0.0, 1 - frac) if decay == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, registry: Registry | None = None, log=None):
+        self.cfg = cfg
+        self.registry = registry or get_registry()
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.device = resolve_device(cfg.train.device)
+        self.out = cfg.out.rstrip("/")
+        self.fs, self.out_path = fsspec.core.url_to_fs(self.out)
+        self.store = ckpt.CheckpointStore(self.out, keep=cfg.train.keep)
+        self._check_existing_run()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _check_existing_run(self) -> None:
+        """An out dir that holds a different run is an error, never overwritten."""
+        cfg_url = ckpt.join(self.out, "config.yaml")
+        if not ckpt.exists(cfg_url):
+            if self.fs.exists(self.out_path) and self.fs.ls(self.out_path):
+                raise UsageError(f"out={self.out} exists and is not a fewstep run; choose an empty or new directory")
+            return
+        with fsspec.open(cfg_url, "r") as f:
+            old = yaml.safe_load(f)
+        new = self.cfg.to_dict()
+        ignore = {("train", "steps"), ("train", "progress"), ("train", "device")}
+        diffs = []
+        for group in set(old) | set(new):
+            a, b = old.get(group), new.get(group)
+            if isinstance(a, dict) and isinstance(b, dict):
+                for k in set(a) | set(b):
+                    if (group, k) not in ignore and a.get(k) != b.get(k):
+                        diffs.append(f"{group}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+            elif a != b and group != "out":
+                diffs.append(f"{group}: {a!r} -> {b!r}")
+        if diffs:
+            raise UsageError(f"out={self.out} holds a run with a different config ({'; '.join(sorted(diffs)[:3])}); "
+                             "pass the same settings to resume it, or choose another out=")
+
+    def build(self) -> None:
+        set_seed(self.cfg.seed)
+        self.networks = Networks(self.cfg, self.registry, self.device)
+        self.nets = self.networks.nets
+        self.objective = self.networks.objective
+        self.teacher, self.student = self.networks.teacher, self.networks.student
+        self.phases: list[Phase] = list(self.objective.phases())
+        trainable = self.networks.trainable
+        self.params: dict[str, list] = {k: [p for p in m.parameters() if p.requires_grad] for k, m in trainable.items()}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for phase in self.phases:
+            missing = [n for n in phase.trains if n not in self.params]
+            if missing:
+                raise UsageError(f"objective phase '{phase.name}' trains {missing}, which this run does not have "
+                                 f"(it has {sorted(self.params)})")
+            params = [p for n in phase.trains for p in self.params[n]]
+            lr = self.cfg.train.lr or phase.lr
+            fused = {"fused": True} if self.device.type == "cuda" else {}
+            self.optimizers[phase.name] = torch.optim.AdamW(params, lr=lr, betas=phase.betas, eps=phase.eps,
+                                                            weight_decay=phase.weight_decay, **fused)
+        self.base_lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+        self.ema = None
+        if self.cfg.train.ema > 0:
+            self.ema = copy.deepcopy(self.student).requires_grad_(False)
+        self.spec: SamplingSpec = self.objective.sampling(self.student)
+        self.callbacks = [self.registry.get("callback", name).factory(None) for name in self.cfg.callbacks]
+        self.exact = hasattr(self.teacher, "sample_exact")
+        self.autocast = (self.device.type == "cuda" and self.cfg.train.precision in ("auto", "bf16"))
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _weights(self) -> dict:
+        out = {}
+        for name, module in self.networks.trainable.items():
+            out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        if self.ema is not None:
+            out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        return out
+
+    def save(self, iteration: int) -> str:
+        tensors, opt_state = {}, {}
+        for name, opt in self.optimizers.items():
+            t, s = ckpt.flatten_optimizer(f"opt.{name}", opt.state_dict())
+            tensors.update(t)
+            opt_state[name] = s
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda{i}"] = s
+        state = {"step": iteration, "optimizers": opt_state, "spec": attrs.asdict(self.spec)}
+        path = self.store.save(iteration, self._weights(), tensors, state)
+        for cb in self.callbacks:
+            getattr(cb, "on_checkpoint", lambda *a: None)(self, path)
+        return path
+
+    def restore(self) -> int:
+        loaded = self.store.load(self.device)
+        if loaded is None:
+            return 0
+        weights, tensors, state = loaded
+        for name, module in self.networks.trainable.items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt.unflatten_optimizer(state["optimizers"][name], tensors))
+        torch.set_rng_state(tensors["rng.cpu"])
+        if torch.cuda.is_available() and "rng.cuda0" in tensors:
+            torch.cuda.set_rng_state_all([tensors[f"rng.cuda{i}"] for i in range(torch.cuda.device_count())
+                                          if f"rng.cuda{i}" in tensors])
+        return int(state["step"])
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def sampling_model(self):
+        return self.ema if self.ema is not None else self.student
+
+    @torch.no_grad()
+    def evaluate(self, n: int | None = None, seed: int = 1234) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """Sample the student (own RNG stream, so training stays reproducible) and score it."""
+        from core.metrics import gmm_report
+
+        n = n or self.cfg.train.eval_samples
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            raw = self.networks.dataset.sample(n)["cond"] if self.networks.dataset is not None else None
+            cond = self.teacher.encode_condition(raw) if raw is not None else None
+            samples = generate(self.sampling_model(), self.spec, n, cond, self.registry, self.device,
+                               shape=self.teacher.data_shape)
+            samples = self.teacher.to_data_space(samples)
+            if not self.exact:
+                return {}, samples, None
+            labels = cond if getattr(self.teacher, "num_classes", 0) else None
+            reference = self.teacher.sample_exact(n, labels)
+        return gmm_report(self.teacher, samples.float(), reference), samples, reference
+
+    def write_preview(self, samples, reference) -> str:
+        from core.preview import preview_png
+
+        url = ckpt.join(self.out, "preview.png")
+        ckpt.write_bytes_atomic(url, preview_png(samples, reference))
+        return url
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _write_run_files(self) -> None:
+        self.fs.makedirs(self.out_path, exist_ok=True)
+        cfg_url = ckpt.join(self.out, "config.yaml")
+        text = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        ckpt.write_bytes_atomic(cfg_url, text.encode())
+        t = self.teacher
+        meta = {"sampling": attrs.asdict(self.spec), "data_shape": list(t.data_shape),
+                "num_classes": getattr(t, "num_classes", 0), "schedule": self.student.schedule.config()}
+        ckpt.write_json(ckpt.join(self.out, "meta.json"), meta)
+
+    def _trim_metrics(self, step: int) -> None:
+        url = ckpt.join(self.out, "metrics.jsonl")
+        if not ckpt.exists(url):
+            return
+        with fsspec.open(url, "r") as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        ckpt.write_bytes_atomic(url, "".join(keep).encode())
+
+    def _log_metrics(self, record: dict) -> None:
+        url = ckpt.join(self.out, "metrics.jsonl")
+        with fsspec.open(url, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def train(self) -> dict:
+        self.build()
+        start = self.restore()
+        total = self.cfg.train.steps
+        if start:
+            self.log(f"fewstep: resuming {self.out} from step {start}")
+            self._trim_metrics(start)
+        self._write_run_files()
+        self.tb = None
+        if self.out_path == self.out and os.environ.get("FEWSTEP_TENSORBOARD", "1") != "0":
+            with contextlib.suppress(Exception):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(self.out, "tb"))
+        for cb in self.callbacks:
+            getattr(cb, "on_start", lambda *a: None)(self)
+        tr = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        bar = tqdm(total=total, initial=start, disable=not tr.progress, dynamic_ncols=True, file=sys.stderr,
+                   desc=f"{self.cfg.objective.name}/{self.cfg.teacher.name}")
+        t0 = time.perf_counter()
+        last_eval: dict = {}
+        for it in range(start, total):
+            raw = self.networks.dataset.sample(tr.batch) if self.networks.dataset is not None else {"x": None, "cond": None}
+            batch = {"x": None if raw.get("x") is None else self.teacher.to_model_space(raw["x"].to(self.device)),
+                     "cond": None if raw.get("cond") is None else self.teacher.encode_condition(raw["cond"])}
+            ctx = Context(self.nets, batch, it, tr.batch, self.device)
+            for phase in self.phases:
+                if it % phase.every != phase.offset:
+                    continue
+                metrics = self._run_phase(phase, ctx, it, total)
+                for k, v in metrics.items():
+                    key = f"{phase.name}/{k}"
+                    sums[key] = sums.get(key, 0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+                    counts[key] = counts.get(key, 0) + 1
+            step = it + 1
+            bar.update(1)
+            if step % tr.log_every == 0 or step == total:
+                record = {"step": step, **{k: float(sums[k]) / counts[k] for k in sums},
+                          "time": round(time.perf_counter() - t0, 3)}
+                if tr.eval_every and self.exact and (step % tr.eval_every == 0 or step == total):
+                    last_eval, _, _ = self.evaluate()
+                    record.update({f"eval/{k}": v for k, v in last_eval.items()})
+                self._log_metrics(record)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in record.items()
+                                 if k not in ("step", "time") and isinstance(v, float)}, refresh=False)
+                for cb in self.callbacks:
+                    getattr(cb, "on_log", lambda *a: None)(self, record)
+                sums, counts = {}, {}
+            if tr.preview_every and step % tr.preview_every == 0 and step != total:
+                _, samples, reference = self.evaluate(min(tr.eval_samples, 2000))
+                self.write_preview(samples, reference)
+            if step % tr.ckpt_every == 0 or step == total:
+                self.save(step)
+        bar.close()
+        metrics, samples, reference = self.evaluate()
+        preview = self.write_preview(samples, reference)
+        export = self.export()
+        for cb in self.callbacks:
+            getattr(cb, "on_end", lambda *a: None)(self)
+        if self.tb is not None:
+            self.tb.close()
+        return {"out": self.out, "preview": preview, "checkpoint": self.store.latest(), "export": export,
+                "metrics": metrics, "start": start}
+
+    def _run_phase(self, phase: Phase, ctx: Context, it: int, total: int) -> dict:
+        tr = self.cfg.train
+        for name, params in self.params.items():
+            flag = name in phase.trains
+            for p in params:
+                p.requires_grad_(flag)
+        opt = self.optimizers[phase.name]
+        factor = lr_factor(it, tr.warmup, total, tr.lr_decay)
+        for group in opt.param_groups:
+            group["lr"] = self.base_lr[phase.name] * factor
+        metrics: dict = {}
+        clip = phase.grad_clip if phase.grad_clip is not None else tr.grad_clip
+        for r in range(phase.repeats):
+            ctx.repeat = r
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss, metrics = self.objective.loss(phase.name, ctx)
+            if loss.requires_grad:
+                loss.backward()
+                params = [p for group in opt.param_groups for p in group["params"]]
+                if clip:
+                    metrics = {**metrics, "grad_norm": torch.nn.utils.clip_grad_norm_(params, clip)}
+                opt.step()
+            metrics = {"loss": loss, **metrics}
+        # zero every grad so terms that reached other networks (e.g. GAN into the critic) don't leak
+        for module in self.networks.trainable.values():
+            module.zero_grad(set_to_none=True)
+        if self.ema is not None and "student" in phase.trains:
+            with torch.no_grad():
+                ema_p, p = list(self.ema.parameters()), list(self.student.parameters())
+                torch._foreach_lerp_(ema_p, p, 1 - tr.ema)
+        return metrics
+
+    # -- export ---------------------------------------------------------------------------------------
+    def export(self) -> str:
+        """The student (EMA when on) as ``RUN/student.safetensors``; plugins may add richer exports."""
+        url = ckpt.join(self.out, "student.safetensors")
+        ckpt.save_tensors(url, self.sampling_model().state_dict())
+        exporter = getattr(self.objective, "export", None) or getattr(self.teacher, "export", None)
+        if exporter is not None:
+            exporter(self.sampling_model(), self.spec, self.out)
+        return url
+
+
+def load_run(run_dir: str, registry: Registry | None = None, device="cpu"):
+    """(networks, spec, config) of a finished or running run; the student holds the exported weights
+    (or the latest checkpoint's student/EMA when the run has not finished)."""
+    from core.runconfig import resolve
+
+    run_dir = run_dir.rstrip("/")
+    cfg_url = ckpt.join(run_dir, "config.yaml")
+    if not ckpt.exists(cfg_url):
+        raise UsageError(f"run={run_dir} is not a fewstep run (no config.yaml); pass the out= dir of a training run")
+    with fsspec.open(cfg_url, "r") as f:
+        tree = yaml.safe_load(f)
+    cfg = resolve(tree, registry)
+    networks = Networks(cfg, registry, device, with_critic=False)
+    student_url = ckpt.join(run_dir, "student.safetensors")
+    if ckpt.exists(student_url):
+        networks.student.load_state_dict(ckpt.load_tensors(student_url, device))
+    else:
+        loaded = ckpt.CheckpointStore(run_dir).load(device)
+        if loaded is None:
+            raise UsageError(f"run={run_dir} has no checkpoint yet; wait for its first checkpoint")
+        weights = loaded[0]
+        prefix = "ema." if any(k.startswith("ema.") for k in weights) else "student."
+        networks.student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    networks.student.requires_grad_(False).eval()
+    meta = ckpt.read_json(ckpt.join(run_dir, "meta.json"))
+    spec = SamplingSpec(**meta["sampling"])
+    return networks, spec, cfg

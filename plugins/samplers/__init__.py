@@ -1,0 +1,12 @@
+"""Sampler plugins: plain functions ``fn(model, noise, times, cond=None, *, return_trajectory=False,
+**options)``; see ``core.protocols.Sampler``."""
+
+from core import hookimpl
+from plugins.samplers.basic import euler, multistep
+
+
+@hookimpl
+def register_samplers(register):
+    register("euler", euler)
+    register("ddim", euler)
+    register("multistep", multistep)

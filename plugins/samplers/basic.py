@@ -1,0 +1,65 @@
+"""First-order samplers shared by teachers and students."""
+
+from __future__ import annotations
+
+import torch
+
+from core.parameterization import bcast
+
+
+def _call(model, x, t, cond, guidance):
+    tt = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device).to(
+        x.dtype if x.dtype == torch.float64 else torch.float32)
+    if guidance is not None:
+        return model.denoise(x, tt, cond, guidance=guidance)
+    return model.denoise(x, tt, cond)
+
+
+def start(model, noise, times):
+    """x at times[0]: sigma(t0) * noise (the data term alpha x0 is neglected at the top of the grid)."""
+    return noise * model.schedule.sigma(torch.as_tensor(times[0], dtype=torch.float64)).to(noise.dtype)
+
+
+@torch.no_grad()
+def euler(model, noise, times, cond=None, *, return_trajectory=False, guidance=None, callback=None):
+    """Euler on the probability-flow ODE, written as DDIM (Song et al. 2021, eta = 0):
+    x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t. A final time of 0 returns x0."""
+    sched = model.schedule
+    x = start(model, noise, times)
+    traj = [x]
+    for i in range(len(times) - 1):
+        t, s = float(times[i]), float(times[i + 1])
+        x0 = _call(model, x, t, cond, guidance)
+        if s == 0:
+            x = x0
+        else:
+            at, st = sched.alpha(torch.tensor(t, dtype=torch.float64)), sched.sigma(torch.tensor(t, dtype=torch.float64))
+            as_, ss = sched.alpha(torch.tensor(s, dtype=torch.float64)), sched.sigma(torch.tensor(s, dtype=torch.float64))
+            x = (as_ * x0 + ss * (x - at * x0) / st).to(x.dtype)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": x0})
+        traj.append(x)
+    return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def multistep(model, noise, times, cond=None, *, return_trajectory=False, guidance=None, callback=None,
+              generator=None):
+    """Few-step generator sampling (DMD2, consistency models): denoise at t_i, then re-noise the
+    estimate to t_{i+1} with fresh Gaussian noise. A final time of 0 returns x0."""
+    sched = model.schedule
+    x = start(model, noise, times)
+    traj = [x]
+    for i in range(len(times) - 1):
+        t, s = float(times[i]), float(times[i + 1])
+        x0 = _call(model, x, t, cond, guidance)
+        if s == 0:
+            x = x0
+        else:
+            s64 = torch.tensor(s, dtype=torch.float64)
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = bcast(sched.alpha(s64), x0) * x0 + bcast(sched.sigma(s64), x0) * eps
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "denoised": x0})
+        traj.append(x)
+    return (x, traj) if return_trajectory else x

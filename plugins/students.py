@@ -1,0 +1,49 @@
+"""Student networks: a fresh residual MLP (vector data) or a trainable copy of the teacher's network."""
+
+from __future__ import annotations
+
+import attrs
+
+from core import hookimpl
+from core.config import positive
+from core.errors import UsageError
+from core.networks import DenoiserNet, ResidualMLP
+
+
+@attrs.define(kw_only=True)
+class MLPConfig:
+    hidden: int = attrs.field(default=256, validator=positive, metadata={"doc": "width"})
+    depth: int = attrs.field(default=4, validator=positive, metadata={"doc": "residual blocks"})
+    emb_dim: int = attrs.field(default=128, validator=positive, metadata={"doc": "Fourier time-embedding size"})
+    sigma_data: float | None = attrs.field(default=None, validator=positive,
+                                           metadata={"doc": "data std for preconditioning (default: the teacher's)"})
+
+
+def mlp_student(config: MLPConfig, teacher, device="cpu"):
+    """Residual MLP with EDM-style preconditioning on the teacher's schedule (vector data)."""
+    if len(teacher.data_shape) != 1:
+        raise UsageError(f"student=mlp is for vector data; the teacher's data has shape {tuple(teacher.data_shape)}")
+    backbone = ResidualMLP(teacher.data_shape[0], config.hidden, config.depth, config.emb_dim,
+                           getattr(teacher, "num_classes", 0))
+    sigma_data = config.sigma_data or getattr(teacher, "sigma_data", 0.5)
+    return DenoiserNet(backbone, teacher.schedule, "edm", sigma_data).to(device)
+
+
+@attrs.define(kw_only=True)
+class CopyConfig:
+    pass
+
+
+def copy_student(config: CopyConfig, teacher, device="cpu"):
+    """A trainable copy of the teacher's own network (initialised from the teacher's weights)."""
+    net = teacher.trainable_copy()
+    if net is None:
+        raise UsageError(f"student=copy needs a teacher with a network; {type(teacher).__name__} has none "
+                         "(use student=mlp)")
+    return net.to(device)
+
+
+@hookimpl
+def register_students(register):
+    register("mlp", mlp_student, config=MLPConfig)
+    register("copy", copy_student, config=CopyConfig)
