@@ -72,3 +72,16 @@ def weighted_loss(pred: Tensor, target: Tensor, weight=None, kind: str = "l2") -
     if weight is not None:
         per = per * torch.as_tensor(weight, dtype=per.dtype, device=per.device)
     return per.mean()
+
+
+def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight=None) -> Tensor:
+    """Moment matching's generator surrogate (Salimans et al. 2024, Alg. 2): mean_b w_b <x~_b, sg(aux_b - teacher_b)> / D.
+
+    Its gradient w.r.t. x~ is w_b (aux - teacher) / (B * D): descent moves x~ toward the teacher's moment
+    and away from the auxiliary's. D is the number of elements per sample.
+    """
+    direction = (aux_x0 - teacher_x0).detach()
+    per = (x_tilde * direction).flatten(1).mean(1)
+    if weight is not None:
+        per = per * torch.as_tensor(weight, dtype=per.dtype, device=per.device)
+    return per.mean()

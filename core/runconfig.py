@@ -112,7 +112,9 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     if data_name not in (None, "none"):
         data = build("data", data_name, data_fields)
 
-    train = structure(tree.get("train") or {}, TrainConfig, "train")
+    # an objective may suggest runner defaults (e.g. steps that fit its default budget); the user's win
+    train_tree = {**getattr(obj_factory, "train_defaults", {}), **(tree.get("train") or {})}
+    train = structure(train_tree, TrainConfig, "train")
     from core.config import converter
 
     try:

@@ -1,0 +1,36 @@
+# fewstep: `make demo` trains the built-in default; `make test` runs the test suite.
+# Both create .venv and install the CPU torch wheel when no torch is importable.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+demo: setup
+	$(BIN)/python -m core.run
+
+# fast suite (parallel), then the slow quality suite; pytest's "no tests ran" (exit 5) fails the target
+test: setup
+	$(BIN)/python -m pytest -n 2 -m "not slow" -q
+	$(BIN)/python -m pytest -n 2 -m "slow" -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -n 2 -m "slow" -q
+
+bench: setup
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests use the installed entry points (built-ins register like third-party plugins)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def run_config(*overrides: str):
+    """A RunConfig from CLI-style overrides (progress bar off)."""
+    from core.config import parse_overrides
+    from core.runconfig import resolve
+
+    return resolve(parse_overrides(["train.progress=false", *overrides]))
+
+
+def train(*overrides: str) -> dict:
+    """Train a run in-process; returns the Trainer's result dict plus the trainer itself."""
+    from core.runner import Trainer
+
+    trainer = Trainer(run_config(*overrides))
+    result = trainer.train()
+    result["trainer"] = trainer
+    return result
+
+
+@pytest.fixture(scope="session")
+def ring8_teacher_run(tmp_path_factory):
+    """A small MLP teacher trained with objective=denoise on ring8 (network teacher for SFD/MM/DMD2).
+
+    Served afterwards by ``teacher=checkpoint teacher.path=<this dir>``."""
+    out = tmp_path_factory.mktemp("ring8-teacher") / "run"
+    train("objective=denoise", "teacher=gmm", "teacher.preset=ring8", "train.steps=1500", "train.batch=512",
+          "train.eval_every=0", "train.preview_every=0", f"out={out}", "seed=0")
+    return str(out)
