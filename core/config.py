@@ -23,19 +23,35 @@ GROUP_KIND = {"objective": "objective", "teacher": "teacher", "student": "studen
               "sampler": "sampler", "data": "dataset"}
 
 
+class FieldError(ValueError):
+    """A validator's complaint about one field; reported as ``group.field: message``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def positive(instance, attribute, value):
     if value is not None and value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
+        raise FieldError(attribute.name, f"must be > 0, got {value}")
 
 
 def non_negative(instance, attribute, value):
     if value is not None and value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
+        raise FieldError(attribute.name, f"must be >= 0, got {value}")
 
 
 def unit_interval(instance, attribute, value):
     if value is not None and not 0 <= value <= 1:
-        raise ValueError(f"must be in [0, 1], got {value}")
+        raise FieldError(attribute.name, f"must be in [0, 1], got {value}")
+
+
+def in_range(lo: float, hi: float):
+    """Validator: lo <= value <= hi."""
+    def check(instance, attribute, value):
+        if value is not None and not lo <= value <= hi:
+            raise FieldError(attribute.name, f"must be in [{lo}, {hi}], got {value}")
+    return check
 
 
 @attrs.define(kw_only=True)
@@ -189,6 +205,8 @@ def _first_error(exc: BaseException, path: str) -> str:
             note = next((n for n in getattr(sub, "__notes__", []) if "@ attribute" in n), "")
             attr = note.rsplit("@ attribute", 1)[-1].strip() if note else ""
             return _first_error(sub, f"{path}.{attr}" if attr else path)
+    if isinstance(exc, FieldError):
+        return f"{path}.{exc.field}: {exc}"
     return f"{path}: {exc}"
 
 

@@ -38,8 +38,9 @@ class PluginInfo:
 
     @property
     def doc(self) -> str:
-        doc = (self.factory.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        doc = (self.factory.__doc__ or "").strip().split("\n\n")[0]
+        first = " ".join(doc.split())
+        return first if len(first) <= 90 else first[:87] + "..."
 
 
 class Registry:
