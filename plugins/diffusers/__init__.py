@@ -1,0 +1,73 @@
+"""Diffusers teachers (``sdxl``, ``sd15``, ``sd3``/``flow``), ``diffusers`` students and critics (full or
+LoRA), datasets ``prompts`` and ``images``, and export of the student as a diffusers pipeline.
+
+Registration imports nothing heavy: diffusers, transformers and peft load inside the factories, so
+``python -m core.run list`` works without them and a run that needs them says ``pip install
+'fewstep[diffusers]'``. See docs/diffusers.md.
+"""
+
+from __future__ import annotations
+
+from core import hookimpl
+from plugins.diffusers.data import Images, ImagesConfig, Prompts, PromptsConfig
+from plugins.diffusers.lora import NetConfig
+from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+
+
+def _teacher(family: str, doc: str):
+    def make(config: DiffusersTeacherConfig, device="cpu"):
+        from plugins.diffusers._require import require
+
+        for module in ("diffusers", "transformers"):
+            require(module)
+        from plugins.diffusers.teacher import DiffusersTeacher
+
+        return DiffusersTeacher(config, device, family)
+
+    make.__doc__ = doc
+    make.__name__ = f"{family}_teacher"
+    make.default_student = "diffusers"
+    make.default_data = "prompts"
+    return make
+
+
+def _student(config, teacher, device="cpu"):
+    """Trainable copy of a diffusers teacher's UNet/transformer (LoRA with student.lora_rank > 0)."""
+    from plugins.diffusers.networks import diffusers_student
+
+    return diffusers_student(config, teacher, device)
+
+
+def _critic(config, teacher, student, device="cpu"):
+    """Fake score from a diffusers teacher's network (LoRA with critic.lora_rank > 0)."""
+    from plugins.diffusers.networks import diffusers_critic
+
+    return diffusers_critic(config, teacher, student, device)
+
+
+@hookimpl
+def register_teachers(register):
+    register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|URL|HUB_ID), eps or v"),
+             config=DiffusersTeacherConfig)
+    register("sd15", _teacher("sd15", "Stable Diffusion 1.x/2.x pipeline (teacher.path=...), eps or v"),
+             config=DiffusersTeacherConfig)
+    register("sd3", _teacher("sd3", "Stable Diffusion 3 flow-matching pipeline (teacher.path=...)"),
+             config=DiffusersTeacherConfig)
+    register("flow", _teacher("flow", "Flow-matching diffusers pipeline, SD3-style (velocity prediction)"),
+             config=DiffusersTeacherConfig)
+
+
+@hookimpl
+def register_students(register):
+    register("diffusers", _student, config=NetConfig)
+
+
+@hookimpl
+def register_critics(register):
+    register("diffusers", _critic, config=NetConfig)
+
+
+@hookimpl
+def register_datasets(register):
+    register("prompts", Prompts, config=PromptsConfig)
+    register("images", Images, config=ImagesConfig)

@@ -1,0 +1,185 @@
+"""Teachers ``sdxl``, ``sd15`` and ``sd3`` / ``flow``: a diffusers pipeline behind the Teacher protocol.
+
+- schedule: ``VPDiscreteSchedule(scheduler.alphas_cumprod)`` (t = diffusers timestep) for SD1.5/SDXL,
+  ``FlowSchedule`` (x_t = (1 - t) x0 + t eps) for SD3-style flow matching;
+- prediction: the scheduler's ``prediction_type`` (epsilon, v_prediction, or flow velocity);
+- guidance: classifier-free guidance on the raw outputs, cond and uncond in one batch (core.ops.guided_x0);
+- conditions: prompt ids into a ``PromptBank`` (conditioning.py); images: VAE latents scaled by
+  ``scaling_factor`` (and shifted by ``shift_factor`` where the VAE has one).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from core import ops
+from core.errors import UsageError
+from core.registry import warn
+from core.schedules import FlowSchedule, VPDiscreteSchedule
+from plugins.diffusers import source
+from plugins.diffusers.conditioning import PromptBank
+from plugins.diffusers.denoiser import DiffusersDenoiser
+from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+
+FAMILIES = {"sd15": "Stable Diffusion 1.x/2.x (UNet, one CLIP encoder)",
+            "sdxl": "Stable Diffusion XL (UNet, two CLIP encoders, pooled + time ids)",
+            "sd3": "Stable Diffusion 3 (MMDiT transformer, flow matching)"}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def detect_family(pipe) -> str:
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe.transformer.config, "joint_attention_dim"):
+        return "sd3"
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UsageError(f"{type(pipe).__name__} is neither a UNet (SD1.5/SDXL) nor an SD3 transformer pipeline")
+    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+class DiffusersTeacher:
+    """A frozen diffusers pipeline as a fewstep teacher (see module docstring)."""
+
+    num_classes = 0
+    sigma_data = 0.5
+
+    def __init__(self, config: DiffusersTeacherConfig, device="cpu", family: str | None = None):
+        self.config, self.device = config, torch.device(device)
+        self.folder = source.local_folder(config.path, config.cache_dir)
+        dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.weight_dtype = dtype
+        self.pipe = source.load_pipeline(self.folder)
+        self.family = detect_family(self.pipe)
+        if family is not None and family != self.family and not (family == "flow" and self.family == "sd3"):
+            raise UsageError(f"teacher.path={config.path} holds a {self.family} pipeline ({type(self.pipe).__name__}); "
+                             f"use teacher={self.family}")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.net_name = "transformer" if self.family == "sd3" else "unet"
+        sched_cfg = self.pipe.scheduler.config
+        self.scheduler_config = dict(sched_cfg)
+        if self.family == "sd3":
+            self.schedule, self.prediction = FlowSchedule(), "flow"
+            time_scale = float(sched_cfg.get("num_train_timesteps", 1000))
+        else:
+            ac = self.pipe.scheduler.alphas_cumprod.clone().double()
+            ac[-1] = ac[-1].clamp(min=2.0**-24)  # zero terminal SNR schedules: keep sigma/alpha finite
+            self.schedule, time_scale = VPDiscreteSchedule(ac), 1.0
+            ptype = sched_cfg.get("prediction_type", "epsilon")
+            if ptype not in PREDICTIONS:
+                raise UsageError(f"scheduler prediction_type '{ptype}' is not supported; "
+                                 f"expected one of {', '.join(PREDICTIONS)}")
+            self.prediction = PREDICTIONS[ptype]
+        self.vae = self.pipe.vae
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        net = getattr(self.pipe, self.net_name)
+        native = int(net.config.sample_size) * self.vae_scale
+        self.resolution = config.resolution or native
+        if self.resolution % self.vae_scale:
+            raise UsageError(f"teacher.resolution={self.resolution} must be a multiple of the VAE factor {self.vae_scale}")
+        side = self.resolution // self.vae_scale
+        self.data_shape = (int(net.config.in_channels), side, side)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval().to(self.device, dtype)
+        self.bank = PromptBank(self.pipe, self.family, self.device, dtype)
+        set_attention(net, config.attention)
+        self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
+                                          self.resolution, time_scale).to(self.device)
+        self.guidance = config.guidance
+        self.gan_feature_module = self.denoiser.gan_feature_module
+
+    # -- Teacher protocol ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
+        """x0 of the teacher, with classifier-free guidance ``guidance`` on the raw outputs (None or 1: off)."""
+        d = self.denoiser
+        t = d.times(t, x_t)
+        b = x_t.shape[0]
+        if guidance is None or guidance == 1:
+            return d.to_x0(d.raw(x_t, t, d.embed(cond, b, x_t.device)), x_t, t)
+        emb_c, emb_u = d.embed(cond, b, x_t.device), d.embed(None, b, x_t.device)
+        emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
+        out_c, out_u = d.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
+        s64 = t.to(torch.float64)
+        return ops.guided_x0(out_c, out_u, x_t.float(), self.schedule.alpha(s64).float(),
+                             self.schedule.sigma(s64).float(), guidance, self.prediction)
+
+    def encode_condition(self, raw) -> Tensor | None:
+        """Prompts (a string or a list) -> prompt ids; ids (ints, -1 = unconditional) pass through."""
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raw = [raw]
+        if torch.is_tensor(raw):
+            return raw.to(self.device, torch.long)
+        raw = list(raw)
+        if all(isinstance(r, str) for r in raw):
+            return self.bank.add(raw)
+        raise UsageError("conditions of a diffusers teacher are prompts (strings); got "
+                         f"{type(raw[0]).__name__}")
+
+    @torch.no_grad()
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] -> scaled VAE latents. Latents (cached by data=images) pass through unchanged."""
+        if tuple(x.shape[1:]) == self.data_shape:
+            return x
+        cfg = self.vae.config
+        out = []
+        for chunk in x.split(8):
+            z = self.vae.encode(chunk.to(self.device, self.weight_dtype)).latent_dist.sample()
+            out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def to_data_space(self, z: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] (decoded in chunks to bound memory)."""
+        cfg = self.vae.config
+        out = []
+        for chunk in z.split(8):
+            lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+            out.append(self.vae.decode(lat.to(self.device, self.weight_dtype)).sample.float().clamp(-1, 1))
+        return torch.cat(out)
+
+    def trainable_copy(self) -> DiffusersDenoiser:
+        """A float32 trainable copy of the teacher network, from the stored weights (never from a bf16 cast)."""
+        net = getattr(self.pipe, self.net_name)
+        if self.weight_dtype == torch.float32:
+            fresh = copy.deepcopy(net)
+        else:
+            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, torch_dtype=torch.float32)
+            set_attention(fresh, self.config.attention, quiet=True)
+        fresh = fresh.to(self.device, torch.float32).requires_grad_(True).train()
+        if self.config.gradient_checkpointing:
+            fresh.enable_gradient_checkpointing()
+        return DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank, self.resolution,
+                                 self.denoiser.time_scale).to(self.device)
+
+    def export(self, model, spec, out_dir: str) -> str | None:
+        """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""
+        if not self.config.export or not isinstance(model, DiffusersDenoiser):
+            return None
+        from plugins.diffusers.export import export_pipeline
+
+        return export_pipeline(self, model, spec, out_dir)
+
+
+def set_attention(net, backend: str, quiet: bool = False) -> None:
+    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
+    if backend != "xformers":
+        return
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "it needs CUDA"
+    else:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            reason = "the xformers package is not installed"
+    if reason is None:
+        net.enable_xformers_memory_efficient_attention()
+    elif not quiet:
+        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")

@@ -1,0 +1,131 @@
+"""Tiny diffusers pipelines of the real architectures (SD1.5, SDXL, SD3), built from configs with random
+weights and a character-level CLIP tokenizer written here, then saved with ``save_pretrained`` so tests
+load them back through the real ``from_pretrained`` path. No hub access. Shared by tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+SEQ = 16  # tokenizer model_max_length: short prompts keep CPU tests fast
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's byte -> printable-unicode table (the alphabet of a byte-level BPE vocab)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tokenizer():
+    """A character-level CLIPTokenizer: every byte char and its end-of-word form, no merges."""
+    from transformers import CLIPTokenizer
+
+    path = tempfile.mkdtemp(prefix="fewstep-tok-")
+    chars = _byte_chars()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump(vocab, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(vocab_file=vocab_file, merges_file=merges_file, model_max_length=SEQ)
+
+
+def clip(hidden: int = 32, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=SEQ, projection_dim=hidden,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def vae(latent_channels: int = 4, scaling: float = 0.18215, shift: float | None = None, seed: int = 0):
+    """Two blocks: one 2x downsampling, so 16 px images <-> 8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    extra = {} if shift is None else {"shift_factor": shift}
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, layers_per_block=1, sample_size=16, scaling_factor=scaling,
+                         **extra).eval()
+
+
+def _unet(cross_dim: int, sdxl: bool, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 32, transformer_layers_per_block=(1, 2)) if sdxl else {}
+    return UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+                                attention_head_dim=(2, 4), norm_num_groups=8, **extra).eval()
+
+
+def _ddpm_scheduler(cls_name: str, prediction: str):
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    extra = {"skip_prk_steps": True} if cls_name == "PNDMScheduler" else {}  # as SD1.5 ships it
+    return cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               prediction_type=prediction, steps_offset=1, **extra)
+
+
+def build_sd15(path: str, prediction: str = "epsilon", scheduler: str = "PNDMScheduler") -> str:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip(), tokenizer=tokenizer(),
+                                   unet=_unet(32, sdxl=False), scheduler=_ddpm_scheduler(scheduler, prediction),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_sdxl(path: str, prediction: str = "epsilon", scheduler: str = "EulerDiscreteScheduler") -> str:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=vae(scaling=0.13025), text_encoder=clip(seed=1),
+                                     text_encoder_2=clip(projection=True, seed=2),
+                                     tokenizer=tokenizer(),
+                                     tokenizer_2=tokenizer(),
+                                     unet=_unet(64, sdxl=True), scheduler=_ddpm_scheduler(scheduler, prediction))
+    pipe.save_pretrained(path)
+    return path
+
+
+def build_sd3(path: str, shift: float = 3.0) -> str:
+    """SD3 without its T5 encoder (diffusers then feeds zeros for the T5 tokens, as SD3 allows); load it with
+    ``from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(3)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+                                    vae=vae(scaling=1.5305, shift=0.0609), text_encoder=clip(projection=True, seed=4),
+                                    tokenizer=tokenizer(),
+                                    text_encoder_2=clip(projection=True, seed=5),
+                                    tokenizer_2=tokenizer(),
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path)
+    return path
+
+
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3}
