@@ -129,3 +129,24 @@ def build_sd3(path: str, shift: float = 3.0) -> str:
 
 
 BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3}
+
+
+# -- pytest fixtures (import them into a test module) -------------------------------------------------
+try:
+    import pytest
+except ImportError:  # benchmarks without pytest
+    pytest = None
+
+if pytest is not None:
+    def _built(kind: str, **kw):
+        @pytest.fixture(scope="session")
+        def fixture(tmp_path_factory):
+            pytest.importorskip("diffusers")
+            return BUILDERS[kind](str(tmp_path_factory.mktemp(kind) / "pipe"), **kw)
+
+        return fixture
+
+    sd15_dir = _built("sd15")
+    sd15_v_dir = _built("sd15", prediction="v_prediction")
+    sdxl_dir = _built("sdxl")
+    sd3_dir = _built("sd3")

@@ -1,0 +1,78 @@
+"""The exact Gaussian-mixture teacher against Monte-Carlo float64 posteriors and its own exact samples."""
+
+import json
+
+import pytest
+import torch
+
+from core.errors import UsageError
+from core.metrics import energy_distance
+from core.timesteps import make_grid
+from plugins.gmm import PRESETS, GaussianMixtureTeacher, GMMConfig
+from plugins.samplers.basic import euler
+
+
+def mc_posterior_mean(teacher, x_t, t, labels=None, n=400_000):
+    """E[x0 | x_t] by self-normalised importance sampling from the prior (independent of the closed form)."""
+    gen = torch.Generator().manual_seed(1)
+    x0 = teacher.sample_exact(n, None if labels is None else labels.expand(n), generator=gen).double()
+    a, s = float(teacher.schedule.alpha(torch.tensor(t))), float(teacher.schedule.sigma(torch.tensor(t)))
+    logw = -((x_t.double()[None] - a * x0) ** 2).sum(1) / (2 * s * s)
+    w = torch.softmax(logw, 0)
+    return (w[:, None] * x0).sum(0)
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp-cosine", "flow"])
+def test_denoiser_matches_monte_carlo_posterior(schedule):
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8", schedule=schedule))
+    t = {"edm": 0.6, "vp-cosine": 0.5, "flow": 0.45}[schedule]
+    x_t = torch.tensor([0.3, -0.2], dtype=torch.float64) * float(teacher.schedule.alpha(torch.tensor(t))) + 0.1
+    exact = teacher.denoise(x_t[None], torch.tensor([t], dtype=torch.float64))[0]
+    torch.testing.assert_close(exact, mc_posterior_mean(teacher, x_t, t), atol=1.5e-2, rtol=0)
+
+
+def test_class_conditional_and_exact_cfg():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="cls4"))
+    x_t, t = torch.tensor([[0.5, 0.4]], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    label = torch.tensor([1])
+    cond = teacher.denoise(x_t, t, label)
+    torch.testing.assert_close(cond[0], mc_posterior_mean(teacher, x_t[0], 0.5, label), atol=1.5e-2, rtol=0)
+    uncond = teacher.denoise(x_t, t)
+    guided = teacher.denoise(x_t, t, label, guidance=3.0)
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_many_step_sampling_reaches_noise_floor(preset):
+    teacher = GaussianMixtureTeacher(GMMConfig(preset=preset))
+    n = 2000
+    # the noise floor: how far apart two independent exact sample sets of this size land
+    floors = [abs(energy_distance(teacher.sample_exact(n), teacher.sample_exact(n))) for _ in range(5)]
+    ref = teacher.sample_exact(n)
+    many = energy_distance(euler(teacher, torch.randn(n, *teacher.data_shape), make_grid(teacher.schedule, 64)), ref)
+    few = energy_distance(euler(teacher, torch.randn(n, *teacher.data_shape), make_grid(teacher.schedule, 1)), ref)
+    bound = 3 * max(floors) + 2e-3
+    assert many < bound, (many, floors)
+    assert few > 10 * bound  # one Euler step is far off: the check can fail  # one Euler step is far off: the check can fail
+
+
+def test_exact_samples_have_preset_moments():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="hd16"))
+    x = teacher.sample_exact(200_000).double()
+    mean = (teacher.weights[:, None] * teacher.means).sum(0)
+    torch.testing.assert_close(x.mean(0), mean, atol=0.02, rtol=0)
+    assert abs(float(x.std(0).pow(2).mean().sqrt()) - teacher.sigma_data) < 0.02
+
+
+def test_spec_file(tmp_path):
+    spec = {"weights": [1, 3], "means": [[0.0], [2.0]], "stds": [[0.1], [0.2]]}
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(spec))
+    teacher = GaussianMixtureTeacher(GMMConfig(spec=str(path)))
+    torch.testing.assert_close(teacher.weights, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    far = teacher.denoise(torch.tensor([[2.0]]), torch.tensor([1e-3]))
+    assert abs(float(far) - 2.0) < 1e-3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"weights": [1]}))
+    with pytest.raises(UsageError, match="lacks"):
+        GaussianMixtureTeacher(GMMConfig(spec=str(bad)))
