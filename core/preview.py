@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def scatter_png(samples: torch.Tensor, reference: torch.Tensor | None = None, size: int = 512) -> bytes:
+def scatter_png(samples: torch.Tensor, reference: torch.Tensor | None = None, size: int = 512,
+                title: str = "samples (red) vs exact data (grey)") -> bytes:
     pts = samples.detach().float().flatten(1)[:, :2].cpu()
     ref = None if reference is None else reference.detach().float().flatten(1)[:, :2].cpu()
     both = pts if ref is None else torch.cat([pts, ref])
@@ -22,11 +23,12 @@ def scatter_png(samples: torch.Tensor, reference: torch.Tensor | None = None, si
     def plot(p, color):
         uv = ((p - center) / span + 0.5) * size
         for u, v in uv.tolist():
-            draw.point((u, size - v), fill=color)
+            draw.ellipse((u - 1.5, size - v - 1.5, u + 1.5, size - v + 1.5), fill=color)
 
     if ref is not None:
         plot(ref, (170, 170, 170))
     plot(pts, (200, 30, 30))
+    draw.text((8, 8), title if ref is not None else "samples", fill=(0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
