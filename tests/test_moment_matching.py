@@ -1,0 +1,194 @@
+"""Moment matching (Salimans et al. 2024): Algorithm 2 (``mm``) and Algorithm 3 (``mm-param``).
+
+References: the generator gradient w(s) (dx~/deta)^T (aux - teacher) written out by hand (float64),
+Algorithm 3's surrogate nu^T grad_theta l_B differentiated by double backward (no JVP), the paper's time
+sampling, and exact mixture samples for quality.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from core.errors import UsageError
+from core.networks import DenoiserNet, ResidualMLP
+from core.protocols import Context
+from core.schedules import make_schedule
+from plugins.gmm import GaussianMixtureTeacher, GMMConfig
+from plugins.moment_matching import (MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam, draw,
+                                     sample_times)
+from tests.conftest import run_config, train
+
+
+def small_net(schedule, sigma_data=0.5, seed=0):
+    torch.manual_seed(seed)
+    return DenoiserNet(ResidualMLP(2, 16, 2, 8), schedule, "edm", sigma_data).double()
+
+
+def edm_weight(sigma, sd):
+    return (sigma**2 + sd**2) / (sigma * sd) ** 2
+
+
+def batch(n=12):
+    return {"x": GaussianMixtureTeacher(GMMConfig()).sample_exact(n).double(), "cond": None}
+
+
+class NetTeacher:
+    """A network teacher in float64 (what teacher=checkpoint provides), for Algorithm 3."""
+
+    def __init__(self, net):
+        self.net, self.schedule, self.sigma_data, self.data_shape = net, net.schedule, net.sigma_data, (2,)
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        return self.net.denoise(x_t, t, cond)
+
+    def trainable_copy(self):
+        return copy.deepcopy(self.net)
+
+
+# ---------------------------------------------------------------------------------------------------
+# time sampling
+
+@pytest.mark.parametrize("mode", ["continuous", "grid"])
+def test_times_are_at_most_one_student_step_apart(mode):
+    sched = make_schedule("vp-cosine")
+    k = 4
+    s, t = sample_times(sched, 50_000, k, mode)
+    span = sched.t_max - sched.t_min
+    u_s, u_t = (s - sched.t_min) / span, (t - sched.t_min) / span
+    assert bool((u_t >= u_s).all()) and bool((u_t - u_s <= 1 / k + 1e-12).all()) and bool((u_t <= 1 + 1e-12).all())
+    if mode == "continuous":  # s ~ U(0, 1): mean 1/2, variance 1/12
+        assert abs(float(u_s.mean()) - 0.5) < 0.01 and abs(float(u_s.var()) - 1 / 12) < 0.005
+        assert float((u_t == 1).double().mean()) == pytest.approx(1 / (2 * k), abs=0.01)  # P(s + d > 1) = E[d]
+    else:
+        assert set((u_t * k).round().unique().tolist()) == {1.0, 2.0, 3.0, 4.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 2: the generator gradient
+
+@pytest.mark.parametrize("weighting", ["edm", "flat"])
+def test_mm_generator_gradient_is_weighted_moment_gap_pulled_back(weighting):
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    sd = teacher.sigma_data
+    student, aux = small_net(teacher.schedule, sd, 1), small_net(teacher.schedule, sd, 2)
+    obj = MomentMatching(MMConfig(weighting=weighting))
+    b = batch()
+    ctx = Context({"teacher": teacher, "student": student, "critic": aux}, b, 1, 12, "cpu")
+    params = list(student.parameters())
+    torch.manual_seed(7)
+    loss, _ = obj.loss("generator", ctx)
+    got = torch.autograd.grad(loss, params)
+
+    torch.manual_seed(7)  # the same draws, then the gradient written out by hand
+    d = draw(student, b["x"], None, 4)
+    assert not d.z_s.requires_grad  # posterior sample of sg(x~)
+    with torch.no_grad():
+        gap = aux.denoise(d.z_s, d.s) - teacher.denoise(d.z_s, d.s)  # EDM: t = sigma
+    w = edm_weight(d.s, sd) if weighting == "edm" else torch.ones_like(d.s)
+    upstream = w[:, None] * gap / gap.numel()  # mean over batch and elements
+    want = torch.autograd.grad(d.x_tilde, params, grad_outputs=upstream)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)
+    assert sum(float(r.abs().sum()) for r in want) > 0
+
+
+def test_mm_auxiliary_loss_is_fit_plus_teacher_regulariser():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    sd = teacher.sigma_data
+    student, aux = small_net(teacher.schedule, sd, 1), small_net(teacher.schedule, sd, 2)
+    obj = MomentMatching(MMConfig(aux_teacher_weight=0.5))
+    b = batch()
+    ctx = Context({"teacher": teacher, "student": student, "critic": aux}, b, 0, 12, "cpu")
+    torch.manual_seed(3)
+    loss, _ = obj.loss("auxiliary", ctx)
+    assert loss.requires_grad and not any(p.grad is not None for p in student.parameters())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d = draw(student, b["x"], None, 4)
+        a, g = aux.denoise(d.z_s, d.s), teacher.denoise(d.z_s, d.s)
+    w = edm_weight(d.s, sd)
+    want = (w * ((a - d.x_tilde) ** 2).mean(1)).mean() + 0.5 * (w * ((a - g) ** 2).mean(1)).mean()
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Algorithm 3: the parameter-space surrogate
+
+@pytest.mark.parametrize("precond,jvp", [("identity", "forward"), ("rms", "forward"), ("identity", "fd")])
+def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp):
+    sched = make_schedule("edm")
+    sd = 0.5
+    net = small_net(sched, sd, 4)
+    teacher, student = NetTeacher(net), small_net(sched, sd, 5)
+    obj = MomentMatchingParam(MMParamConfig(precond=precond, jvp=jvp, fd_step=1e-5))
+    obj.build({"teacher": teacher, "student": student})
+    b = batch(16)
+    ctx = Context({"teacher": teacher, "student": student}, b, 0, 16, "cpu")
+    params, theta = list(student.parameters()), list(net.parameters())
+    torch.manual_seed(11)
+    loss, metrics = obj.loss("generator", ctx)
+    got = torch.autograd.grad(loss, params)
+
+    torch.manual_seed(11)
+    x = b["x"]
+    with torch.no_grad():
+        a = draw(student, x[:8], None, 4)
+    d = draw(student, x[8:], None, 4)
+
+    def teacher_loss(dr, x_tilde):  # l(theta) = mean_b w(s_b) mean_d (g_theta(z_s) - x~)^2
+        return (edm_weight(dr.s, sd) * ((net.denoise(dr.z_s, dr.s) - x_tilde) ** 2).mean(1)).mean()
+
+    g_a = torch.autograd.grad(teacher_loss(a, a.x_tilde), theta)
+    nu = [g / (g.abs() + 1e-8) if precond == "rms" else g for g in g_a]  # first Adam step: v_hat = g^2
+    g_b = torch.autograd.grad(teacher_loss(d, d.x_tilde), theta, create_graph=True)
+    surrogate = sum((n * g).sum() for n, g in zip(nu, g_b))  # nu^T grad_theta l_B
+    want = torch.autograd.grad(surrogate, params)
+    tol = 1e-5 if jvp == "fd" else 1e-9
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * 1e-3)
+    torch.testing.assert_close(metrics["moment_norm"], surrogate.detach(), rtol=tol, atol=0)
+
+
+def test_mm_param_needs_a_network_teacher():
+    obj = MomentMatchingParam(MMParamConfig())
+    with pytest.raises(UsageError, match="teacher=checkpoint"):
+        obj.build({"teacher": GaussianMixtureTeacher(GMMConfig()), "student": small_net(make_schedule("edm"))})
+
+
+def test_configs_resolve_with_paper_defaults():
+    cfg = run_config("objective=mm", "teacher=gmm")
+    assert cfg.critic.name == "fake-score"
+    assert (cfg.train.lr_decay, cfg.train.warmup > 0) == ("linear", True)
+    phases = {p.name: p for p in MomentMatching(cfg.objective.config).phases()}
+    assert phases["auxiliary"].betas == (0.0, 0.99) and phases["generator"].eps == 1e-12
+    assert phases["generator"].grad_clip == 1.0
+    assert (phases["auxiliary"].every, phases["auxiliary"].offset, phases["generator"].offset) == (2, 0, 1)
+    with pytest.raises(UsageError, match="weighting"):
+        run_config("objective=mm", "objective.weighting=snr2")
+    with pytest.raises(UsageError, match="uses no critic"):
+        run_config("objective=mm-param", "critic=fake-score")
+
+
+def test_sampling_spec_is_ancestral_on_the_i_over_k_grid():
+    from plugins.samplers.ancestral import fraction_grid
+
+    sched = make_schedule("vp-cosine")
+    obj = MomentMatching(MMConfig(steps=3))
+    spec = obj.sampling(small_net(sched))
+    assert spec.sampler == "ancestral" and len(spec.times) == 4 and spec.times[-1] == 0.0
+    assert spec.times == fraction_grid(sched, 3).tolist()
+    assert len(obj.with_steps(spec, 8, small_net(sched)).times) == 9
+
+
+def test_mm_run_end_to_end_and_sample_cli(tmp_path):
+    from core.sample import main
+
+    out = tmp_path / "run"
+    result = train("objective=mm", "teacher=gmm", "student.hidden=32", "student.depth=1", "train.steps=6",
+                   "train.batch=32", "train.eval_every=0", "train.eval_samples=64", "train.preview_every=0",
+                   f"out={out}")
+    assert set(result["trainer"].optimizers) == {"auxiliary", "generator"}
+    assert main([f"run={out}", "num=16", "steps=2", f"out={tmp_path / 's.npz'}"]) == 0
