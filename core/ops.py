@@ -1,7 +1,9 @@
 """The hot-path tensor math of every method, as named ops.
 
 Objectives call these rather than writing the arithmetic inline, so one place decides how they run:
-the torch reference here, or the fused Triton kernels in ``core.kernels`` on CUDA.
+the fused Triton kernels in ``core.kernels`` (CUDA tensors, or anywhere with ``FEWSTEP_KERNELS=triton``
+under TRITON_INTERPRET=1) or the torch reference beside each kernel (everything else, float64 included).
+See ``core/kernels/dispatch.py`` for the rule and docs/kernels.md for the layout.
 All per-sample factors (alpha, sigma, weights) have shape [B] or are scalars.
 """
 
@@ -10,12 +12,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.parameterization import bcast, to_x0
+from core.kernels import dispatch
 
 
 def add_noise(x0: Tensor, eps: Tensor, alpha, sigma) -> Tensor:
     """Forward noising x_t = alpha x0 + sigma eps."""
-    return bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
+    from core.kernels import add_noise as k
+
+    if dispatch.use_triton((x0, eps), (alpha, sigma)):
+        a, s = _factors(x0, alpha, sigma)
+        return k.add_noise(x0, eps, a, s)
+    return k.add_noise_reference(x0, eps, alpha, sigma)
+
+
+def add_fresh_noise(x0: Tensor, alpha, sigma, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(x_t, eps) with eps ~ N(0, I) drawn here: in-kernel Philox on the Triton path (no eps read from memory).
+
+    The two paths draw different (equally distributed) noise. The Philox seed comes from ``generator`` (or
+    torch's default CPU generator), so ``torch.manual_seed`` makes both paths reproducible.
+    """
+    from core.kernels import add_noise as k
+
+    if dispatch.use_triton((x0,), (alpha, sigma)):
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=gen_device))
+        a, s = _factors(x0, alpha, sigma)
+        return k.add_fresh_noise(x0, a, s, seed)
+    return k.add_fresh_noise_reference(x0, alpha, sigma, generator)
 
 
 def guided_x0(pred_cond: Tensor, pred_uncond: Tensor | None, x_t: Tensor, alpha, sigma, scale: float,
@@ -24,26 +47,44 @@ def guided_x0(pred_cond: Tensor, pred_uncond: Tensor | None, x_t: Tensor, alpha,
 
     Guidance is linear, so combining outputs then converting equals converting then combining.
     """
-    pred = pred_cond if pred_uncond is None else pred_uncond + scale * (pred_cond - pred_uncond)
-    return to_x0(pred, x_t, alpha, sigma, prediction)
+    return _guided(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, "x0")
+
+
+def guided_score(pred_cond: Tensor, pred_uncond: Tensor | None, x_t: Tensor, alpha, sigma, scale: float,
+                 prediction: str) -> Tensor:
+    """Like ``guided_x0`` but returns the score grad log p_t(x_t) = (alpha x0 - x_t) / sigma^2 (Tweedie)."""
+    return _guided(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, "score")
+
+
+def _guided(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output):
+    from core.kernels import guided_x0 as k
+
+    if dispatch.use_triton((pred_cond, pred_uncond, x_t), (alpha, sigma)):
+        a, s = _factors(x_t, alpha, sigma)
+        return k.guided_x0(pred_cond, pred_uncond, x_t, a, s, float(scale), prediction, output)
+    return k.guided_x0_reference(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output)
 
 
 def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     """DMD2's normalised distribution-matching gradient (Yin et al. 2024, eq. 8 as in their code).
 
-    g = (x0_fake - x0_real) / mean_{non-batch}|x - x0_real|, non-finite entries set to 0.
-    Computed in float64 (the reference does this conversion in float64) and cast back.
+    g = (x0_fake - x0_real) / mean_{non-batch}|x - x0_real|, non-finite entries set to 0, in x's dtype.
+    The torch reference computes in float64 (as the reference code converts); the kernel in fp32.
     """
-    x64, real64 = x.detach().double(), x0_real.detach().double()
-    norm = (x64 - real64).abs().flatten(1).mean(1)
-    g = (x0_fake.detach().double() - real64) / bcast(norm, x64)
-    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).to(x.dtype)
+    from core.kernels import dmd as k
+
+    if dispatch.use_triton((x, x0_real, x0_fake)):
+        return k.dmd_gradient_loss(x.detach(), x0_real.detach(), x0_fake.detach())[0]
+    return k.dmd_gradient_reference(x, x0_real, x0_fake)
 
 
 def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """0.5 * mean((x - sg(x - g))^2): a loss whose gradient w.r.t. x is g / x.numel()."""
-    g = dmd_gradient(x, x0_real, x0_fake)
-    return 0.5 * torch.nn.functional.mse_loss(x, (x - g).detach(), reduction="mean")
+    """0.5 * mean((x - sg(x - g))^2) = 0.5 mean(g^2): a loss whose gradient w.r.t. x is g / x.numel()."""
+    from core.kernels import dmd as k
+
+    if dispatch.use_triton((x, x0_real, x0_fake)):
+        return k.dmd_gradient_loss(x, x0_real.detach(), x0_fake.detach())[1]
+    return k.dmd_loss_reference(x, x0_real, x0_fake)
 
 
 def posterior_sample(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_s, sigma_s, noise: Tensor | None,
@@ -54,24 +95,22 @@ def posterior_sample(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_s, sigma_s
     Standard algebra: with sigma_{t|s}^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2, the posterior std is
     c = eta * sigma_s * sigma_{t|s} / sigma_t, and the mean is alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat.
     """
-    at, st, as_, ss = (bcast(v, z_t) for v in (alpha_t, sigma_t, alpha_s, sigma_s))
-    eps_hat = (z_t - at * x0) / st
-    var_ts = (st * st - (at / as_) ** 2 * ss * ss).clamp(min=0)
-    c = eta * ss * var_ts.sqrt() / st
-    mean = as_ * x0 + (ss * ss - c * c).clamp(min=0).sqrt() * eps_hat
-    if noise is None or eta == 0:
-        return mean
-    return mean + c * noise
+    from core.kernels import posterior as k
+
+    factors = (alpha_t, sigma_t, alpha_s, sigma_s)
+    if dispatch.use_triton((z_t, x0, noise), factors):
+        return k.posterior_sample(z_t, x0, *_factors(z_t, *factors), noise, float(eta))
+    return k.posterior_sample_reference(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s, noise, eta)
 
 
 def weighted_loss(pred: Tensor, target: Tensor, weight=None, kind: str = "l2") -> Tensor:
     """mean_b w_b * mean_{non-batch} loss(pred - target), with kind 'l2' (squared) or 'l1'."""
-    diff = pred - target
-    per = diff.square() if kind == "l2" else diff.abs()
-    per = per.flatten(1).mean(1)
-    if weight is not None:
-        per = per * torch.as_tensor(weight, dtype=per.dtype, device=per.device)
-    return per.mean()
+    from core.kernels import weighted_loss as k
+
+    if dispatch.use_triton((pred, target), () if weight is None else (weight,)):
+        w = None if weight is None else _factors(pred, weight)[0]
+        return k.weighted_loss(pred, target, w, kind)
+    return k.weighted_loss_reference(pred, target, weight, kind)
 
 
 def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight=None) -> Tensor:
@@ -80,8 +119,17 @@ def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weigh
     Its gradient w.r.t. x~ is w_b (aux - teacher) / (B * D): descent moves x~ toward the teacher's moment
     and away from the auxiliary's. D is the number of elements per sample.
     """
-    direction = (aux_x0 - teacher_x0).detach()
-    per = (x_tilde * direction).flatten(1).mean(1)
-    if weight is not None:
-        per = per * torch.as_tensor(weight, dtype=per.dtype, device=per.device)
-    return per.mean()
+    from core.kernels import mm_loss as k
+
+    if dispatch.use_triton((x_tilde, aux_x0, teacher_x0), () if weight is None else (weight,)):
+        w = None if weight is None else _factors(x_tilde, weight)[0]
+        return k.mm_generator_loss(x_tilde, aux_x0.detach(), teacher_x0.detach(), w)
+    return k.mm_generator_loss_reference(x_tilde, aux_x0, teacher_x0, weight)
+
+
+def _factors(like: Tensor, *values) -> list[Tensor]:
+    """Per-sample factors as 1-D tensors on like's device; all 1 value or all B values (kernels share a stride)."""
+    out = [dispatch.factor(v, like) for v in values]
+    if len({t.numel() for t in out}) > 1:
+        out = [t.expand(like.shape[0]).contiguous() for t in out]
+    return out

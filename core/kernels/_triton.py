@@ -1,0 +1,79 @@
+"""Triton import shim and launch helpers shared by the kernel files.
+
+Kernel files import ``triton``/``tl`` from here so they still import (and their torch references still
+work) where triton is not installed. Nothing in ``core`` imports this module until an op runs, so a test
+process can set TRITON_INTERPRET=1 before triton is imported (Triton decides interpreter vs compiler
+when ``@triton.jit`` decorates, i.e. at import).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    AVAILABLE = True
+except ImportError:  # the torch references keep working; dispatch never picks Triton
+
+    class _Missing:
+        """Stands in for ``triton`` and ``triton.language`` so the kernel definitions still parse."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        def __getattr__(self, name):
+            raise RuntimeError("triton is not installed; pip install triton (or fewstep[kernels])")
+
+    triton = tl = _Missing()
+    AVAILABLE = False
+
+BLOCK = 1024  # elements per program; tests lower it to exercise several programs on small shapes
+MAX_CHUNKS = 2048  # reductions: most partial sums per sample (pass 2 loads them all in one block)
+NUM_WARPS = 4
+
+
+def interpreting() -> bool:
+    """True when ``@triton.jit`` produces interpreter functions (TRITON_INTERPRET=1 before import)."""
+    if not AVAILABLE:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous view (or copy) of x; kernels index [B, D] row-major."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def rows(x: torch.Tensor) -> tuple[int, int]:
+    """(B, D): batch size and elements per sample."""
+    n = x.numel()
+    return x.shape[0], (n // x.shape[0] if x.shape[0] else 0)
+
+
+def stride_of(factor: torch.Tensor) -> int:
+    """Per-sample factors are 1 value (stride 0, broadcast) or B values (stride 1)."""
+    return 0 if factor.numel() == 1 else 1
+
+
+def elementwise(n: int) -> tuple[tuple[int], int]:
+    """(grid, BLOCK) for a flat elementwise kernel over n elements."""
+    return (triton.cdiv(n, BLOCK),), BLOCK
+
+
+def chunking(d: int) -> tuple[int, int, int]:
+    """(C, CHUNK, BLOCK): reductions split each sample into C chunks of CHUNK elements (a multiple of BLOCK),
+    C <= MAX_CHUNKS, so pass 2 can load all of a sample's partial sums at once."""
+    blocks = triton.cdiv(d, BLOCK)
+    chunk = triton.cdiv(blocks, MAX_CHUNKS) * BLOCK
+    return triton.cdiv(d, chunk), chunk, BLOCK
+
+
+def launch_opts() -> dict:
+    return {} if interpreting() else {"num_warps": NUM_WARPS}

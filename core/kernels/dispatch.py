@@ -1,0 +1,84 @@
+"""Which implementation an op runs: the fused Triton kernel or the torch reference.
+
+``FEWSTEP_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when triton is installed), ``torch``, or
+``triton`` (forced; on CPU this needs TRITON_INTERPRET=1 set before triton is imported, which is how the
+tests run the kernels). Inputs the kernels do not cover always take the torch reference: mismatched
+shapes, float64, per-sample factors that need gradients, empty tensors, and tensors inside torch.func
+transforms (jvp, vmap), which opaque custom ops do not support. The kernels compute in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from core.errors import UsageError
+
+ENV = "FEWSTEP_KERNELS"
+MODES = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise UsageError(f"{ENV}='{value}' is not a kernel backend; set it to one of {', '.join(MODES)}")
+    return value
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def covered(tensors: tuple[Tensor, ...], factors: tuple = ()) -> bool:
+    """Whether the kernels handle these inputs (else the torch reference runs)."""
+    first = tensors[0]
+    if first.ndim == 0 or first.numel() == 0:
+        return False
+    if not torch.compiler.is_compiling() and any(_functorch_wrapped(t) for t in (*tensors, *factors)):
+        return False
+    for t in tensors:
+        if t.shape != first.shape or t.device != first.device or t.dtype not in KERNEL_DTYPES:
+            return False
+    for f in factors:
+        if isinstance(f, Tensor):
+            if f.requires_grad or f.numel() not in (1, first.shape[0]) or not f.is_floating_point():
+                return False
+    return True
+
+
+def _functorch_wrapped(t) -> bool:
+    return isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
+    """Pick the implementation for one call; raises UsageError when a forced Triton cannot run."""
+    choice = mode()
+    if choice == "torch":
+        return False
+    tensors = tuple(t for t in tensors if t is not None)
+    if not covered(tensors, factors):
+        return False
+    on_cuda = tensors[0].device.type == "cuda"
+    if choice == "auto":
+        return on_cuda and _triton_installed()
+    if not _triton_installed():
+        raise UsageError(f"{ENV}=triton but triton is not installed; pip install triton or set {ENV}=torch")
+    if not on_cuda:
+        from core.kernels._triton import interpreting
+
+        if not interpreting():
+            raise UsageError(f"{ENV}=triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                             f"imported; set it at process start or use {ENV}=torch")
+    return True
+
+
+def factor(v, like: Tensor) -> Tensor:
+    """A per-sample factor (Python number, 0-d or [B] tensor) as a 1-D tensor on like's device."""
+    t = torch.as_tensor(v, device=like.device)
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    return t.reshape(-1)
