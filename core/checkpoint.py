@@ -5,6 +5,13 @@ Layout under a run dir (any fsspec URL):
     checkpoints/latest.json        {"step": 500, "dir": "step-00000500"}
 ``latest.json`` is written last, to a temporary name and then moved, so a run killed at any moment
 (kill -9 included) resumes from the last complete checkpoint.
+
+Multi-process runs (docs/distributed.md) write a sharded checkpoint instead:
+    checkpoints/step-00000500/{dcp/ (torch.distributed.checkpoint: weights, EMA, optimizers),
+                               rng-00000.safetensors ... (one per rank), state.json}
+    checkpoints/latest.json        {"step": 500, "dir": "step-00000500", "format": "dcp"}
+DCP stores each tensor by name with its global shape, so a run saved on N ranks (DDP or FSDP shards)
+loads on M ranks, or in one process.
 """
 
 from __future__ import annotations
@@ -108,10 +115,49 @@ class CheckpointStore:
         self._prune(name)
         return d
 
+    def save_sharded(self, step: int, modules: dict, optimizers: dict, rng: dict, state: dict,
+                     rank: int, main: bool) -> str:
+        """Collective: every rank calls it. DCP writes weights and optimizers (each rank its shards),
+        every rank writes its own RNG state, rank 0 writes ``state.json`` and then ``latest.json``."""
+        import torch.distributed as dist
+
+        name = f"step-{step:08d}"
+        d = join(self.root, name)
+        if main:
+            fs, path = _fs(d)
+            fs.makedirs(path, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        save_sharded(join(d, "dcp"), sharded_state(modules, optimizers))
+        save_tensors(join(d, f"rng-{rank:05d}.safetensors"), rng)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's files are complete before latest.json points at them
+        if main:
+            write_json(join(d, "state.json"), {**state, "format": "dcp"})
+            write_json(join(self.root, "latest.json"), {"step": step, "dir": name, "format": "dcp"})
+            self._prune(name)
+        return d
+
+    def load_sharded(self, modules: dict, optimizers: dict, rank: int) -> tuple[dict, dict] | None:
+        """Loads the latest sharded checkpoint into ``modules``/``optimizers`` (collective when a process
+        group is up); returns (rng tensors of ``rank``, or of rank 0 when it had no such rank; state)."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        d = join(self.root, latest["dir"])
+        load_sharded(join(d, "dcp"), modules, optimizers)
+        own = join(d, f"rng-{rank:05d}.safetensors")
+        rng = load_tensors(own if exists(own) else join(d, "rng-00000.safetensors"))
+        state = read_json(join(d, "state.json"))
+        state["rng_rank"] = rank if exists(own) else 0
+        return rng, state
+
     def load(self, device="cpu") -> tuple[dict, dict, dict] | None:
         latest = self.latest()
         if latest is None:
             return None
+        if latest.get("format") == "dcp":
+            raise ValueError("sharded checkpoint: use CheckpointStore.load_sharded")
         d = join(self.root, latest["dir"])
         return (load_tensors(join(d, "weights.safetensors"), device),
                 load_tensors(join(d, "state.safetensors"), "cpu"),
@@ -123,3 +169,75 @@ class CheckpointStore:
         for old in dirs[: max(0, len(dirs) - self.keep)]:
             if posixpath.basename(old.rstrip("/")) != current:
                 fs.rm(old, recursive=True)
+
+
+# -- sharded (torch.distributed.checkpoint) ------------------------------------------------------
+def _root(modules: dict) -> torch.nn.Module:
+    return torch.nn.ModuleDict(modules)
+
+
+def sharded_state(modules: dict, optimizers: dict) -> dict:
+    """{"model": FQN -> tensor (DTensor shards under FSDP), "optim.NAME": FQN-keyed optimizer state}.
+    FQN keys (``student.backbone.inp.weight``) make optimizer state independent of world size."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = _root(modules)
+    out = {"model": get_model_state_dict(root)}
+    for name, opt in optimizers.items():
+        out[f"optim.{name}"] = get_optimizer_state_dict(root, opt)
+    return out
+
+
+def _dcp_load(state: dict, reader) -> None:
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        if not dist.is_initialized():  # one process reading a checkpoint any number of ranks wrote
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, storage_reader=reader)
+
+
+def _writer_reader(url: str):
+    if "://" in url and not url.startswith("file://"):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+        return FsspecWriter(url), FsspecReader(url)
+    import torch.distributed.checkpoint as dcp
+
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return dcp.FileSystemWriter(path), dcp.FileSystemReader(path)
+
+
+def save_sharded(url: str, state: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=_writer_reader(url)[0])
+
+
+def load_sharded(url: str, modules: dict, optimizers: dict) -> None:
+    """Fills ``modules`` and ``optimizers`` in place from a DCP checkpoint saved at any world size."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = sharded_state(modules, optimizers)  # target layout (allocates optimizer state)
+    _dcp_load(state, _writer_reader(url)[1])
+    root = _root(modules)
+    set_model_state_dict(root, state["model"])
+    for name, opt in optimizers.items():
+        set_optimizer_state_dict(root, opt, state[f"optim.{name}"])
+
+
+def load_sharded_module(url: str, module: torch.nn.Module, prefixes: list[str]) -> str:
+    """Loads one network of a DCP checkpoint (the first of ``prefixes`` it holds, e.g. ``ema`` before
+    ``student``) into a plain module, in one process; returns the prefix used."""
+    reader = _writer_reader(url)[1]
+    keys = reader.read_metadata().state_dict_metadata.keys()
+    for prefix in prefixes:
+        if any(k.startswith(f"model.{prefix}.") for k in keys):
+            state = {"model": {f"{prefix}.{k}": v for k, v in module.state_dict().items()}}
+            _dcp_load(state, _writer_reader(url)[1])
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in state["model"].items()})
+            return prefix
+    raise ValueError(f"{url} holds none of {prefixes}")

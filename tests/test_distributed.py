@@ -7,8 +7,10 @@ global batch, a 2-rank checkpoint resumes on 1 rank exactly, broadcasts agree, b
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -111,18 +113,18 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), FEWSTEP_TENSORBOARD="0")
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    # one group for every job (as torchrun's env would give each Trainer); a hang fails after the timeout
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out = {}
     for job in JOBS:
         try:
             out[job.__name__] = job(rank, tmp)
         except Exception:  # recorded, so the parent reports which job failed and how
             out[job.__name__] = {"failed": traceback.format_exc()}
-        # Trainer.train tears down the group it created; jobs that fail early leave it up
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        dist.barrier()
+    dist.destroy_process_group()
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
 
 
@@ -138,7 +140,13 @@ def ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
     tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 400
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-rank jobs did not finish in 400 s (a collective hung)")
     results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return results, tmp
 
@@ -211,14 +219,21 @@ def test_two_rank_checkpoint_resumes_on_one_rank_exactly(ranks, tmp_path):
     assert (half / "checkpoints" / "step-00000006" / "weights.safetensors").exists()
 
 
-def test_sharded_checkpoint_serves_load_run(ranks):
+def test_sharded_checkpoint_serves_load_run(ranks, tmp_path):
+    """A run still going (no export yet) is sampled from its latest sharded checkpoint."""
+    import shutil
+
+    from core import checkpoint as ckpt
     from core.runner import load_run
 
-    _job(ranks, "_job_ddp_half")
+    _job(ranks, "_job_ddp")
     _, tmp = ranks
-    networks, spec, cfg = load_run(str(tmp / "half"))
+    running = tmp_path / "running"
+    shutil.copytree(tmp / "ddp", running)
+    (running / "student.safetensors").unlink()
+    networks, spec, cfg = load_run(str(running))
     assert cfg.train.parallel == "ddp" and spec.sampler == "euler"
-    assert all(torch.isfinite(v).all() for v in networks.student.state_dict().values())
+    _close(networks.student.state_dict(), ckpt.load_tensors(str(tmp / "ddp" / "student.safetensors")), atol=0, rtol=0)
 
 
 def test_fsdp2_on_gloo_equals_one_process(ranks, tmp_path):
