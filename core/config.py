@@ -80,6 +80,19 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = attrs.field(
         default="auto", metadata={"doc": "auto: bf16 autocast on CUDA, fp32 on CPU"})
     progress: bool = attrs.field(default=True, metadata={"doc": "tqdm progress bar"})
+    # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
+    parallel: Literal["none", "ddp", "fsdp"] = attrs.field(
+        default="none", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block)"})
+    grad_accum: int = attrs.field(default=1, validator=positive,
+                                  metadata={"doc": "micro-batches per rank accumulated into each optimizer step"})
+    batch_scope: Literal["global", "rank"] = attrs.field(
+        default="global", metadata={"doc": "global: train.batch is split over ranks and grad_accum; "
+                                           "rank: train.batch is each rank's micro-batch"})
+    rng: Literal["shared", "per-rank"] = attrs.field(
+        default="shared", metadata={"doc": "shared: every rank draws the global batch's randomness and keeps its rows "
+                                           "(same result at any world size); per-rank: own stream per rank"})
+    fsdp_offload: bool = attrs.field(default=False, metadata={"doc": "FSDP: keep sharded params, grads and "
+                                                                     "optimizer state on CPU"})
 
 
 # ------------------------------------------------------------------------------------------------
