@@ -2,8 +2,11 @@
 
     python -m core.sample run=RUN_DIR num=10000 out=samples.npz [steps=K]
     python -m core.sample teacher=gmm teacher.preset=ring8 sampler=euler steps=8 num=10000 out=t.npz
+    python -m core.sample run=RUN prompt="a photo of a cat" num=4 out=grid.png     (text-to-image runs)
 
 The .npz holds ``samples`` (N x data dims, float32, data space); a PNG preview is written beside it.
+``out=*.png`` writes only the image grid. ``prompt=`` conditions text-to-image teachers (default: the
+unconditional prompt); ``batch=`` bounds how many samples go through the network at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from core.protocols import SamplingSpec
 from core.registry import get_registry
 from core.timesteps import make_grid
 
-SAMPLE_KEYS = ("run", "num", "out", "steps", "seed", "device", "guidance", "label", "grid", "batch")
+SAMPLE_KEYS = ("run", "num", "out", "steps", "seed", "device", "guidance", "label", "grid", "batch", "prompt")
 
 
 def _get(tree, key, tp, default):
@@ -55,8 +58,11 @@ def main(argv: list[str]) -> int:
     if num <= 0:
         raise UsageError(f"num must be > 0, got {num}")
     out = str(sample_args.get("out", "samples.npz"))
-    if not out.endswith(".npz"):
-        raise UsageError(f"out={out}: expected a .npz path")
+    if not out.endswith((".npz", ".png")):
+        raise UsageError(f"out={out}: expected a .npz path (or .png for an image grid)")
+    prompt = sample_args.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise UsageError("prompt= takes one string, e.g. prompt=\"a photo of a cat\"")
     steps = _get(sample_args, "steps", int, None)
     if steps is not None and steps <= 0:
         raise UsageError(f"steps must be > 0, got {steps}")
@@ -83,19 +89,32 @@ def main(argv: list[str]) -> int:
         sampler_opts = attrs.asdict(cfg.sampler.config) if cfg.sampler.config is not None else {}
         spec = SamplingSpec(cfg.sampler.name, make_grid(teacher.schedule, steps or 32,
                                                         str(sample_args.get("grid", "polynomial"))).tolist(), sampler_opts)
-        if guidance is None and getattr(teacher, "num_classes", 0):
+        if guidance is None and (getattr(teacher, "num_classes", 0) or prompt is not None):
             guidance = getattr(teacher, "guidance", None)
     cond = None
-    if getattr(teacher, "num_classes", 0):
+    if prompt is not None:
+        cond = teacher.encode_condition([prompt] * num)
+    elif getattr(teacher, "num_classes", 0):
         labels = torch.full((num,), label, dtype=torch.long) if label is not None \
             else torch.randint(0, teacher.num_classes, (num,))
         cond = teacher.encode_condition(labels)
     extra = {"guidance": guidance} if guidance is not None else {}
-    samples = generate(model, spec, num, cond, registry, device, shape=teacher.data_shape, **extra)
+    images = len(teacher.data_shape) == 3
+    batch = _get(sample_args, "batch", int, 8 if images else 4096)
+    if batch <= 0:
+        raise UsageError(f"batch must be > 0, got {batch}")
+    samples = generate(model, spec, num, cond, registry, device, batch=batch, shape=teacher.data_shape, **extra)
     samples = teacher.to_data_space(samples).float().cpu()
+    if out.endswith(".png"):
+        if not images:
+            raise UsageError(f"out={out}: a PNG grid needs image samples; this teacher's data has shape "
+                             f"{tuple(teacher.data_shape)} (use out=FILE.npz)")
+        ckpt.write_bytes_atomic(out, preview_png(samples))
+        print(f"wrote a grid of {num} images to {out} with {spec.sampler}, {len(spec.times) - 1} steps")
+        return 0
     buf = io.BytesIO()
     arrays = {"samples": samples.flatten(1).numpy() if samples.ndim == 2 else samples.numpy()}
-    if cond is not None:
+    if cond is not None and prompt is None:
         arrays["labels"] = cond.cpu().numpy()
     np.savez(buf, **arrays)
     ckpt.write_bytes_atomic(out, buf.getvalue())

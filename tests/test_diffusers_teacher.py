@@ -136,10 +136,11 @@ def test_one_step_pipeline_output_equals_teacher_x0(which, scheduler, guidance, 
 @torch.no_grad()
 def test_prompt_bank_encodes_once_and_null_is_the_pipelines_uncond(sdxl_dir, sd15_dir):
     xl = teacher_for(sdxl_dir, "sdxl")
-    ids = xl.encode_condition(["b", "a", "b"])
-    assert ids.tolist() == [0, 1, 0] and len(xl.bank) == 2
-    assert xl.encode_condition(["a"]).tolist() == [1] and len(xl.bank) == 2
-    emb = xl.bank.lookup(torch.tensor([-1, 0]), 2, "cpu", torch.float32)
+    before = len(xl.bank)
+    ids = xl.encode_condition(["bank b", "bank a", "bank b"]).tolist()
+    assert ids[0] == ids[2] != ids[1] and len(xl.bank) == before + 2
+    assert xl.encode_condition(["bank a"]).tolist() == [ids[1]] and len(xl.bank) == before + 2
+    emb = xl.bank.lookup(torch.tensor([-1, ids[0]]), 2, "cpu", torch.float32)
     assert emb["text"][0].abs().max() == 0 and emb["pooled"][0].abs().max() == 0  # SDXL: zeros
     assert emb["text"][1].abs().max() > 0
     sd = teacher_for(sd15_dir, "sd15")

@@ -16,7 +16,8 @@ from torch import Tensor
 NULL = -1
 
 
-def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool = False) -> dict[str, Tensor]:
+def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool = False,
+                   max_sequence_length: int = 256) -> dict[str, Tensor]:
     """The pipeline's own prompt encoding: ``{"text": [N, L, D]}`` plus ``"pooled": [N, P]`` (SDXL, SD3).
     With ``negative`` it returns the unconditional input the pipeline pairs with an absent negative prompt."""
     if family == "sd15":
@@ -26,19 +27,21 @@ def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool
         pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=negative)
     else:  # sd3
         pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=device,
-                                                          do_classifier_free_guidance=negative)
+                                                          do_classifier_free_guidance=negative,
+                                                          max_sequence_length=max_sequence_length)
     return {"text": neg, "pooled": neg_pooled} if negative else {"text": pos, "pooled": pooled}
 
 
 class PromptBank:
     """Encoded prompts by id (kept on CPU in the teacher's dtype, moved per batch) and the null condition."""
 
-    def __init__(self, pipe, family: str, device, dtype):
+    def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
+        self.max_sequence_length = max_sequence_length
         self.ids: dict[str, int] = {}
         self.rows: dict[str, list[Tensor]] = {}
         with torch.no_grad():
-            null = encode_prompts(pipe, family, [""], self.device, negative=True)
+            null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
         self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
 
     def __deepcopy__(self, memo):  # shared, never copied (EMA and critic copies of the student)
@@ -52,7 +55,7 @@ class PromptBank:
         """Ids of ``prompts``, encoding the ones not seen before in one batch."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.ids))
         if new:
-            enc = encode_prompts(self.pipe, self.family, new, self.device)
+            enc = encode_prompts(self.pipe, self.family, new, self.device, False, self.max_sequence_length)
             for i, p in enumerate(new):
                 self.ids[p] = len(self.ids)
                 for k, v in enc.items():

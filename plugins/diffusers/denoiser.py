@@ -38,7 +38,7 @@ class DiffusersDenoiser(nn.Module):
     def _tap_tokens(self, module, args, output):
         tokens = output[-1] if isinstance(output, tuple) else output
         p = self.net.config.patch_size
-        h = self._latent_hw[0] // p
+        h = self.__dict__.get("_latent_hw", (int(tokens.shape[1] ** 0.5) * p,))[0] // p
         self.gan_tap(tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, -1))
 
     @property

@@ -13,6 +13,7 @@ whether the scheduler's default K-step grid matches the student's grid.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -34,40 +35,63 @@ def student_scheduler(teacher, spec) -> tuple[object, dict]:
     final_x0 = times[-1] == 0.0
     steps = times[:-1] if final_x0 else times
     k = len(steps)
-    stochastic = spec.sampler == "multistep"
+    known = spec.sampler in ("multistep", "euler", "ddim", "ancestral")
+    call = {"num_inference_steps": k, "guidance_scale": 0.0}
     cfg = dict(teacher.scheduler_config)
     if teacher.family == "sd3":
-        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg, stochastic_sampling=stochastic)
-        sched.set_timesteps(k)
-        grid = [float(s) for s in sched.sigmas[:-1]]
-        if max(abs(a - b) for a, b in zip(grid, steps)) > 1e-3:
-            plain = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg, stochastic_sampling=stochastic,
-                                                                          shift=1.0)
-            plain.set_timesteps(k)
-            if max(abs(float(a) - b) for a, b in zip(plain.sigmas[:-1], steps)) <= 1e-3:
-                sched, grid = plain, [float(s) for s in plain.sigmas[:-1]]
-        tol, call = 1e-3, {"sigmas": steps}
-    else:
-        keep = {k2: v for k2, v in cfg.items() if not k2.startswith("_")}
-        if stochastic:
-            sched = diffusers.LCMScheduler.from_config(keep, original_inference_steps=k, timestep_scaling=1000.0,
-                                                       clip_sample=False, thresholding=False)
+        stochastic = spec.sampler in ("multistep", "ancestral")
+        known = spec.sampler != "ancestral" and known
+        candidates = [diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg, stochastic_sampling=stochastic,
+                                                                            shift=shift)
+                      for shift in (cfg.get("shift", 1.0), 1.0)]
+        for sched in candidates:
+            sched.set_timesteps(k)
+            grid = [float(v) for v in sched.sigmas[:-1]]
+            if _close(grid, steps, 1e-3):
+                break
         else:
-            sched = diffusers.DDIMScheduler.from_config(keep, timestep_spacing="trailing", set_alpha_to_one=True,
+            sched, grid = candidates[0], [float(v) for v in candidates[0].sigmas[:-1]]
+        exact = {"sigmas": steps, "max_sequence_length": teacher.config.max_sequence_length}
+        tol = 1e-3
+    else:
+        if spec.sampler == "multistep":  # denoise then re-noise with fresh noise: LCM's step
+            sched = diffusers.LCMScheduler.from_config(_accepted(diffusers.LCMScheduler, cfg),
+                                                       original_inference_steps=k, timestep_scaling=1000.0,
+                                                       clip_sample=False, thresholding=False)
+        else:  # DDIM(eta): euler/ddim (eta 0) and ancestral (eta from the spec, passed at call time)
+            sched = diffusers.DDIMScheduler.from_config(_accepted(diffusers.DDIMScheduler, cfg),
+                                                        timestep_spacing="trailing", set_alpha_to_one=True,
                                                         clip_sample=False, thresholding=False, steps_offset=0)
+            if spec.sampler == "ancestral":
+                call["eta"] = float(spec.options.get("eta", 1.0))
         sched.set_timesteps(k)
         grid = [float(t) for t in sched.timesteps]
-        tol, call = 1.0, {"timesteps": [int(round(t)) for t in steps]} if stochastic else {}
-    matches = final_x0 and len(grid) == k and max(abs(a - b) for a, b in zip(grid, steps)) <= tol
-    record = {"sampler": spec.sampler, "times": times, "num_inference_steps": k, "scheduler": type(sched).__name__,
-              "scheduler_grid": grid, "matches_student_grid": bool(matches),
-              "usage": f"pipe(prompt, num_inference_steps={k}, guidance_scale=0)"}
+        exact = {"timesteps": [int(round(t)) for t in steps]} if spec.sampler == "multistep" else {}
+        tol = 1.0
+    if teacher.family == "sd3":
+        call["max_sequence_length"] = teacher.config.max_sequence_length
+    matches = known and final_x0 and _close(grid, steps, tol)
+    record = {"sampler": spec.sampler, "options": dict(spec.options), "times": times, "num_inference_steps": k,
+              "scheduler": type(sched).__name__, "scheduler_grid": grid, "matches_student_sampler": bool(matches),
+              "call_kwargs": call}
     if not matches:
-        record["exact_call_kwargs"] = call
-        warn(f"the exported {type(sched).__name__}'s {k}-step grid {grid} differs from the student's {steps}"
-             + ("" if final_x0 else " (which ends without a final denoise)")
-             + f"; see fewstep_sampling.json for the exact call")
+        record["exact_grid_kwargs"] = exact
+        why = (f"sampler '{spec.sampler}' has no diffusers scheduler" if not known else
+               "the student's grid ends without a final denoise" if not final_x0 else
+               f"its {k}-step grid {[round(g, 4) for g in grid]} differs from the student's {[round(t, 4) for t in steps]}")
+        warn(f"the exported {type(sched).__name__} approximates the student's sampler ({why}); "
+             "fewstep_sampling.json in the export folder records the exact grid")
     return sched, record
+
+
+def _accepted(cls, cfg: dict) -> dict:
+    """The teacher scheduler's settings that ``cls`` takes (betas, prediction type, ...), nothing else."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in cfg.items() if k in params}
+
+
+def _close(a: list[float], b: list[float], tol: float) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
 def export_pipeline(teacher, model, spec, out_dir: str) -> str:
@@ -108,7 +132,7 @@ def _pipeline_with(teacher, components: dict):
         index = json.load(f)
     cls = getattr(diffusers, index["_class_name"])
     expected, _ = cls._get_signature_keys(cls)
-    missing = {k: None for k in expected if k not in index and k not in components}
+    missing = {k: None for k in expected if index.get(k, [None])[0] is None and k not in components}
     return diffusers.DiffusionPipeline.from_pretrained(teacher.folder, **missing, **components)
 
 

@@ -63,7 +63,7 @@ def load_pipeline(folder: str, torch_dtype=None):
         index = json.load(f)
     cls = getattr(diffusers, index.get("_class_name", "DiffusionPipeline"), diffusers.DiffusionPipeline)
     expected, _ = cls._get_signature_keys(cls) if hasattr(cls, "_get_signature_keys") else ([], None)
-    missing = {k: None for k in expected if k not in index}
+    missing = {k: None for k in expected if index.get(k, [None])[0] is None}
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     try:
         return diffusers.DiffusionPipeline.from_pretrained(folder, **missing, **kwargs)

@@ -28,6 +28,7 @@ FAMILIES = {"sd15": "Stable Diffusion 1.x/2.x (UNet, one CLIP encoder)",
             "sdxl": "Stable Diffusion XL (UNet, two CLIP encoders, pooled + time ids)",
             "sd3": "Stable Diffusion 3 (MMDiT transformer, flow matching)"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+DEFAULT_GUIDANCE = {"sdxl": 8.0, "sd15": 1.75, "sd3": 7.0}  # DMD2's real-score scales; SD3's pipeline default
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,7 +52,7 @@ class DiffusersTeacher:
         self.folder = source.local_folder(config.path, config.cache_dir)
         dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.weight_dtype = dtype
-        self.pipe = source.load_pipeline(self.folder)
+        self.pipe = source.load_pipeline(self.folder, torch_dtype=dtype)
         self.family = detect_family(self.pipe)
         if family is not None and family != self.family and not (family == "flow" and self.family == "sd3"):
             raise UsageError(f"teacher.path={config.path} holds a {self.family} pipeline ({type(self.pipe).__name__}); "
@@ -84,12 +85,12 @@ class DiffusersTeacher:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.requires_grad_(False).eval().to(self.device, dtype)
-        self.bank = PromptBank(self.pipe, self.family, self.device, dtype)
+                module.requires_grad_(False).eval().to(self.device)
+        self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length)
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
                                           self.resolution, time_scale).to(self.device)
-        self.guidance = config.guidance
+        self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
     # -- Teacher protocol ---------------------------------------------------------------------------
@@ -146,17 +147,18 @@ class DiffusersTeacher:
 
     def trainable_copy(self) -> DiffusersDenoiser:
         """A float32 trainable copy of the teacher network, from the stored weights (never from a bf16 cast)."""
-        net = getattr(self.pipe, self.net_name)
         if self.weight_dtype == torch.float32:
-            fresh = copy.deepcopy(net)
+            copy_ = copy.deepcopy(self.denoiser)  # whole wrapper, so its feature-tap hook follows the copy
         else:
+            net = getattr(self.pipe, self.net_name)
             fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, torch_dtype=torch.float32)
             set_attention(fresh, self.config.attention, quiet=True)
-        fresh = fresh.to(self.device, torch.float32).requires_grad_(True).train()
+            copy_ = DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank,
+                                      self.resolution, self.denoiser.time_scale)
+        copy_ = copy_.to(self.device, torch.float32).requires_grad_(True).train()
         if self.config.gradient_checkpointing:
-            fresh.enable_gradient_checkpointing()
-        return DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank, self.resolution,
-                                 self.denoiser.time_scale).to(self.device)
+            copy_.net.enable_gradient_checkpointing()
+        return copy_
 
     def export(self, model, spec, out_dir: str) -> str | None:
         """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""

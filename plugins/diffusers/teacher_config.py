@@ -20,7 +20,11 @@ class DiffusersTeacherConfig:
         default="sdpa", metadata={"doc": "attention backend (xformers needs CUDA and the xformers package)"})
     gradient_checkpointing: bool = attrs.field(default=False,
                                                metadata={"doc": "on the trainable copies (student, critic)"})
-    guidance: float = attrs.field(default=5.0, metadata={"doc": "CFG scale when sampling the teacher itself"})
+    guidance: float | None = attrs.field(
+        default=None, metadata={"doc": "teacher CFG scale (DMD2's real score, teacher sampling); "
+                                       "default: DMD2's 8 for SDXL, 1.75 for SD1.5; 7 for SD3"})
+    max_sequence_length: int = attrs.field(default=256, validator=positive,
+                                           metadata={"doc": "SD3: T5 tokens per prompt (pass the same to the pipeline)"})
     export: bool = attrs.field(default=True, metadata={"doc": "write RUN/export as a diffusers pipeline at the end"})
     export_dtype: Literal["fp32", "fp16", "bf16"] = attrs.field(default="fp32",
                                                                 metadata={"doc": "dtype of the exported UNet"})
