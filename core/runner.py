@@ -463,7 +463,7 @@ class Trainer:
 
             dist.destroy_process_group()
         return {"out": self.out, "preview": preview, "checkpoint": latest, "export": export,
-                "metrics": metrics, "start": start}
+                "metrics": metrics, "start": start, "rank": self.rank}
 
     # -- the global batch, split over ranks and micro-batches ----------------------------------------
     def _draws(self, index: int):

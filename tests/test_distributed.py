@@ -35,6 +35,15 @@ DMD2 = ("objective=dmd2", "teacher=gmm", "teacher.preset=ring8", "student.hidden
         "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", "train.log_every=2", "seed=5")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The runs here are tiny: one intra-op thread is several times faster than contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _student(trainer) -> dict:
     return {k: v.detach().clone() for k, v in trainer.sampling_model().state_dict().items()}
 
@@ -58,7 +67,16 @@ def _job_broadcast(rank, tmp):
 
 def _job_ddp(rank, tmp):
     weights, result = _train(*BASE, "train.parallel=ddp", f"out={tmp}/ddp")
-    return {"weights": weights, "metrics": result["metrics"], "latest": result["checkpoint"]}
+    return {"weights": weights, "metrics": result["metrics"], "latest": result["checkpoint"], "draw": torch.rand(3)}
+
+
+def _job_per_rank(rank, tmp):
+    """Own stream per rank: a 2-rank run stopped at step 3 and resumed on 2 ranks vs an uninterrupted one."""
+    args = (*BASE, "train.parallel=ddp", "train.rng=per-rank")
+    _train(*args, "train.steps=3", f"out={tmp}/per-rank")
+    resumed, _ = _train(*args, f"out={tmp}/per-rank")
+    straight, _ = _train(*args, f"out={tmp}/per-rank-straight")
+    return {"resumed": resumed, "straight": straight, "draw": torch.rand(3)}
 
 
 def _job_ddp_accum(rank, tmp):
@@ -106,7 +124,7 @@ def _job_no_parallel(rank, tmp):
 
 
 JOBS = [_job_broadcast, _job_disagree, _job_no_parallel, _job_ddp, _job_ddp_accum, _job_ddp_half, _job_fsdp,
-        _job_dmd2]
+        _job_dmd2, _job_per_rank]
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -119,8 +137,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     out = {}
     for job in JOBS:
+        t0 = time.perf_counter()
         try:
             out[job.__name__] = job(rank, tmp)
+            out[job.__name__]["seconds"] = time.perf_counter() - t0
         except Exception:  # recorded, so the parent reports which job failed and how
             out[job.__name__] = {"failed": traceback.format_exc()}
         dist.barrier()
@@ -193,6 +213,17 @@ def _student_at_init() -> dict:
     cfg = run_config(*BASE)
     set_seed(cfg.seed)
     return {k: v.detach().clone() for k, v in Networks(cfg).student.state_dict().items()}
+
+
+def test_per_rank_streams_resume_exactly(ranks):
+    shared0, shared1 = _job(ranks, "_job_ddp")
+    r0, r1 = _job(ranks, "_job_per_rank")
+    torch.testing.assert_close(shared0["draw"], shared1["draw"], atol=0, rtol=0)  # shared: one stream
+    assert not torch.equal(r0["draw"], r1["draw"])  # per-rank: each rank its own
+    _close(r0["resumed"], r0["straight"], atol=0, rtol=0)
+    _close(r0["resumed"], r1["resumed"], atol=0, rtol=0)
+    # other data and noise than the shared-stream run (the streams really are the ranks' own)
+    assert max(float((r0["straight"][k] - shared0["weights"][k]).abs().max()) for k in r0["straight"]) > 1e-4
 
 
 def test_grad_accum_equals_one_process(ranks, tmp_path):
