@@ -21,11 +21,13 @@ setting and that declares nothing is reported with ``NeedsConfig`` (a skip, not 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import json
 import math
 import os
+import shutil
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -90,7 +92,9 @@ def _trained_teacher_run(registry: Registry) -> str:
     if id(registry) not in _TEACHER_RUNS:
         from core.runner import Trainer
 
-        out = os.path.join(tempfile.mkdtemp(prefix="fewstep-conformance-"), "teacher")
+        tmp = tempfile.mkdtemp(prefix="fewstep-conformance-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        out = os.path.join(tmp, "teacher")
         tree = parse_overrides(["objective=denoise", "teacher=gmm", "teacher.preset=ring8", "student=mlp",
                                 "student.hidden=64", "student.depth=2", "train.steps=300", "train.batch=256",
                                 "train.eval_every=0", "train.preview_every=0", "train.progress=false",
