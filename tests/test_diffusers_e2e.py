@@ -92,8 +92,9 @@ CASES = [  # (objective, teacher, data, extra overrides, expected scheduler)
     pytest.param("dmd2", "sd15", "images", ["objective.steps=2", "objective.gan=on"], "LCMScheduler", marks=slow),
     pytest.param("dmd2", "sd3", "prompts", ["objective.steps=1", "teacher.max_sequence_length=16"],
                  "FlowMatchEulerDiscreteScheduler", marks=slow),
-    pytest.param("sfd", "sdxl", "prompts", ["objective.nfe=2", "objective.substeps=1"], "DDIMScheduler", marks=slow),
-    pytest.param("mm", "sdxl", "prompts", ["objective.steps=2"], "DDIMScheduler", marks=slow),
+    pytest.param("sfd", "sdxl", "prompts", ["objective.nfe=2", "objective.substeps=1", "objective.sigma_min=0.03"],
+                 "DDIMScheduler", marks=slow),
+    pytest.param("mm", "sdxl", "images", ["objective.steps=2"], "DDIMScheduler", marks=slow),
 ]
 
 
@@ -108,7 +109,7 @@ def test_cli_run_then_plain_diffusers_samples(objective, teacher, data, extra, s
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for r in records
                                            for k, v in r.items() if isinstance(v, float))
-    if data == "images":  # the GAN term ran on the critic's mid-block features
+    if objective == "dmd2" and data == "images":  # the GAN term ran on the critic's mid-block features
         assert any(k.startswith("critic/") and "gan" in k for r in records for k in r), records
     export = out / "export"
     meta = json.loads((export / "fewstep_sampling.json").read_text())

@@ -10,7 +10,7 @@ import os
 import fsspec
 
 from core.errors import UsageError
-from plugins.diffusers._require import require
+from plugins.diffusers._require import dtype_kwarg, require
 
 CACHE = os.environ.get("FEWSTEP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fewstep"))
 
@@ -64,7 +64,7 @@ def load_pipeline(folder: str, torch_dtype=None):
     cls = getattr(diffusers, index.get("_class_name", "DiffusionPipeline"), diffusers.DiffusionPipeline)
     expected, _ = cls._get_signature_keys(cls) if hasattr(cls, "_get_signature_keys") else ([], None)
     missing = {k: None for k in expected if index.get(k, [None])[0] is None}
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = dtype_kwarg(torch_dtype) if torch_dtype is not None else {}
     try:
         return diffusers.DiffusionPipeline.from_pretrained(folder, **missing, **kwargs)
     except (OSError, ValueError) as exc:

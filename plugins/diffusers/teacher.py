@@ -20,6 +20,7 @@ from core.errors import UsageError
 from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
 from plugins.diffusers import source
+from plugins.diffusers._require import dtype_kwarg
 from plugins.diffusers.conditioning import PromptBank
 from plugins.diffusers.denoiser import DiffusersDenoiser
 from plugins.diffusers.teacher_config import DiffusersTeacherConfig
@@ -151,7 +152,7 @@ class DiffusersTeacher:
             copy_ = copy.deepcopy(self.denoiser)  # whole wrapper, so its feature-tap hook follows the copy
         else:
             net = getattr(self.pipe, self.net_name)
-            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, torch_dtype=torch.float32)
+            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32))
             set_attention(fresh, self.config.attention, quiet=True)
             copy_ = DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank,
                                       self.resolution, self.denoiser.time_scale)
