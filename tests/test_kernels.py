@@ -304,6 +304,31 @@ def test_forced_triton_runs_the_kernels(monkeypatch):
     assert calls == [1]
 
 
+@kernels
+@pytest.mark.parametrize("op", ["add_noise", "guided_x0", "dmd_loss", "posterior_sample", "weighted_loss",
+                                "mm_generator_loss"])
+def test_direct_launch_equals_the_custom_op(op):
+    """Without autograd ops call the launcher directly; with it, the custom op: same numbers either way."""
+    x, y, z = (make((3, 4, 5), torch.float32) for _ in range(3))
+    a, s = factors(3, 0.2, 0.9).float(), factors(3, 0.2, 0.9).float()
+    run = {"add_noise": lambda v: ops.add_noise(v, y, a, s),
+           "guided_x0": lambda v: ops.guided_x0(v, y, z, a, s, 3.0, "v"),
+           "dmd_loss": lambda v: ops.dmd_loss(v, y, z),
+           "posterior_sample": lambda v: ops.posterior_sample(v, y, a, s, a * 0 + 0.95, s * 0.5, z),
+           "weighted_loss": lambda v: ops.weighted_loss(v, y, a, "l1"),
+           "mm_generator_loss": lambda v: ops.mm_generator_loss(v, y, z, a)}[op]
+    def custom_op_calls(v):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = run(v)
+        return out, [e.name for e in prof.events() if e.name.startswith("fewstep::")]
+
+    direct, calls = custom_op_calls(x)
+    assert not calls, f"no autograd needed, yet the dispatcher ran {calls}"
+    through_op, calls = custom_op_calls(x.clone().requires_grad_())
+    assert calls, "the custom op did not run when autograd was needed"
+    assert torch.equal(direct, through_op.detach())
+
+
 # --------------------------------------------------------------------------- torch.library and torch.compile
 
 

@@ -76,6 +76,15 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
     return True
 
 
+def direct(*tensors: Tensor | None) -> bool:
+    """Call the launcher itself rather than the custom op: outside torch.compile and when no autograd graph
+    is needed, the custom-op dispatcher only adds Python overhead (tens of microseconds a call on a CPU
+    host, comparable to a whole SDXL-latent-sized kernel)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def factor(v, like: Tensor) -> Tensor:
     """A per-sample factor (Python number, 0-d or [B] tensor) as a 1-D tensor on like's device."""
     t = torch.as_tensor(v, device=like.device)
