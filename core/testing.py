@@ -961,7 +961,7 @@ def _check_runs(setup: Setup, phases: list[Phase]) -> None:
             reach = _reach(setup, name)
             fail(f"phase '{name}' (trains={tuple(trains)}) returned a loss with no gradient on every call, so its "
                  f"optimizer never stepped" + (f"; with every network trainable the loss reaches {reach}" if reach else ""),
-                 "make the loss depend on the networks in trains (and declare the ones it really trains)")
+                 "make the loss depend on the networks in trains" + (f", or declare trains={tuple(reach)}" if reach else ""))
         leaks = rec["reached"] - trains
         if leaks:
             fail(f"phase '{name}' sent gradients to {sorted(leaks)}, which its trains={tuple(trains)} does not declare",
