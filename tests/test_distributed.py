@@ -61,8 +61,8 @@ def _job_broadcast(rank, tmp):
     from core import distributed as d
 
     return {"int": d.broadcast_int(100 + rank), "float": d.broadcast_float(0.5 + rank),
-            "object": d.broadcast_object({"k": [rank, "x"]}), "tensor": d.broadcast_tensor(torch.full((3,), rank + 1.0)),
-            "mean": d.all_mean({"a": float(rank), "b": 2.0 * rank}), "rank": d.rank(), "world": d.world_size()}
+            "object": d.broadcast_object({"k": [rank, "x"]}),
+            "tensor": d.broadcast_tensor(torch.full((3,), rank + 1.0)), "mean": d.all_mean({"a": float(rank), "b": 2.0 * rank}), "rank": d.rank(), "world": d.world_size()}
 
 
 def _job_ddp(rank, tmp):
@@ -156,17 +156,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Results of every job on each of 2 gloo ranks, and the directory their runs wrote."""
-    import torch.multiprocessing as mp
+    """Results of every job on each of 2 gloo ranks, and the directory their runs wrote.
 
-    tmp = tmp_path_factory.mktemp("ranks")
-    ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-rank jobs did not finish in 400 s (a collective hung)")
+    Under pytest-xdist the first worker to get here spawns the ranks and the others reuse its results
+    (a file lock in the session's shared temp dir), so the ranks run once per session."""
+    import torch.multiprocessing as mp
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by every worker of this session
+    tmp = root / "distributed-ranks"
+    with FileLock(str(tmp) + ".lock"):
+        if not all((tmp / f"rank{r}.pt").exists() for r in range(WORLD)):
+            tmp.mkdir(exist_ok=True)
+            ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp)), nprocs=WORLD, join=False)
+            deadline = time.monotonic() + 400
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail("the 2-rank jobs did not finish in 400 s (a collective hung)")
     results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return results, tmp
 
