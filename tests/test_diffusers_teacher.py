@@ -207,3 +207,29 @@ def test_xformers_falls_back_to_sdpa_with_a_message(sd15_dir, capsys):
         pytest.skip("the fallback is for machines without CUDA")
     teacher_for(sd15_dir, "sd15", cached=False, attention="xformers")
     assert "using PyTorch SDPA" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_step_runs_on_a_tiny_unet():
+    """The SDXL GPU benchmark's DMD2 iteration, on a tiny SDXL-architecture UNet on CPU (keeps it runnable)."""
+    import importlib.util
+    import os
+
+    from core.registry import get_registry
+
+    if "dmd2" not in get_registry().plugins["objective"]:
+        pytest.skip("objective 'dmd2' is not installed (plugins/dmd2.py)")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_sdxl_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_sdxl_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = dict(bench.SDXL_UNET, sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), cross_attention_dim=64,
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32, norm_num_groups=8)
+    step, nets = bench.dmd2_setup(tiny, {"text": (16, 64), "pooled": (32,)}, "cpu", batch=2, lora_rank=4)
+    before = {k: v.detach().clone() for k, v in nets["critic"].state_dict().items()}
+    lora = {n: p for n, p in nets["student"].named_parameters() if "lora_" in n}
+    lora_before = {n: p.detach().clone() for n, p in lora.items()}
+    step()
+    assert any(not torch.equal(before[k], v) for k, v in nets["critic"].state_dict().items())
+    assert lora and any(not torch.equal(lora_before[n], p) for n, p in lora.items())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core import ops
 from core.parameterization import to_x0
 from core.schedules import NoiseSchedule
 
@@ -75,6 +76,19 @@ class DiffusersDenoiser(nn.Module):
         x = x_t.float()
         return to_x0(out.float(), x, self.schedule.alpha(t64).float(), self.schedule.sigma(t64).float(),
                      self.prediction)
+
+    def guided(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
+        """x0 with classifier-free guidance on the raw outputs (cond and uncond in one batch); None or 1: off."""
+        t = self.times(t, x_t)
+        b = x_t.shape[0]
+        if guidance is None or guidance == 1:
+            return self.to_x0(self.raw(x_t, t, self.embed(cond, b, x_t.device)), x_t, t)
+        emb_c, emb_u = self.embed(cond, b, x_t.device), self.embed(None, b, x_t.device)
+        emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
+        out_c, out_u = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
+        t64 = t.to(torch.float64)
+        return ops.guided_x0(out_c, out_u, x_t.float(), self.schedule.alpha(t64).float(),
+                             self.schedule.sigma(t64).float(), guidance, self.prediction)
 
     def denoise(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
         t = self.times(t, x_t)

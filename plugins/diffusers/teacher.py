@@ -15,7 +15,6 @@ import copy
 import torch
 from torch import Tensor
 
-from core import ops
 from core.errors import UsageError
 from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
@@ -98,17 +97,7 @@ class DiffusersTeacher:
     @torch.no_grad()
     def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
         """x0 of the teacher, with classifier-free guidance ``guidance`` on the raw outputs (None or 1: off)."""
-        d = self.denoiser
-        t = d.times(t, x_t)
-        b = x_t.shape[0]
-        if guidance is None or guidance == 1:
-            return d.to_x0(d.raw(x_t, t, d.embed(cond, b, x_t.device)), x_t, t)
-        emb_c, emb_u = d.embed(cond, b, x_t.device), d.embed(None, b, x_t.device)
-        emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
-        out_c, out_u = d.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
-        s64 = t.to(torch.float64)
-        return ops.guided_x0(out_c, out_u, x_t.float(), self.schedule.alpha(s64).float(),
-                             self.schedule.sigma(s64).float(), guidance, self.prediction)
+        return self.denoiser.guided(x_t, t, cond, guidance)
 
     def encode_condition(self, raw) -> Tensor | None:
         """Prompts (a string or a list) -> prompt ids; ids (ints, -1 = unconditional) pass through."""
