@@ -30,9 +30,10 @@ def _dmd2_available() -> bool:
     return "dmd2" in get_registry().plugins["objective"]
 
 
+# 2-step generator: backward simulation draws its step index k once per iteration
 DMD2 = ("objective=dmd2", "teacher=gmm", "teacher.preset=ring8", "student.hidden=32", "student.depth=2",
-        "student.emb_dim=16", "objective.critic_updates=2", "train.batch=32", "train.steps=4", "train.ckpt_every=4",
-        "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", "train.log_every=2", "seed=5")
+        "student.emb_dim=16", "objective.critic_updates=2", "objective.steps=2", "train.batch=32", "train.steps=4",
+        "train.ckpt_every=4", "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", "train.log_every=2", "seed=5")
 
 
 @pytest.fixture(autouse=True, scope="module")
