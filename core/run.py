@@ -22,6 +22,8 @@ def main(argv: list[str]) -> int:
     cfg = resolve(load_tree(argv))
     trainer = Trainer(cfg)
     result = trainer.train()
+    if result.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     metrics = " ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
     ck = result["checkpoint"]
     print(f"run:        {result['out']}")
