@@ -291,8 +291,10 @@ def _accepts(fn: Callable, *args, **kwargs) -> str | None:
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> tuple[bool, float]:
     a, b = a.detach().double(), b.detach().double()
-    diff = float((a - b).abs().max()) if a.numel() else 0.0
-    return diff <= rel * (1.0 + float(b.abs().max()) if b.numel() else 1.0), diff
+    if not a.numel():
+        return True, 0.0
+    diff = float((a - b).abs().max())
+    return diff <= rel * (1.0 + float(b.abs().max())), diff
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,6 +430,9 @@ def _check_teacher_protocol(t) -> None:
     sig = _accepts(t.denoise, torch.zeros(1), torch.zeros(1), None, guidance=None)
     if sig:
         fail(f"teacher.denoise{sig[sig.index('('):]} does not take guidance=", "define denoise(x_t, t, cond=None, guidance=None)")
+    if callable(getattr(t, "sample_exact", None)) and _accepts(t.sample_exact, 4, None):
+        fail("teacher.sample_exact cannot be called as sample_exact(n, labels)",
+             "define sample_exact(n, labels=None) (the runner's evaluation passes class labels)")
 
 
 def _check_teacher_small_t(t, x0, cond) -> None:
@@ -1081,21 +1086,26 @@ def cases(registry: Registry | None = None, dist: str | None = None, plugin: str
 
 
 def check_plugin(plugin: str, registry: Registry | None = None, tmp_path=None, env: Env | None = None) -> list:
-    """Check everything one entry point (pluggy plugin name) registered; returns the (kind, name) checked."""
+    """Check everything one entry point (pluggy plugin name) registered; returns the (kind, name) checked
+    (skipped ones left out; ConformanceSkip when all were skipped)."""
     registry = registry or get_registry()
     found = cases(registry, plugin=plugin)
     if not found:
         known = sorted({info.plugin for kind in KINDS for info in registry.plugins[kind].values()})
         raise UsageError(f"plugin '{plugin}' registered nothing here; loaded plugins: {', '.join(known)}")
-    errors = []
+    errors, skipped = [], []
     for kind, name in found:
         try:
             check(kind, name, registry, tmp_path, env)
         except ConformanceError as exc:
             errors.append(str(exc))
+        except ConformanceSkip as exc:
+            skipped.append(str(exc))
     if errors:
         raise ConformanceError("\n".join(errors))
-    return found
+    if len(skipped) == len(found):
+        raise ConformanceSkip("; ".join(skipped))
+    return [case for case in found if not any(s.startswith(f"{case[0]} '{case[1]}'") for s in skipped)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1121,7 +1131,10 @@ if pytest is not None:
                 pytest.skip(str(exc))
 
         def check_plugin(self, plugin: str) -> list:
-            return check_plugin(plugin, self.registry, env=self.env)
+            try:
+                return check_plugin(plugin, self.registry, env=self.env)
+            except ConformanceSkip as exc:
+                pytest.skip(str(exc))
 
     @pytest.fixture
     def fewstep_registry():

@@ -32,6 +32,11 @@ def test_builtin_plugin_conforms(kind, name, tmp_path):
         pytest.skip(str(exc))
 
 
+def test_builtins_import_cleanly():
+    """A built-in that fails to import would silently drop out of the parametrization above."""
+    assert not REGISTRY.failed
+
+
 def test_every_kind_has_builtins_under_test():
     assert {kind for kind, _ in BUILTINS} >= {"teacher", "student", "critic", "objective", "sampler", "dataset"}
 
@@ -62,3 +67,33 @@ def test_hook_example_in_the_guide_passes_the_suite(hook, tmp_path):
     registry.add(module, name=f"docs-{hook}")
     checked = testing.check_plugin(f"docs-{hook}", registry, tmp_path)
     assert checked and {kind for kind, _ in checked} == {HOOK_KIND[hook]}
+
+
+# -- how a plugin declares its conformance settings ----------------------------------------------------
+def test_conformance_config_and_skip_on_the_factory(tmp_path):
+    """A student whose config has a required field: NeedsConfig without settings, passes with its own key
+    (no group prefix) in conformance_config, and conformance_skip skips it."""
+    import attrs
+
+    from core import hookimpl
+    from plugins.students import MLPConfig, mlp_student
+
+    @attrs.define(kw_only=True)
+    class WidthConfig:
+        hidden: int
+
+    def width_student(config, teacher, device="cpu"):
+        """MLP of a required width."""
+        return mlp_student(MLPConfig(hidden=config.hidden, depth=1), teacher, device)
+
+    module = types.ModuleType("width_plugin")
+    module.register_students = hookimpl(lambda register: register("width", width_student, config=WidthConfig))
+    registry = Registry()
+    registry.add(module, name="width")
+    with pytest.raises(testing.NeedsConfig, match="conformance_config"):
+        testing.check("student", "width", registry, tmp_path / "a")
+    width_student.conformance_config = {"hidden": 16}
+    testing.check("student", "width", registry, tmp_path / "b")
+    width_student.conformance_skip = "needs a GPU"
+    with pytest.raises(testing.ConformanceSkip, match="needs a GPU"):
+        testing.check("student", "width", registry, tmp_path / "c")
