@@ -129,3 +129,80 @@ def test_cli_run_then_plain_diffusers_samples(objective, teacher, data, extra, s
         from PIL import Image
 
         assert Image.open(grid).size == (32, 32)  # 2 x 2 grid of 16 px images
+
+
+def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, tmp_path):
+    """student.lora_rank > 0: RUN/export holds the merged UNet, and RUN/export/lora loads with plain diffusers'
+    load_lora_weights onto the teacher pipeline and gives the same UNet (alpha/rank scaling included)."""
+    needs("dmd2")
+    from conftest import train
+
+    out = tmp_path / "run"
+    result = train("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
+                   f"data.path={prompts}", f"out={out}", "student.lora_rank=4", "objective.lr=0.01", *FAST)
+    student = result["trainer"].student
+    assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+    assert (out / "export" / "lora" / "pytorch_lora_weights.safetensors").exists()
+    r = plain_diffusers(f"""
+        import json, torch
+        from diffusers import DiffusionPipeline
+        export = DiffusionPipeline.from_pretrained({str(out / 'export')!r})
+        base = DiffusionPipeline.from_pretrained({sdxl_dir!r})
+        torch.manual_seed(0)
+        x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 500])
+        emb, pooled = torch.randn(2, 16, 64), torch.randn(2, 32)
+        kw = dict(encoder_hidden_states=emb, added_cond_kwargs={{"text_embeds": pooled,
+                  "time_ids": torch.tensor([[16., 16, 0, 0, 16, 16]]).expand(2, -1)}})
+        with torch.no_grad():
+            teacher = base.unet(x, t, **kw).sample
+            merged = export.unet(x, t, **kw).sample
+            base.load_lora_weights({str(out / 'export' / 'lora')!r})
+            lora = base.unet(x, t, **kw).sample
+        print(json.dumps({{"lora_vs_merged": float((lora - merged).abs().max()),
+                          "merged_vs_teacher": float((merged - teacher).abs().max())}}))
+    """)
+    assert r["merged_vs_teacher"] > 1e-4  # training moved the student
+    assert r["lora_vs_merged"] < 1e-3 * r["merged_vs_teacher"] + 1e-6
+
+
+def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
+    from plugins.diffusers.data import Images, ImagesConfig
+    from plugins.diffusers.teacher import DiffusersTeacher
+    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+
+    teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
+    data = Images(ImagesConfig(path=images, caption="default caption"), teacher)
+    assert data.latents.shape == (3, *teacher.data_shape)
+    assert data.captions == ["a red cube", "default caption", "a photo of a cat"]
+    torch.manual_seed(1)
+    batch = data.sample(5)
+    for x, c in zip(batch["x"], batch["cond"]):  # each latent comes with its own image's caption
+        assert torch.equal(x, data.latents[data.captions.index(c)])
+    assert teacher.to_model_space(batch["x"]) is batch["x"]
+
+
+def test_prompts_dataset_and_errors(tmp_path):
+    from core.errors import UsageError
+    from plugins.diffusers.data import Prompts, PromptsConfig
+
+    f = tmp_path / "p.txt"
+    f.write_text("one\n\n  two  \n")
+    assert Prompts(PromptsConfig(path=str(f))).prompts == ["one", "two"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for path, msg in [("", "needs data.path"), (str(tmp_path / "nope.txt"), "no such file"),
+                      (str(tmp_path / "empty.txt"), "holds no prompts")]:
+        with pytest.raises(UsageError, match=msg):
+            Prompts(PromptsConfig(path=path))
+
+
+def test_without_diffusers_list_works_and_runs_say_how_to_install(sdxl_dir):
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "from core.run import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": ROOT, "FEWSTEP_TENSORBOARD": "0"}
+    listed = subprocess.run([sys.executable, "-c", code, "list"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "sdxl" in listed.stdout and "prompts" in listed.stdout
+    run = subprocess.run([sys.executable, "-c", code, "objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}",
+                          "data=prompts", "data.path=x.txt", "out=/tmp/never"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "pip install 'fewstep[diffusers]'" in run.stderr
