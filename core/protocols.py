@@ -89,10 +89,10 @@ class Phase:
     """
 
     name: str
-    trains: tuple[str, ...]
-    every: int = 1
+    trains: tuple[str, ...] = attrs.field(converter=lambda v: (v,) if isinstance(v, str) else tuple(v))
+    every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     offset: int = 0
-    repeats: int = 1
+    repeats: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
+# pytest -n 2 on 2 cores: one intra-op thread per worker (2 threads each oversubscribe and run ~50x slower
+# on the small matmuls these tests use)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
