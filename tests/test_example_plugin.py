@@ -120,9 +120,11 @@ class Match:
         return SamplingSpec("euler", make_grid(student.schedule, 4).tolist())
 
 
-class StringTrains(Match):
+class UnknownTrains(Match):
+    """Declares a network the run does not have (a typo for "student")."""
+
     def phases(self):
-        return [Phase("match", trains="student")]
+        return [Phase("match", trains=("generator",))]
 
 
 class NoSampling(Match):
@@ -228,7 +230,7 @@ def student_hidden_state(config, teacher, device="cpu"):
 
 
 BROKEN = {
-    "string-trains": ("objective", StringTrains, "trains=('student',)"),
+    "unknown-trains": ("objective", UnknownTrains, "trains ['generator'], which the run does not have"),
     "no-sampling": ("objective", NoSampling, "objective has no sampling(); fix: define sampling(student)"),
     "loss-signature": ("objective", WrongLossSignature, "cannot be called as loss(phase, ctx)"),
     "swapped-trains": ("objective", SwappedTrains, "with every network trainable the loss reaches ['critic']"),
