@@ -4,6 +4,7 @@ from the pipelines' own 1-step generation, for eps, v and flow, with and without
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -233,3 +234,17 @@ def test_gpu_benchmark_step_runs_on_a_tiny_unet():
     step()
     assert any(not torch.equal(before[k], v) for k, v in nets["critic"].state_dict().items())
     assert lora and any(not torch.equal(lora_before[n], p) for n, p in lora.items())
+
+
+def test_fsspec_urls_are_copied_once_and_hub_ids_fail_clearly_offline(sd15_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from plugins.diffusers import source
+
+    cache = tmp_path / "cache"
+    local = source.local_folder(f"file://{sd15_dir}", str(cache))
+    assert os.path.exists(os.path.join(local, "unet", "config.json")) and local.startswith(str(cache))
+    assert source.local_folder(f"file://{sd15_dir}", str(cache)) == local  # cached: no second copy
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="hub could not serve it"):
+        source.local_folder("someone/some-pipeline")
