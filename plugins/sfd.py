@@ -1,0 +1,266 @@
+"""Objectives ``sfd`` and ``sfd-v``: Simple and Fast Distillation (Zhou et al., NeurIPS 2024, arXiv 2409.19681).
+
+SFD fine-tunes a copy of the teacher's own network so that a few plain Euler steps land on the states of
+an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/methods/sfd.md):
+
+1. from fresh noise x_T = sigma_max z, run the teacher solver (DPM-Solver++(3M)) without grad on the fine
+   grid of M extra timestamps per student interval; its states at every (M+1)-th timestamp are the
+   targets y_1 .. y_{N-1};
+2. for each student step i in order: x~_{i+1} = EulerStep_student(sg(x~_i), t_i -> t_{i+1}) and
+   L_i = ||x~_{i+1} - y_{i+1}||_1, one optimizer step per L_i (``Phase.repeats``; the teacher trajectory
+   is computed once per iteration and kept in ``ctx.cache``);
+3. with AFS the first step is analytic: no network call, no loss, no update.
+
+``sfd-v`` draws the NFE per iteration from [nfe_min, nfe_max] and feeds it to the student through
+zero-initialised embedding layers (``student=copy-nfe``), so one network serves every NFE in the range
+and starts exactly equal to the teacher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+
+import attrs
+import torch
+from torch import nn
+
+from core import hookimpl, ops
+from core.config import positive
+from core.errors import UsageError
+from core.protocols import Phase, SamplingSpec
+from core.registry import warn
+from core.timesteps import nested_grids, ve_sigma
+from plugins.samplers.ode import PFODE, SAMPLERS
+
+
+
+@attrs.define(kw_only=True)
+class SFDConfig:
+    nfe: int = attrs.field(default=2, validator=positive, metadata={"doc": "student network calls (NFE)"})
+    substeps: int = attrs.field(default=3, validator=attrs.validators.ge(0),
+                                metadata={"doc": "M: teacher timestamps inserted per student step"})
+    teacher_solver: typing.Literal["dpmpp-3m", "dpmpp-2m", "heun", "ipndm", "euler-afs"] = attrs.field(
+        default="dpmpp-3m", metadata={"doc": "teacher ODE solver on the fine grid (AFS off)"})
+    loss: typing.Literal["l1", "l2"] = attrs.field(default="l1", metadata={"doc": "trajectory-matching distance"})
+    sigma_min: float = attrs.field(default=0.006, validator=positive,
+                                   metadata={"doc": "t_min of the grids as VE sigma = sigma/alpha (paper: 0.006 on EDM)"})
+    sigma_max: float | None = attrs.field(default=None, validator=positive,
+                                          metadata={"doc": "t_max as VE sigma (default: the schedule's t_max)"})
+    grid: typing.Literal["polynomial", "logsnr", "uniform"] = attrs.field(default="polynomial")
+    rho: float = attrs.field(default=7.0, validator=positive, metadata={"doc": "polynomial grid exponent"})
+    afs: bool = attrs.field(default=True, metadata={"doc": "analytical first student step (saves one NFE)"})
+    lr: float = attrs.field(default=2e-4, validator=positive, metadata={"doc": "Adam learning rate"})
+
+    def __attrs_post_init__(self):
+        if self.sigma_max is not None and self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
+
+
+@attrs.define(kw_only=True)
+class SFDVConfig(SFDConfig):
+    nfe_min: int = attrs.field(default=2, validator=positive, metadata={"doc": "smallest NFE drawn per iteration"})
+    nfe_max: int = attrs.field(default=5, validator=positive, metadata={"doc": "largest NFE drawn per iteration"})
+
+    def __attrs_post_init__(self):
+        super().__attrs_post_init__()
+        if not self.nfe_min <= self.nfe <= self.nfe_max:
+            raise ValueError(f"nfe={self.nfe} (the default sampling NFE) must lie in [nfe_min, nfe_max] = "
+                             f"[{self.nfe_min}, {self.nfe_max}]")
+
+
+@attrs.define
+class _Iteration:
+    """What the repeats of one iteration share: the student grid, the teacher targets and the student's state."""
+
+    nfe: int
+    noise: torch.Tensor
+    times: torch.Tensor
+    targets: list
+    cond: object
+    x: torch.Tensor
+    first: int  # first student step with a network call (1 with AFS)
+    losses: list = attrs.Factory(list)
+
+
+class SFD:
+    """SFD: Euler steps of a teacher copy regressed onto the teacher's DPM-Solver++(3M) trajectory."""
+
+    needs_critic = False
+    train_defaults = {"steps": 400, "batch": 256}
+
+    def __init__(self, config: SFDConfig):
+        self.config = config
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def build(self, nets):
+        teacher, student = nets["teacher"], nets["student"]
+        if teacher.schedule.config() != student.schedule.config():
+            raise UsageError("objective=sfd needs the student on the teacher's schedule; use student=copy")
+        self._grids(student.schedule, self.nfe_range()[0])  # validates sigma_min / sigma_max early
+        return {}
+
+    def nfe_range(self) -> tuple[int, int]:
+        return self.config.nfe, self.config.nfe
+
+    def phases(self):
+        # one Adam step per student step (paper sec. 3.2); with AFS the NFE counts exactly the trained steps
+        return [Phase("student", trains=("student",), repeats=self.nfe_range()[1], lr=self.config.lr)]
+
+    def _grids(self, schedule, nfe: int):
+        """Student grid (N = nfe + 1 timestamps, + 1 with AFS) and the teacher's refined grid, both ending
+        at sigma_min with no denoise-to-zero (paper sec. 3.1: N_tea = (M+1)(N-1)+1)."""
+        c = self.config
+        lo = float(ve_sigma(schedule, schedule.t_min))
+        if c.sigma_min < lo * (1 - 1e-9):
+            raise UsageError(f"sigma_min={c.sigma_min} is below the schedule's range (VE sigma {lo:.4g}); raise it")
+        t_min = float(schedule.t_from_logsnr(torch.tensor(-2 * math.log(c.sigma_min), dtype=torch.float64)))
+        t_max = None if c.sigma_max is None else float(
+            schedule.t_from_logsnr(torch.tensor(-2 * math.log(c.sigma_max), dtype=torch.float64)))
+        return nested_grids(schedule, nfe + 1 + int(c.afs), c.substeps, c.grid, c.rho, t_min, t_max)
+
+    # -- sampling --------------------------------------------------------------------------------------
+    def _options(self, nfe: int) -> dict:
+        return {"afs": self.config.afs}
+
+    def sampling(self, student):
+        return self.with_steps(None, self.config.nfe, student)
+
+    def with_steps(self, spec, steps, student):
+        """Euler (+ AFS) on the student grid for ``steps`` network calls, no final denoise (paper sec. 3.4)."""
+        lo, hi = self.nfe_range()
+        if spec is not None and not lo <= steps <= hi:
+            warn(f"this student was distilled for NFE {lo}-{hi}; steps={steps} runs it off its training grid")
+        coarse, _ = self._grids(student.schedule, steps)
+        return SamplingSpec("euler-afs", coarse.tolist(), self._options(steps))
+
+    # -- one iteration ---------------------------------------------------------------------------------
+    def _draw_nfe(self) -> int:
+        return self.config.nfe
+
+    def _student_kwargs(self, nfe: int) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def _start(self, ctx) -> _Iteration:
+        """Fresh noise, the teacher trajectory on the fine grid, and the student's first (AFS) step."""
+        c, teacher = self.config, ctx.teacher
+        nfe = self._draw_nfe()
+        coarse, fine = self._grids(teacher.schedule, nfe)
+        cond = ctx.batch.get("cond")
+        if cond is None and getattr(teacher, "num_classes", 0):
+            cond = teacher.encode_condition(torch.randint(0, teacher.num_classes, (ctx.batch_size,)))
+        z = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+        solver = SAMPLERS[c.teacher_solver][0]
+        opts = {"afs": False} if c.teacher_solver == "euler-afs" else {}
+        _, traj = solver(teacher, z, fine, cond, return_trajectory=True, **opts)
+        k = c.substeps + 1
+        targets = traj[::k]
+        x = targets[0]
+        first = 0
+        if c.afs:  # step 0 needs no network: take it analytically
+            ode = PFODE(ctx.student, coarse, afs=True)
+            x = ode.x(ode.euler(x / ode.alpha[0], ode.denoised(x / ode.alpha[0], 0), 0), 1)
+            first = 1
+        return _Iteration(nfe, z, coarse, targets, cond, x, first)
+
+    def loss(self, phase, ctx):
+        if ctx.repeat == 0:
+            ctx.cache["sfd"] = self._start(ctx)
+        it: _Iteration = ctx.cache["sfd"]
+        i = it.first + ctx.repeat
+        if i >= len(it.times) - 1:  # sfd-v drew fewer steps than the phase's repeats: no update
+            mean = torch.stack(it.losses).mean() if it.losses else torch.zeros(())
+            return mean, {"nfe": it.nfe}
+        ode = PFODE(ctx.student, it.times[i:i + 2], it.cond, None, self._student_kwargs(it.nfe))
+        y = it.x.detach() / ode.alpha[0]  # the student's own previous output, detached (paper sec. 3.2)
+        x_next = ode.x(ode.euler(y, ode.denoised(y, 0), 0), 1)
+        loss = ops.weighted_loss(x_next, it.targets[i + 1], None, self.config.loss)
+        it.x = x_next.detach()
+        it.losses.append(loss.detach())
+        return loss, {"nfe": it.nfe, f"step{i}": loss.detach()}
+
+
+class SFDV(SFD):
+    """SFD-v: one student for a range of NFEs, the NFE fed to the network (student=copy-nfe)."""
+
+    default_student = "copy-nfe"
+    train_defaults = {"steps": 800, "batch": 256}
+
+    def build(self, nets):
+        if not isinstance(nets["student"], NFEConditioned):
+            raise UsageError("objective=sfd-v needs a step-conditioned student; pass student=copy-nfe")
+        return super().build(nets)
+
+    def nfe_range(self):
+        return self.config.nfe_min, self.config.nfe_max
+
+    def _draw_nfe(self):
+        lo, hi = self.nfe_range()
+        return int(torch.randint(lo, hi + 1, ()))
+
+    def _student_kwargs(self, nfe):
+        return {"nfe": nfe}
+
+    def _options(self, nfe):
+        return {"afs": self.config.afs, "model_kwargs": {"nfe": nfe}}
+
+
+# -- SFD-v's student -----------------------------------------------------------------------------------
+class NFEConditioned(nn.Module):
+    """The teacher's network plus an NFE embedding added to its time embedding (``extra_emb``).
+
+    The embedding is sinusoidal features of the NFE through a two-layer MLP whose output layer starts at
+    zero, so the initial student equals the teacher (an extension of SFD-v, which uses a FiLM per block
+    with default initialisation). ``denoise(..., nfe=None)`` runs the unconditioned network.
+    """
+
+    def __init__(self, net: nn.Module, emb_dim: int = 32):
+        super().__init__()
+        backbone = getattr(net, "backbone", None)
+        if backbone is None or "extra_emb" not in inspect.signature(backbone.forward).parameters:
+            raise UsageError("student=copy-nfe needs a teacher network whose backbone takes extra_emb "
+                             "(core.networks.ResidualMLP); this teacher's does not")
+        width = backbone.time[-1].out_features
+        self.net, self.schedule = net, net.schedule
+        self.sigma_data = getattr(net, "sigma_data", 0.5)
+        self.register_buffer("freqs", torch.exp(-math.log(100.0) * torch.arange(emb_dim // 2) / (emb_dim // 2)))
+        self.nfe_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+        nn.init.zeros_(self.nfe_embed[-1].weight)
+        nn.init.zeros_(self.nfe_embed[-1].bias)
+
+    def forward(self, x_t, t, cond=None, **kwargs):
+        return self.denoise(x_t, t, cond, **kwargs)
+
+    def denoise(self, x_t, t, cond=None, nfe=None, **kwargs):
+        if nfe is None:
+            return self.net.denoise(x_t, t, cond, **kwargs)
+        n = torch.full((x_t.shape[0], 1), float(nfe), device=x_t.device)
+        angle = n * self.freqs[None]
+        emb = self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
+        return self.net.denoise(x_t, t, cond, extra_emb=emb, **kwargs)
+
+
+@attrs.define(kw_only=True)
+class CopyNFEConfig:
+    emb_dim: int = attrs.field(default=32, validator=positive, metadata={"doc": "sinusoidal NFE features"})
+
+
+def copy_nfe_student(config: CopyNFEConfig, teacher, device="cpu"):
+    """A trainable copy of the teacher's network with zero-initialised NFE conditioning (SFD-v)."""
+    net = teacher.trainable_copy()
+    if net is None:
+        raise UsageError(f"student=copy-nfe needs a teacher with a network; {type(teacher).__name__} has none")
+    return NFEConditioned(net, config.emb_dim).to(device)
+
+
+@hookimpl
+def register_objectives(register):
+    register("sfd", SFD, config=SFDConfig)
+    register("sfd-v", SFDV, config=SFDVConfig)
+
+
+@hookimpl
+def register_students(register):
+    register("copy-nfe", copy_nfe_student, config=CopyNFEConfig)

@@ -1,0 +1,205 @@
+"""SFD / SFD-v: the iteration follows the paper's algorithm (teacher DPM-Solver++(3M) targets on the nested
+grid, the student's own detached Euler chain, one update per student step, AFS without a call), and the
+distilled student beats the teacher network's own solver at the same NFE on exact ring8 samples."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from conftest import run_config, train
+from core.errors import UsageError
+from core.metrics import energy_distance
+from core.protocols import Context
+from core.runner import Trainer, load_run
+from core.sampling import generate
+from core.timesteps import make_grid, nested_grids
+from plugins.samplers.ode import dpmpp_3m, euler_afs
+from plugins.sfd import NFEConditioned
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny MLPs run far faster single-threaded on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A barely trained network teacher: enough for the mechanics (quality tests use ring8_teacher_run)."""
+    out = tmp_path_factory.mktemp("tiny-teacher") / "run"
+    with one_thread():
+        train("objective=denoise", "teacher=gmm", "teacher.preset=cls4", "train.steps=3", "train.batch=64",
+              "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", f"out={out}")
+    return str(out)
+
+
+def _trainer(teacher, tmp_path, *extra):
+    cfg = run_config("objective=sfd", "teacher=checkpoint", f"teacher.path={teacher}", f"out={tmp_path / 'sfd'}",
+                     "train.batch=32", *extra)
+    trainer = Trainer(cfg)
+    trainer.build()
+    return trainer
+
+
+@pytest.mark.parametrize("loss,afs", [("l1", True), ("l2", False)])
+def test_iteration_follows_the_algorithm(tiny_teacher, tmp_path, loss, afs):
+    tr = _trainer(tiny_teacher, tmp_path, "objective.nfe=2", f"objective.loss={loss}", f"objective.afs={afs}")
+    obj, teacher, student = tr.objective, tr.teacher, tr.student
+    assert tr.phases[0].repeats == 2  # one optimizer step per student network call
+    batch = {"x": None, "cond": teacher.encode_condition(torch.randint(0, 4, (32,)))}
+    ctx = Context(tr.nets, batch, 0, 32, "cpu")
+    losses = []
+    for r in range(2):  # the losses without optimizer steps: the student stays the teacher copy
+        ctx.repeat = r
+        losses.append(obj.loss("student", ctx)[0])
+    it = ctx.cache["sfd"]
+    # student grid: EDM rho=7 from sigma_max to 0.006, N = NFE + 1 (+1 with AFS), no denoise-to-zero
+    n = 2 + 1 + int(afs)
+    want = [(80 ** (1 / 7) + i / (n - 1) * (0.006 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(n)]
+    assert it.times.tolist() == pytest.approx(want, rel=1e-9)
+    # targets: the teacher's DPM-Solver++(3M) on the grid with M = 3 extra points per interval
+    coarse, fine = nested_grids(teacher.schedule, n, 3, t_min=0.006)
+    assert len(fine) == 4 * (n - 1) + 1
+    _, traj = dpmpp_3m(teacher, it.noise, fine, it.cond, return_trajectory=True)
+    for i in range(n):
+        torch.testing.assert_close(it.targets[i], traj[4 * i])
+    # the student's chain is its own Euler(+AFS) trajectory, each step from its detached previous output
+    _, chain = euler_afs(student, it.noise, it.times, it.cond, return_trajectory=True, afs=afs)
+    first = int(afs)
+    for r, value in enumerate(losses):
+        i = first + r + 1
+        diff = chain[i] - traj[4 * i]
+        ref = diff.abs().mean() if loss == "l1" else diff.square().mean()
+        torch.testing.assert_close(value.detach(), ref, rtol=1e-5, atol=1e-7)
+        assert value.requires_grad
+    torch.testing.assert_close(it.x, chain[-1], rtol=1e-5, atol=1e-6)
+    assert it.x.grad_fn is None
+
+
+def test_one_adam_step_per_student_step(tiny_teacher, tmp_path):
+    with one_thread():
+        res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={tiny_teacher}", "objective.nfe=3",
+                    "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64",
+                    f"out={tmp_path / 'run'}")
+    opt = res["trainer"].optimizers["student"]
+    steps = {int(s["step"]) for s in opt.state.values()}
+    assert steps == {2 * 3}  # 2 iterations x 3 trained student steps (AFS step 0 takes no update)
+    spec = res["trainer"].spec
+    assert spec.sampler == "euler-afs" and len(spec.times) == 3 + 2 and spec.times[-1] == pytest.approx(0.006)
+
+
+def test_sfd_v_student_starts_as_teacher_and_draws_nfe(tiny_teacher, tmp_path):
+    tr = _trainer(tiny_teacher, tmp_path, "objective=sfd-v", "student=copy-nfe", "objective.nfe_min=2",
+                  "objective.nfe_max=4", "objective.nfe=3")
+    student, teacher = tr.student, tr.teacher
+    assert isinstance(student, NFEConditioned) and tr.phases[0].repeats == 4
+    x, t = torch.randn(8, 2), torch.full((8,), 1.3)
+    c = torch.randint(0, 4, (8,))
+    for k in (2, 3, 4, None):  # zero-initialised step layers: exactly the teacher
+        torch.testing.assert_close(student.denoise(x, t, c, nfe=k), teacher.denoise(x, t, c))
+    seen = set()
+    for it in range(20):
+        ctx = Context(tr.nets, {"x": None, "cond": None}, it, 8, "cpu")
+        for r in range(4):
+            ctx.repeat = r
+            loss, metrics = tr.objective.loss("student", ctx)
+            nfe = ctx.cache["sfd"].nfe
+            assert loss.requires_grad == (r < nfe)  # repeats past the drawn NFE take no update
+        seen.add(nfe)
+        assert len(ctx.cache["sfd"].times) == nfe + 2
+    assert seen == {2, 3, 4}
+    # the NFE input is live: one gradient step makes the outputs depend on it
+    ctx.repeat = 0
+    tr.objective.loss("student", ctx)[0].backward()
+    assert student.nfe_embed[-1].weight.grad.abs().sum() > 0
+
+
+def test_sfd_v_sample_cli_picks_the_nfe(tiny_teacher, tmp_path):
+    from core.sample import main
+
+    out = tmp_path / "v"
+    with one_thread():
+        train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={tiny_teacher}",
+              "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64", f"out={out}")
+    networks, spec, _ = load_run(str(out))
+    assert spec.options["model_kwargs"] == {"nfe": 2}
+    spec4 = networks.objective.with_steps(spec, 4, networks.student)
+    assert len(spec4.times) == 6 and spec4.options == {"afs": True, "model_kwargs": {"nfe": 4}}
+    calls = []
+    orig = networks.student.denoise
+    networks.student.denoise = lambda *a, **k: calls.append(k.get("nfe")) or orig(*a, **k)
+    generate(networks.student, spec4, 10, torch.zeros(10, dtype=torch.long), shape=(2,))
+    assert calls == [4] * 4
+    assert main([f"run={out}", "num=20", "steps=5", f"out={tmp_path / 's.npz'}"]) == 0
+
+
+def test_bad_settings_are_usage_errors(tiny_teacher, tmp_path):
+    with pytest.raises(UsageError, match="student=copy-nfe"):
+        _trainer(tiny_teacher, tmp_path, "objective=sfd-v")
+    with pytest.raises(UsageError, match="below the schedule's range"):
+        _trainer(tiny_teacher, tmp_path, "objective.sigma_min=0.0001")
+    with pytest.raises(UsageError, match="nfe_min"):
+        run_config("objective=sfd-v", "objective.nfe=7", "teacher=checkpoint", f"teacher.path={tiny_teacher}")
+    with pytest.raises(UsageError, match="objective.loss"):
+        run_config("objective=sfd", "objective.loss=huber", "teacher=checkpoint", f"teacher.path={tiny_teacher}")
+
+
+# -- quality on ring8 (the network teacher from the session fixture) -------------------------------------
+def _ed_student(run, nfe, n, ref):
+    networks, spec, _ = load_run(run)
+    spec = networks.objective.with_steps(spec, nfe, networks.student)
+    torch.manual_seed(1)
+    return energy_distance(generate(networks.student, spec, n, shape=(2,)), ref)
+
+
+def _ed_teacher_dpmpp(teacher, nfe, n, ref):
+    """The teacher network's DPM-Solver++(3M) at this NFE: the better of ending at sigma 0.006 or
+    denoising to 0 from the last of ``nfe`` timestamps."""
+    torch.manual_seed(1)
+    z = torch.randn(n, 2)
+    grids = [make_grid(teacher.schedule, nfe + 1, t_min=0.006, append_zero=False),
+             make_grid(teacher.schedule, nfe, t_min=0.006)]
+    return min(energy_distance(dpmpp_3m(teacher, z, g), ref) for g in grids)
+
+
+@pytest.mark.slow
+def test_sfd_nfe2_beats_teacher_solver(ring8_teacher_run, tmp_path):
+    out = str(tmp_path / "sfd")
+    with one_thread():
+        res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}", "objective.nfe=2",
+                    "objective.lr=5e-4", "train.steps=150", "train.batch=128", "train.eval_every=0",
+                    "train.eval_samples=256", f"out={out}")
+        teacher = res["trainer"].teacher
+        torch.manual_seed(123)
+        n = 3000
+        ref = teacher.sample_exact(n)
+        student = _ed_student(out, 2, n, ref)
+        t2, t3 = _ed_teacher_dpmpp(teacher, 2, n, ref), _ed_teacher_dpmpp(teacher, 3, n, ref)
+    assert student < 0.5 * min(t2, t3), (student, t2, t3)
+
+
+@pytest.mark.slow
+def test_sfd_v_improves_with_nfe(ring8_teacher_run, tmp_path):
+    out = str(tmp_path / "sfdv")
+    with one_thread():
+        res = train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}",
+                    "objective.lr=5e-4", "train.steps=300", "train.batch=128", "train.eval_every=0",
+                    "train.eval_samples=256", f"out={out}")
+        teacher = res["trainer"].teacher
+        torch.manual_seed(123)
+        n = 3000
+        ref = teacher.sample_exact(n)
+        floor = max(abs(energy_distance(teacher.sample_exact(n), ref)) for _ in range(3))
+        eds = [_ed_student(out, k, n, ref) for k in (2, 3, 4, 5)]
+        t2 = _ed_teacher_dpmpp(teacher, 2, n, ref)
+    slack = 2 * floor + 1e-3  # "within noise"
+    assert all(b <= a + slack for a, b in zip(eds, eds[1:])), (eds, floor)
+    assert eds[-1] < eds[0] and eds[0] < 0.5 * t2, (eds, t2)
+    assert not math.isnan(sum(eds))
