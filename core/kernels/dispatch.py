@@ -63,6 +63,9 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
     if not covered(tensors, factors):
         return False
     on_cuda = tensors[0].device.type == "cuda"
+    if on_cuda and not torch.compiler.is_compiling() and tensors[0].device.index not in (
+            None, torch.cuda.current_device()):
+        return False  # Triton launches on the current device; the runner sets it per rank
     if choice == "auto":
         return on_cuda and _triton_installed()
     if not _triton_installed():
