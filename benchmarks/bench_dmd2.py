@@ -1,0 +1,125 @@
+"""One DMD2 training iteration on the GMM (CPU), through the framework vs a bare hand-written torch loop.
+
+    FEWSTEP_BENCH_THREADS=2 .venv/bin/python -m pytest benchmarks/bench_dmd2.py --benchmark-only
+
+The run is the default demo's (``python -m core.run``: ring8, 1-step generator, residual MLP width 256 x 4
+blocks for generator and critic, batch 256, GAN head on). Two kinds of iteration (method note sec. 3):
+- ``generator``: n % r == 0, the generator update (DM + GAN generator loss) and a critic update;
+- ``critic``: every other iteration, the generator forward without grads and a critic update.
+The ``bare`` row (the group's baseline) does the same arithmetic with the same networks and two AdamW
+optimizers, written inline as a hand-written script would; the ``framework`` row's ratio to it is the
+runner's and objective's overhead (phase scheduling, requires_grad toggling, hooks, metrics, clipping).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from core.config import parse_overrides
+from core.protocols import Context
+from core.runconfig import resolve
+from core.runner import Trainer
+
+os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bench-dmd2") / "run"
+    tr = Trainer(resolve(parse_overrides(["train.progress=false", f"out={out}"])))  # the default demo run
+    tr.build()
+    return tr
+
+
+def framework_iteration(tr: Trainer, it: int) -> None:
+    """What ``Trainer.train`` does for iteration ``it``: draw the batch, run every phase due."""
+    ctxs = [Context(tr.nets, batch, it, tr.micro, tr.device) for batch in tr._micro_batches()]
+    for phase in tr.phases:
+        if it % phase.every == phase.offset:
+            tr._run_phase(phase, ctxs, it, 10**6)
+
+
+class Bare:
+    """The same iteration written by hand against the same networks (one file, no framework)."""
+
+    def __init__(self, tr: Trainer):
+        cfg = tr.objective.config
+        self.teacher, self.dataset = tr.teacher, tr.networks.dataset
+        self.G, self.F, self.h = tr.nets["student"], tr.nets["critic"], tr.nets["gan_head"]
+        self.B, self.lam_g, self.lam_d = tr.micro, cfg.gan_gen_weight, cfg.gan_disc_weight
+        self.opt_g = torch.optim.AdamW(self.G.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt_f = torch.optim.AdamW([*self.F.parameters(), *self.h.parameters()], lr=cfg.lr,
+                                       weight_decay=cfg.weight_decay)
+        s = tr.teacher.schedule
+        self.lo, self.hi, self.rho, self.sd = s.t_min ** (1 / s.rho), s.t_max ** (1 / s.rho), s.rho, self.F.sigma_data
+
+    def sigma(self, a: float, b: float, n: int | None = None) -> torch.Tensor:  # Karras rho-spaced, fraction in [a, b]
+        u = a + (b - a) * torch.rand(n or self.B, dtype=torch.float64)
+        return ((self.lo + u * (self.hi - self.lo)) ** self.rho).float()
+
+    def logits(self, x):  # hand-written trunk of the MLP critic up to its last LayerNorm, then the head
+        s = self.sigma(0, 1, len(x))
+        x_t = x + s[:, None] * torch.randn_like(x)
+        bb = self.F.backbone
+        emb = bb.embed(torch.log(s) / 4, None)
+        h = bb.inp(x_t / torch.sqrt(s**2 + self.sd**2)[:, None]) + emb
+        for block in bb.blocks:
+            h = h + block(h + emb)
+        return self.h(bb.out[0](h))
+
+    def step(self, generator_step: bool) -> None:
+        real = self.dataset.sample(self.B)["x"]
+        z = 80.0 * torch.randn(self.B, 2)
+        t_in = torch.full((self.B,), 80.0)
+        if generator_step:
+            self.F.requires_grad_(False)
+            x = self.G.denoise(z, t_in)
+            s = self.sigma(0.02, 0.98)
+            with torch.no_grad():
+                x_t = x + s[:, None] * torch.randn_like(x)
+                real_x0, fake_x0 = self.teacher.denoise(x_t, s), self.F.denoise(x_t, s)
+                g = (fake_x0 - real_x0).double() / (x - real_x0).double().abs().mean(1, keepdim=True)
+                g = torch.nan_to_num(g, 0.0, 0.0, 0.0).float()
+            loss = 0.5 * F.mse_loss(x, (x - g).detach()) + self.lam_g * F.softplus(-self.logits(x)).mean()
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.G.parameters(), 10.0)
+            self.opt_g.step()
+            self.F.requires_grad_(True)
+            x = x.detach()
+        else:
+            with torch.no_grad():
+                x = self.G.denoise(z, t_in)
+        self.G.requires_grad_(False)
+        s = self.sigma(0, 1)
+        x_t = x + s[:, None] * torch.randn_like(x)
+        weight = 1 / s**2 + 1 / self.sd**2
+        loss = (weight * (self.F.denoise(x_t, s) - x).square().mean(1)).mean()
+        logits = self.logits(torch.cat([x, real]))
+        loss = loss + self.lam_d * (F.softplus(logits[:self.B]).mean() + F.softplus(-logits[self.B:]).mean())
+        self.opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*self.F.parameters(), *self.h.parameters()], 10.0)
+        self.opt_f.step()
+        self.G.requires_grad_(True)
+
+
+@pytest.mark.parametrize("kind", ["generator", "critic"])
+@pytest.mark.parametrize("variant", ["bare", "framework"])
+def test_dmd2_iteration(benchmark, trainer, machine, kind, variant):
+    benchmark.group = f"dmd2-{kind}-iteration"
+    benchmark.extra_info.update(machine=machine, variant="eager" if variant == "bare" else variant,
+                                batch=trainer.micro, critic_updates=trainer.objective.config.critic_updates)
+    it = 0 if kind == "generator" else 1
+    if variant == "bare":
+        bare = Bare(trainer)
+        benchmark(bare.step, kind == "generator")
+    else:
+        benchmark(framework_iteration, trainer, it)
+    assert math.isfinite(benchmark.stats.stats.median)

@@ -1,0 +1,291 @@
+"""Objective ``dmd2``: Improved Distribution Matching Distillation (Yin et al. 2024, arXiv 2405.14867).
+
+One iteration n (method note sec. 3, the paper's Algorithm 1):
+    input   = pure noise at tau_0, or for a K-step generator a backward-simulated state at tau_k (sec. 7)
+    x       = G(input, tau_k, c)                                    the generator's one-step x0
+    if n % r == 0:   L_G = lambda_DM L_DM(x) + lambda_G L_Gadv(x)   (sec. 4, 6)    -> step G
+    every n:         L_C = L_fake(sg x) + lambda_D L_Dadv(sg x, x_real)   (sec. 5, 6) -> step F (and h)
+with r = ``critic_updates`` (two time-scale updates, separate optimizers and learning rates). All arithmetic is
+in the denoiser convention x0_hat(x_t, t, c), so eps-, v-, x0- and flow-parameterised teachers all work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from core import distributed, hookimpl, ops
+from core.config import positive
+from core.errors import UsageError
+from core.networks import ResidualMLP
+from core.protocols import Phase, SamplingSpec
+from plugins import gan
+from plugins.samplers.basic import multistep
+
+
+def _fraction_range(instance, attribute, value):
+    lo, hi = value
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"{attribute.name} must be two fractions 0 <= lo < hi <= 1, got {list(value)}")
+
+
+@attrs.define(kw_only=True)
+class DMD2Config:
+    steps: int = attrs.field(default=1, validator=positive, metadata={"doc": "generator steps K"})
+    timesteps: list[float] | None = attrs.field(
+        default=None, metadata={"doc": "generator times tau_0 > .. > tau_{K-1} in schedule units (default: evenly "
+                                       "spaced from t_max, 999/749/499/249 on 1000-step schedules); "
+                                       "[t] conditions a 1-step generator on t"})
+    backward_simulation: bool = attrs.field(
+        default=True, metadata={"doc": "K-step inputs from the generator's own rollout (off: noised real data)"})
+    critic_updates: int = attrs.field(default=5, validator=positive,
+                                      metadata={"doc": "critic updates per generator update (TTUR ratio r)"})
+    guidance: float | None = attrs.field(default=None,
+                                         metadata={"doc": "real-score CFG scale (default: the teacher's)"})
+    dm_t_range: tuple[float, float] = attrs.field(
+        default=(0.02, 0.98), validator=_fraction_range,
+        metadata={"doc": "DM-loss t as fractions of the teacher's schedule (schedule.t_from_fraction)"})
+    lr: float = attrs.field(default=1e-4, validator=positive, metadata={"doc": "generator learning rate"})
+    critic_lr: float | None = attrs.field(default=None, validator=positive,
+                                          metadata={"doc": "critic (and GAN head) learning rate (default: lr)"})
+    weight_decay: float = attrs.field(default=0.01, metadata={"doc": "AdamW weight decay of both optimizers"})
+    dm_weight: float = attrs.field(default=1.0, metadata={"doc": "lambda_DM"})
+    gan: Literal["auto", "on", "off"] = attrs.field(
+        default="auto", metadata={"doc": "GAN head on the critic; auto: on when the run has real data"})
+    gan_gen_weight: float = attrs.field(default=3e-3, metadata={"doc": "lambda_G (generator GAN weight)"})
+    gan_disc_weight: float = attrs.field(default=1e-2, metadata={"doc": "lambda_D (critic GAN weight)"})
+    gan_feature_module: str | None = attrs.field(
+        default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
+                                       "gan_feature_module, or the MLP trunk's last norm)"})
+
+    def __attrs_post_init__(self):
+        if self.timesteps is not None and len(self.timesteps) != self.steps:
+            raise ValueError(f"objective.timesteps has {len(self.timesteps)} entries but objective.steps={self.steps}")
+
+
+# -- generator times (method note sec. 7) ------------------------------------------------------------------
+
+def default_times(schedule, steps: int) -> list[float]:
+    """tau_j evenly spaced from the top: t_max - j N/K on N-step discrete schedules (SDXL's 999/749/499/249),
+    else ``t_from_fraction(1 - j/K)``."""
+    if schedule.name == "vp-discrete":
+        n = int(round(schedule.t_max)) + 1
+        return [float(schedule.t_max - j * (n // steps)) for j in range(steps)]
+    return [float(schedule.t_from_fraction(1 - j / steps)) for j in range(steps)]
+
+
+def generator_times(config: DMD2Config, schedule) -> list[float]:
+    if config.timesteps is None:
+        return default_times(schedule, config.steps)
+    times = [float(t) for t in config.timesteps]
+    if any(a <= b for a, b in zip(times, times[1:])):
+        raise UsageError(f"objective.timesteps must decrease strictly, got {times}")
+    if not all(schedule.t_min <= t <= schedule.t_max for t in times):
+        raise UsageError(f"objective.timesteps {times} leave the schedule's range "
+                         f"[{schedule.t_min:g}, {schedule.t_max:g}]")
+    return times
+
+
+def backward_simulate(generator, noise: Tensor, times: list[float], k: int, cond=None) -> Tensor:
+    """The generator's input at tau_k (method note sec. 7): start from noise at tau_0 and run the generator's own
+    first k steps without gradients, re-noising each x0 estimate to the next time with fresh, independent noise.
+
+    This is exactly the K-step sampler (``multistep``) stopped at tau_k, so training sees what sampling makes.
+    """
+    grid = torch.as_tensor(times[:k + 1], dtype=torch.float64)
+    return multistep(generator, noise, grid, cond)
+
+
+def _time_batch(t: float | Tensor, x: Tensor) -> Tensor:
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0]).to(dtype)
+
+
+class DMD2:
+    """DMD2: distribution matching with a fake-score critic (TTUR), GAN head, K-step backward simulation."""
+
+    needs_critic = True
+    default_critic = "fake-score"
+    # the default demo (python -m core.run: dmd2 on ring8, 1 step) finishes in under 2 minutes on 2 CPU cores
+    train_defaults = {"steps": 3000, "batch": 256, "eval_every": 1000, "preview_every": 0, "ckpt_every": 1000,
+                      "log_every": 100}
+
+    def __init__(self, config: DMD2Config):
+        self.config = config
+        self.feature_module = None  # set by build() when the GAN head exists
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def build(self, nets: dict) -> dict:
+        teacher, student, critic = nets["teacher"], nets["student"], nets["critic"]
+        for role, net in (("student", student), ("critic", critic)):
+            if net.schedule.config() != teacher.schedule.config():
+                raise UsageError(f"dmd2 needs the {role} on the teacher's noise schedule "
+                                 f"({teacher.schedule.name}); got {net.schedule.name}")
+        self.times = generator_times(self.config, teacher.schedule)
+        if self.config.gan == "off":
+            return {}
+        name = self._feature_module_name(teacher, critic)
+        self.feature_module = gan.find_module(critic, name)
+        shape = getattr(teacher, "gan_feature_shape", None) or self._probe_features(teacher, critic)
+        return {"gan_head": gan.GANHead(tuple(shape))}
+
+    def _feature_module_name(self, teacher, critic) -> str:
+        name = self.config.gan_feature_module or getattr(teacher, "gan_feature_module", None)
+        if name:
+            return name
+        if isinstance(getattr(critic, "backbone", None), ResidualMLP):
+            return "backbone.out.0"  # the MLP trunk's final LayerNorm: the residual stream after the last block
+        raise UsageError(f"dmd2's GAN head needs a critic module to read; {type(teacher).__name__} names none. "
+                         "Set objective.gan_feature_module=NAME or objective.gan=off")
+
+    @torch.no_grad()
+    def _probe_features(self, teacher, critic) -> tuple[int, ...]:
+        device = next(critic.parameters()).device
+        x = torch.zeros(2, *teacher.data_shape, device=device)
+        f = gan.critic_features(critic, self.feature_module, x, _time_batch(teacher.schedule.t_max, x))
+        return tuple(f.shape[1:])
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        critic_nets = ("critic",) if c.gan == "off" else ("critic", "gan_head")
+        return [Phase("generator", ("student",), every=c.critic_updates, lr=c.lr, weight_decay=c.weight_decay),
+                Phase("critic", critic_nets, lr=c.critic_lr or c.lr, weight_decay=c.weight_decay)]
+
+    # -- one iteration -----------------------------------------------------------------------------------------
+    def loss(self, phase: str, ctx) -> tuple[Tensor, dict]:
+        if phase == "generator":
+            return self.generator_loss(ctx)
+        if phase == "critic":
+            return self.critic_loss(ctx)
+        raise ValueError(f"dmd2 has no phase '{phase}'")
+
+    def generator_input(self, ctx) -> tuple[Tensor, Tensor]:
+        """(x at tau_k, tau_k): one k per iteration for the whole batch, drawn with torch's RNG (exact resume),
+        shared by the generator and critic phases of the iteration."""
+        if "dmd2.input" not in ctx.cache:
+            K, teacher, cond = len(self.times), ctx.teacher, ctx.batch["cond"]
+            k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
+            noise = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+            if k == 0 or self.config.backward_simulation:
+                x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
+            else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
+                x_in = self._noised_real(ctx, self.times[k], noise)
+            ctx.cache["dmd2.input"] = (x_in, _time_batch(self.times[k], x_in))
+        return ctx.cache["dmd2.input"]
+
+    def _noised_real(self, ctx, t: float, noise: Tensor) -> Tensor:
+        if ctx.batch["x"] is None:
+            raise UsageError("objective.backward_simulation=false noises real data, but this run has none; "
+                             "add data=... or keep backward simulation on")
+        s = ctx.teacher.schedule
+        t64 = torch.tensor(t, dtype=torch.float64)
+        return ops.add_noise(ctx.batch["x"], noise, s.alpha(t64).to(noise.dtype), s.sigma(t64).to(noise.dtype))
+
+    def generate(self, ctx) -> Tensor:
+        """x = G(x_{tau_k}, tau_k, c), the generator's x0 estimate (with grads when the student is training)."""
+        x_in, t_in = self.generator_input(ctx)
+        return ctx.student.denoise(x_in, t_in, ctx.batch["cond"])
+
+    def use_gan(self, ctx) -> bool:
+        if self.config.gan == "off":
+            return False
+        if ctx.batch["x"] is None:
+            if self.config.gan == "on":
+                raise UsageError("objective.gan=on needs real data, but this run has none; "
+                                 "add data=... or set objective.gan=off")
+            return False
+        return True
+
+    def generator_loss(self, ctx) -> tuple[Tensor, dict]:
+        c = self.config
+        x = self.generate(ctx)
+        ctx.cache["dmd2.x"] = x.detach()
+        dm = self.distribution_matching_loss(x, ctx.batch["cond"], ctx.teacher, ctx.critic)
+        loss, metrics = c.dm_weight * dm, {"dm": dm.detach()}
+        if self.use_gan(ctx):
+            g = gan.generator_loss(*self.discriminate(ctx, [x], ctx.batch["cond"]))
+            loss = loss + c.gan_gen_weight * g
+            metrics["gan"] = g.detach()
+        return loss, metrics
+
+    def critic_loss(self, ctx) -> tuple[Tensor, dict]:
+        c = self.config
+        x = ctx.cache.get("dmd2.x")
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(ctx)
+            ctx.cache["dmd2.x"] = x
+        cond = ctx.batch["cond"]
+        fake = self.fake_score_loss(x, cond, ctx.critic, ctx.teacher)
+        loss, metrics = fake, {"fake": fake.detach()}
+        if self.use_gan(ctx):
+            logits_fake, logits_real = self.discriminate(ctx, [x, ctx.batch["x"].to(x.dtype)], cond)
+            d = gan.discriminator_loss(logits_fake, logits_real)
+            loss = loss + c.gan_disc_weight * d
+            metrics["gan"] = d.detach()
+        return loss, metrics
+
+    # -- the losses ----------------------------------------------------------------------------------------------
+    def distribution_matching_loss(self, x: Tensor, cond, teacher, critic) -> Tensor:
+        """L_DM (method note sec. 4): noise x to x_t, t ~ U(t_from_fraction(dm_t_range)); x0_real from the teacher
+        with CFG, x0_fake from the critic without; d L / d x = g / numel with
+        g = (x0_fake - x0_real) / mean_{non-batch}|x - x0_real| (``ops.dmd_loss``, the MSE-to-detached-target form).
+        """
+        sched = teacher.schedule
+        lo, hi = self.config.dm_t_range
+        t = sched.t_from_fraction(lo + (hi - lo) * torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
+        guidance = self.config.guidance if self.config.guidance is not None else getattr(teacher, "guidance", None)
+        with torch.no_grad():
+            x_t = ops.add_noise(x.detach(), torch.randn_like(x), sched.alpha(t).to(x.dtype), sched.sigma(t).to(x.dtype))
+            tt = _time_batch(t, x_t)
+            x0_real = teacher.denoise(x_t, tt, cond, guidance=guidance)
+            x0_fake = critic.denoise(x_t, tt, cond)
+        return ops.dmd_loss(x, x0_real, x0_fake)
+
+    def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
+        """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's
+        weighting lambda = 1/sigma_ve^2 + 1/sigma_d^2 (sigma_ve = sigma/alpha; eps-MSE plus an x0 term)."""
+        sched = teacher.schedule
+        x = x.detach()
+        t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
+        alpha, sigma = sched.alpha(t), sched.sigma(t)
+        x_t = ops.add_noise(x, torch.randn_like(x), alpha.to(x.dtype), sigma.to(x.dtype))
+        sd = getattr(critic, "sigma_data", None) or getattr(teacher, "sigma_data", None) or 0.5
+        weight = (alpha / sigma) ** 2 + 1 / sd**2
+        return ops.weighted_loss(critic.denoise(x_t, _time_batch(t, x_t), cond), x, weight.to(x.dtype), "l2")
+
+    def discriminate(self, ctx, xs: list[Tensor], cond) -> list[Tensor]:
+        """h(F_features(x_t, t)) for each batch in ``xs`` (all with condition ``cond``): each noised at its own
+        t ~ U(full range), the critic conditioned on t (Diffusion-GAN inputs); one critic pass when it can."""
+        sched = ctx.teacher.schedule
+        noised, times = [], []
+        for x in xs:
+            t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
+            noised.append(ops.add_noise(x, torch.randn_like(x), sched.alpha(t).to(x.dtype), sched.sigma(t).to(x.dtype)))
+            times.append(_time_batch(t, x))
+        head = ctx.nets["gan_head"]
+        if len(xs) == 1 or not (cond is None or torch.is_tensor(cond)):  # conditions we cannot concatenate
+            return [head(gan.critic_features(ctx.critic, self.feature_module, x_t, t, cond))
+                    for x_t, t in zip(noised, times)]
+        both = None if cond is None else torch.cat([cond] * len(xs))
+        features = gan.critic_features(ctx.critic, self.feature_module, torch.cat(noised), torch.cat(times), both)
+        return list(head(features).split([x.shape[0] for x in xs]))
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def sampling(self, student) -> SamplingSpec:
+        """K steps of the re-noising sampler on tau_0 .. tau_{K-1}, then the clean sentinel 0."""
+        return SamplingSpec("multistep", [*generator_times(self.config, student.schedule), 0.0], {})
+
+    def with_steps(self, spec: SamplingSpec, steps: int, student) -> SamplingSpec:
+        """The trained times for the trained K; otherwise the default evenly spaced times for ``steps``."""
+        if steps == len(spec.times) - 1:
+            return spec
+        return attrs.evolve(spec, times=[*default_times(student.schedule, steps), 0.0])
+
+
+@hookimpl
+def register_objectives(register):
+    register("dmd2", DMD2, config=DMD2Config)

@@ -1,0 +1,344 @@
+"""DMD2 objective: the DM gradient against a float64 reference per parameterisation, TTUR counts, backward
+simulation noise levels, GAN losses and features, times and sampling, network teachers, CLI sampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_config, train
+
+from core.errors import UsageError
+from core.protocols import Context
+from core.schedules import make_schedule
+from plugins import gan
+from plugins.dmd2 import DMD2, DMD2Config, default_times, generator_times
+
+TINY = ("student.hidden=32", "student.depth=2", "student.emb_dim=16", "train.batch=32", "train.eval_every=0",
+        "train.preview_every=0", "train.eval_samples=64", "train.log_every=5")
+
+
+# -- the distribution-matching gradient vs a float64 reference ----------------------------------------------
+
+class RawNet:
+    """A fixed random 'network' F(x_t, t, c) in float64 whose output is read as eps, v, x0 or flow velocity.
+    Records every call, so the reference can recompute the same outputs."""
+
+    def __init__(self, schedule, prediction, dim, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.schedule, self.prediction = schedule, prediction
+        self.W = torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+        self.b = torch.randn(dim, generator=g, dtype=torch.float64)
+        self.E = torch.randn(4, dim, generator=g, dtype=torch.float64)  # class embeddings, row 3 = null
+        self.calls = []
+
+    def raw(self, x_t, t, cond):
+        c = torch.full((x_t.shape[0],), 3) if cond is None else cond
+        return torch.tanh(x_t @ self.W + t[:, None] * self.b + self.E[c])
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        from core.parameterization import to_x0
+
+        self.calls.append({"x_t": x_t.clone(), "t": t.clone(), "cond": cond, "guidance": guidance})
+        out = self.raw(x_t, t, cond)
+        if guidance is not None and guidance != 1 and cond is not None:
+            out = self.raw(x_t, t, None) + guidance * (out - self.raw(x_t, t, None))
+        return to_x0(out, x_t, self.schedule.alpha(t), self.schedule.sigma(t), self.prediction)
+
+
+class RawCritic(RawNet):
+    def denoise(self, x_t, t, cond=None):  # a critic takes no guidance argument at all
+        return super().denoise(x_t, t, cond)
+
+
+# x_t = alpha x0 + sigma eps on each schedule, and the method note's x0 conversions (sec. 2), written out here
+ALPHA_SIGMA = {"vp-cosine": lambda t: (torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)),
+               "flow": lambda t: (1 - t, t),
+               "edm": lambda t: (torch.ones_like(t), t)}
+TO_X0 = {"eps": lambda raw, x, a, s, t: (x - s * raw) / a,
+         "v": lambda raw, x, a, s, t: a * x - s * raw,  # alpha^2 + sigma^2 = 1
+         "x0": lambda raw, x, a, s, t: raw,
+         "flow": lambda raw, x, a, s, t: x - t * raw}
+CASES = [("eps", "vp-cosine"), ("v", "vp-cosine"), ("x0", "edm"), ("flow", "flow")]
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+@pytest.mark.parametrize("prediction,schedule", CASES)
+def test_dm_gradient_matches_float64_reference(prediction, schedule, guidance):
+    B, D = 512, 3
+    sched = make_schedule(schedule)
+    teacher, critic = RawNet(sched, prediction, D, 1), RawCritic(sched, prediction, D, 2)
+    obj = DMD2(DMD2Config(guidance=guidance))
+    x = (0.7 * torch.randn(B, D, dtype=torch.float64)).requires_grad_(True)
+    cond = torch.randint(0, 3, (B,))
+    loss = obj.distribution_matching_loss(x, cond, teacher, critic)
+    loss.backward()
+
+    call_r, call_f = teacher.calls[0], critic.calls[0]
+    assert call_r["guidance"] == guidance and call_f["guidance"] is None
+    assert torch.equal(call_r["x_t"], call_f["x_t"]) and torch.equal(call_r["t"], call_f["t"])
+    x_t, t = call_r["x_t"], call_r["t"]
+    assert t.min() >= sched.t_from_fraction(0.02) - 1e-12 and t.max() <= sched.t_from_fraction(0.98) + 1e-12
+    a, s = (v[:, None] for v in ALPHA_SIGMA[schedule](t))
+    eps = (x_t - a * x.detach()) / s  # x_t = alpha x + sigma eps with eps ~ N(0, I)
+    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1
+
+    # reference: CFG in the raw output space (eps_u + w (eps_c - eps_u)), then x0, then the DMD2 gradient
+    raw_r = teacher.raw(x_t, t, cond)
+    if guidance is not None:
+        raw_r = teacher.raw(x_t, t, None) + guidance * (raw_r - teacher.raw(x_t, t, None))
+    x0_real = TO_X0[prediction](raw_r, x_t, a, s, t[:, None])
+    x0_fake = TO_X0[prediction](critic.raw(x_t, t, cond), x_t, a, s, t[:, None])
+    norm = (x.detach() - x0_real).abs().mean(1, keepdim=True)
+    g = (x0_fake - x0_real) / norm
+    torch.testing.assert_close(x.grad, g / (B * D), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(loss, 0.5 * (g**2).mean(), rtol=1e-10, atol=1e-14)
+
+
+def test_dm_gradient_is_nan_safe_when_x_equals_the_teacher_estimate():
+    class Echo:  # x0_real == x exactly: the normaliser is 0
+        schedule = make_schedule("edm")
+
+        def __init__(self, x):
+            self.x = x
+
+        def denoise(self, x_t, t, cond=None, guidance=None):
+            return self.x.detach().clone()
+
+    x = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    critic = RawCritic(Echo.schedule, "x0", 2, 0)
+    DMD2(DMD2Config()).distribution_matching_loss(x, None, Echo(x), critic).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad == 0).all()
+
+
+# -- two time-scale updates ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio,steps", [(5, 23), (3, 10)])
+def test_ttur_phase_counts_are_exact(tmp_path, ratio, steps):
+    res = train(*TINY, f"train.steps={steps}", f"objective.critic_updates={ratio}", "objective.lr=2e-4",
+                "objective.critic_lr=7e-4", f"out={tmp_path}")
+    tr = res["trainer"]
+    gen, crit = tr.optimizers["generator"], tr.optimizers["critic"]
+    # separate optimizers over separate networks, each with its own learning rate
+    assert {id(p) for g in gen.param_groups for p in g["params"]} == {id(p) for p in tr.student.parameters()}
+    critic_params = [*tr.nets["critic"].parameters(), *tr.nets["gan_head"].parameters()]
+    assert {id(p) for g in crit.param_groups for p in g["params"]} == {id(p) for p in critic_params}
+    assert gen.param_groups[0]["lr"] == 2e-4 and crit.param_groups[0]["lr"] == 7e-4
+    # generator on iterations n % r == 0, critic (and GAN head) on every iteration
+    assert {int(s["step"]) for s in gen.state.values()} == {len(range(0, steps, ratio))}
+    assert {int(s["step"]) for s in crit.state.values()} == {steps}
+
+
+def test_generator_phase_leaves_critic_and_head_untouched(tmp_path):
+    from core.runner import Trainer
+
+    tr = Trainer(run_config(*TINY, "train.steps=1", f"out={tmp_path}"))
+    tr.build()
+    before = {n: [p.detach().clone() for p in tr.nets[n].parameters()] for n in ("student", "critic", "gan_head")}
+    batch = tr._micro_batches()
+    ctx = Context(tr.nets, batch[0], 0, tr.micro, tr.device)
+    metrics = tr._run_phase(tr.phases[0], [ctx], 0, 1)
+    assert tr.phases[0].name == "generator" and {"dm", "gan"} <= set(metrics)
+    for n, old in before.items():
+        same = all(torch.equal(a, b) for a, b in zip(old, tr.nets[n].parameters()))
+        assert same == (n != "student"), n
+
+
+# -- backward simulation ------------------------------------------------------------------------------------
+
+class ConstantGenerator(torch.nn.Module):
+    """A generator whose x0 estimate is always c; records the inputs it is called on."""
+
+    def __init__(self, schedule, c):
+        super().__init__()
+        self.schedule, self.c, self.calls = schedule, c, []
+
+    def denoise(self, x_t, t, cond=None):
+        self.calls.append((x_t.clone(), t.clone()))
+        return torch.full_like(x_t, self.c)
+
+
+@pytest.mark.parametrize("schedule", ["vp-cosine", "edm"])
+def test_backward_simulation_inputs_sit_at_the_right_noise_levels(schedule):
+    sched = make_schedule(schedule)
+    obj = DMD2(DMD2Config(steps=4))
+    obj.times = generator_times(obj.config, sched)
+    teacher = type("T", (), {"data_shape": (4,), "schedule": sched})()
+    c, B = 0.3, 4096
+    seen = set()
+    for it in range(40):
+        gen = ConstantGenerator(sched, c)
+        ctx = Context({"teacher": teacher, "student": gen}, {"x": None, "cond": None}, it, B, "cpu")
+        x_in, t_in = obj.generator_input(ctx)
+        assert obj.generator_input(ctx)[0] is x_in  # one input per iteration, shared by both phases
+        assert (t_in == t_in[0]).all()  # one k for the whole batch
+        k = obj.times.index(pytest.approx(float(t_in[0]), rel=1e-6))
+        seen.add(k)
+        assert [float(t[0]) for _, t in gen.calls] == pytest.approx(obj.times[:k])  # the generator's own steps
+        states = [x for x, _ in gen.calls] + [x_in]
+        for j, x in enumerate(states):
+            tj = torch.tensor(obj.times[j], dtype=torch.float64)
+            a, s = float(sched.alpha(tj)), float(sched.sigma(tj))
+            mean = 0.0 if j == 0 else a * c  # x_{tau_j} = alpha G(...) + sigma eps_j; pure noise at j = 0
+            eps = (x.double() - mean) / s
+            assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05, (k, j)
+            if j > 0:  # fresh, independent noise at every re-noising
+                prev = (states[j - 1].double() - (0.0 if j == 1 else a_prev * c)) / s_prev
+                assert abs(torch.corrcoef(torch.stack([prev.flatten(), eps.flatten()]))[0, 1]) < 0.05
+            a_prev, s_prev = a, s
+    assert seen == {0, 1, 2, 3}
+
+
+def test_backward_simulation_off_noises_real_data():
+    sched = make_schedule("edm")
+    obj = DMD2(DMD2Config(steps=2, backward_simulation=False))
+    obj.times = generator_times(obj.config, sched)
+    teacher = type("T", (), {"data_shape": (2,), "schedule": sched})()
+    real = torch.full((2048, 2), 0.5)
+    ks = set()
+    for it in range(12):
+        gen = ConstantGenerator(sched, 9.0)
+        x_in, t_in = obj.generator_input(Context({"teacher": teacher, "student": gen}, {"x": real, "cond": None},
+                                                 it, 2048, "cpu"))
+        assert gen.calls == []  # no rollout
+        k = 0 if float(t_in[0]) == pytest.approx(obj.times[0]) else 1
+        ks.add(k)
+        mean = 0.0 if k == 0 else 0.5
+        assert abs(((x_in - mean) / float(t_in[0])).std() - 1) < 0.05
+    assert ks == {0, 1}
+
+
+# -- generator times and sampling specs ---------------------------------------------------------------------
+
+def test_default_times_follow_dmd2():
+    from core.schedules import VPDiscreteSchedule
+
+    sd = VPDiscreteSchedule(torch.linspace(0.9999, 0.005, 1000))
+    assert default_times(sd, 4) == [999.0, 749.0, 499.0, 249.0]  # DMD2's SDXL 4-step times
+    edm = make_schedule("edm")
+    assert default_times(edm, 1) == [pytest.approx(80.0)]
+    assert default_times(edm, 2) == [pytest.approx(80.0), pytest.approx(float(edm.t_from_fraction(0.5)))]
+    obj = DMD2(DMD2Config(steps=1, timesteps=[399.0]))  # 1-step generator conditioned on t = 399
+    assert generator_times(obj.config, sd) == [399.0]
+    student = type("S", (), {"schedule": sd})()
+    spec = obj.sampling(student)
+    assert spec.sampler == "multistep" and spec.times == [399.0, 0.0]
+    assert obj.with_steps(spec, 1, student) is spec
+    assert obj.with_steps(spec, 4, student).times == [999.0, 749.0, 499.0, 249.0, 0.0]
+
+
+def test_bad_timesteps_are_usage_errors():
+    with pytest.raises(UsageError, match="timesteps"):
+        run_config("objective.steps=2", "objective.timesteps=[10]")
+    sched = make_schedule("edm")
+    with pytest.raises(UsageError, match="decrease"):
+        generator_times(DMD2Config(steps=2, timesteps=[1.0, 5.0]), sched)
+    with pytest.raises(UsageError, match="range"):
+        generator_times(DMD2Config(steps=1, timesteps=[500.0]), sched)
+    with pytest.raises(UsageError, match="dm_t_range"):
+        run_config("objective.dm_t_range=[0.5,0.2]")
+
+
+# -- GAN head -----------------------------------------------------------------------------------------------
+
+def test_gan_losses_match_closed_forms():
+    lf, lr = torch.randn(64, dtype=torch.float64) * 3, torch.randn(64, dtype=torch.float64) * 3
+    sig = torch.sigmoid
+    torch.testing.assert_close(gan.generator_loss(lf), (-torch.log(sig(lf))).mean())
+    torch.testing.assert_close(gan.discriminator_loss(lf, lr),
+                               (-torch.log(1 - sig(lf))).mean() + (-torch.log(sig(lr))).mean())
+    zero = torch.zeros(5)
+    assert float(gan.generator_loss(zero)) == pytest.approx(math.log(2))
+    assert float(gan.discriminator_loss(zero, zero)) == pytest.approx(2 * math.log(2))
+
+
+def test_feature_hook_reads_the_mlp_trunk_and_stops_there():
+    from core.networks import DenoiserNet, ResidualMLP
+
+    net = DenoiserNet(ResidualMLP(2, 32, 2, 16, num_classes=3), make_schedule("edm"), "edm", 0.5)
+    obj = DMD2(DMD2Config())
+    module = gan.find_module(net, obj._feature_module_name(object(), net))
+    ran_out = []
+    net.backbone.out[2].register_forward_hook(lambda *a: ran_out.append(1))
+    x, t, c = torch.randn(5, 2), torch.full((5,), 3.0), torch.tensor([0, 1, 2, -1, 0])
+    f = gan.critic_features(net, module, x, t, c)
+    assert ran_out == []  # the rest of the forward was skipped
+    # independent computation of the trunk: h = inp(c_in x) + emb, h += block(h + emb), LayerNorm(h)
+    bb = net.backbone
+    c_in = 1 / torch.sqrt(t**2 + 0.25)
+    emb = bb.embed(torch.log(t) / 4, c)
+    h = bb.inp(c_in[:, None] * x) + emb
+    for block in bb.blocks:
+        h = h + block(h + emb)
+    torch.testing.assert_close(f, torch.nn.functional.layer_norm(h, (32,), bb.out[0].weight, bb.out[0].bias))
+    with pytest.raises(UsageError, match="not in the critic"):
+        gan.find_module(net, "backbone.nope")
+
+
+@pytest.mark.parametrize("shape,strided", [((48,), 0), ((7, 48), 0), ((64, 32, 32), 3), ((64, 8, 8), 1),
+                                           ((64, 4, 4), 0)])
+def test_gan_head_is_sized_from_the_feature_shape(shape, strided):
+    head = gan.GANHead(shape)
+    logits = head(torch.randn(3, *shape))
+    assert logits.shape == (3,)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    # DMD2's layout: 4x4 stride-2 blocks down to 4x4, then one conv over the map and a 1x1 conv to the logit
+    assert sum(m.stride == (2, 2) for m in convs) == strided
+    if convs:
+        assert convs[-1].kernel_size == (1, 1) and convs[-2].kernel_size == (min(shape[1], 4),) * 2
+
+
+def test_gan_needs_data_when_forced_on(tmp_path):
+    with pytest.raises(UsageError, match="gan=on needs real data"):
+        train(*TINY, "train.steps=1", "data=none", "objective.gan=on", f"out={tmp_path}")
+
+
+# -- whole runs: conformance, network teachers, sampling from the CLI -----------------------------------------
+
+def test_conformance():
+    from core.testing import check
+
+    check("objective", "dmd2")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_run(tmp_path_factory):
+    """A small (untrained-quality) network teacher: only its weights matter here."""
+    out = tmp_path_factory.mktemp("dmd2-teacher") / "run"
+    train("objective=denoise", "teacher=gmm", "teacher.preset=cls4", "student.hidden=32", "student.depth=2",
+          "student.emb_dim=16", "train.steps=20", "train.batch=64", "train.eval_every=0", "train.preview_every=0",
+          "train.eval_samples=64", f"out={out}")
+    return str(out)
+
+
+def test_network_teacher_initialises_generator_and_critic_from_its_weights(tiny_teacher_run, tmp_path):
+    from core.runner import Networks
+
+    cfg = run_config("teacher=checkpoint", f"teacher.path={tiny_teacher_run}", "objective.guidance=2",
+                     f"out={tmp_path}/run")
+    nets = Networks(cfg).nets
+    assert cfg.student.name == "copy" and cfg.critic.name == "fake-score"
+    teacher_sd = nets["teacher"].net.state_dict()
+    for role in ("student", "critic"):
+        sd = nets[role].state_dict()
+        assert sd.keys() == teacher_sd.keys() and all(torch.equal(sd[k], teacher_sd[k]) for k in sd), role
+    assert nets["student"] is not nets["critic"]
+    res = train("teacher=checkpoint", f"teacher.path={tiny_teacher_run}", "objective.guidance=2", "train.steps=6",
+                "train.batch=16", "train.eval_every=3", "train.log_every=3", "train.eval_samples=64",
+                "train.preview_every=0", "objective.steps=2", f"out={tmp_path}/run")
+    assert np.isfinite(res["metrics"]["energy_distance"])
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_cli_samples_one_and_k_step_students(tmp_path, capsys, steps):
+    from core.sample import main as sample
+
+    run = tmp_path / "run"
+    train(*TINY, "train.steps=4", f"objective.steps={steps}", f"out={run}")
+    assert sample([f"run={run}", "num=50", f"out={tmp_path}/x.npz"]) == 0
+    assert f"multistep, {steps} steps" in capsys.readouterr().out
+    assert np.load(tmp_path / "x.npz")["samples"].shape == (50, 2)
+    assert sample([f"run={run}", "num=20", "steps=2", f"out={tmp_path}/y.npz"]) == 0
+    assert "multistep, 2 steps" in capsys.readouterr().out
