@@ -54,6 +54,8 @@ def flat(x: torch.Tensor) -> torch.Tensor:
 def rows(x: torch.Tensor) -> tuple[int, int]:
     """(B, D): batch size and elements per sample."""
     n = x.numel()
+    if n >= 2**31:
+        raise ValueError(f"the kernels index with int32; {n} elements is too many (core.ops falls back to torch)")
     return x.shape[0], (n // x.shape[0] if x.shape[0] else 0)
 
 

@@ -31,7 +31,7 @@ def add_fresh_noise_reference(x0: Tensor, alpha, sigma, generator=None) -> tuple
 @triton.jit
 def _add_noise_kernel(x0_ptr, eps_ptr, alpha_ptr, sigma_ptr, out_ptr, N, D, f_stride, seed,
                       DRAW: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = (offs // D) * f_stride
     a = tl.load(alpha_ptr + row, mask=mask, other=0.0).to(tl.float32)

@@ -3,8 +3,9 @@
 ``FEWSTEP_KERNELS`` = ``auto`` (default: Triton for CUDA tensors when triton is installed), ``torch``, or
 ``triton`` (forced; on CPU this needs TRITON_INTERPRET=1 set before triton is imported, which is how the
 tests run the kernels). Inputs the kernels do not cover always take the torch reference: mismatched
-shapes, float64, per-sample factors that need gradients, empty tensors, and tensors inside torch.func
-transforms (jvp, vmap), which opaque custom ops do not support. The kernels compute in fp32.
+shapes, float64, per-sample factors that need gradients, empty tensors or ones of 2^31 elements or more
+(the kernels index with int32), and tensors inside torch.func transforms (jvp, vmap), which opaque
+custom ops do not support. The kernels compute in fp32.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _triton_installed() -> bool:
 def covered(tensors: tuple[Tensor, ...], factors: tuple = ()) -> bool:
     """Whether the kernels handle these inputs (else the torch reference runs)."""
     first = tensors[0]
-    if first.ndim == 0 or first.numel() == 0:
+    if first.ndim == 0 or not 0 < first.numel() < 2**31:
         return False
     if not torch.compiler.is_compiling() and any(_functorch_wrapped(t) for t in (*tensors, *factors)):
         return False

@@ -41,7 +41,7 @@ def dmd_loss_reference(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
 def _dmd_norm_kernel(x_ptr, real_ptr, partial_ptr, D, C, CHUNK, BLOCK: tl.constexpr):
     """Pass 1, program (chunk c, sample b): sum of |x - x0_real| over the chunk."""
     c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK):
         cols = c * CHUNK + start + tl.arange(0, BLOCK)
@@ -57,7 +57,7 @@ def _dmd_grad_kernel(real_ptr, fake_ptr, partial_ptr, g_ptr, sq_ptr, D, C, CHUNK
                      BLOCK: tl.constexpr, C_BLOCK: tl.constexpr):
     """Pass 2, program (c, b): N_b from all partials of sample b, then g over the chunk and sum g^2."""
     c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     parts = tl.load(partial_ptr + b * C + tl.arange(0, C_BLOCK), mask=tl.arange(0, C_BLOCK) < C, other=0.0)
     norm = tl.sum(parts, axis=0) / D
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -72,7 +72,7 @@ def _coefficients(a, s, PREDICTION: tl.constexpr, SCORE: tl.constexpr):
 def _guided_x0_kernel(cond_ptr, uncond_ptr, xt_ptr, alpha_ptr, sigma_ptr, out_ptr, N, D, f_stride, scale,
                       HAS_UNCOND: tl.constexpr, PREDICTION: tl.constexpr, SCORE: tl.constexpr,
                       BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = (offs // D) * f_stride
     a = tl.load(alpha_ptr + row, mask=mask, other=1.0).to(tl.float32)
@@ -95,7 +95,7 @@ def _guided_x0_bwd_kernel(grad_ptr, alpha_ptr, sigma_ptr, gcond_ptr, guncond_ptr
                           HAS_UNCOND: tl.constexpr, PREDICTION: tl.constexpr, SCORE: tl.constexpr,
                           BLOCK: tl.constexpr):
     """The op is linear: d/dc = S w, d/du = S (1 - w), d/dx_t = A, all in one read of the upstream grad."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = (offs // D) * f_stride
     a = tl.load(alpha_ptr + row, mask=mask, other=1.0).to(tl.float32)

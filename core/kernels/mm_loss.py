@@ -32,7 +32,7 @@ def _mm_generator_loss_kernel(x_ptr, aux_ptr, teacher_ptr, weight_ptr, partial_p
                               w_stride, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (chunk c, sample b): w_b / (B D) * sum over the chunk of x~ (aux - teacher)."""
     c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK):
         cols = c * CHUNK + start + tl.arange(0, BLOCK)
@@ -50,7 +50,7 @@ def _mm_generator_loss_kernel(x_ptr, aux_ptr, teacher_ptr, weight_ptr, partial_p
 @triton.jit
 def _mm_generator_loss_bwd_kernel(grad_ptr, aux_ptr, teacher_ptr, weight_ptr, gx_ptr, N, inv_bd, D,
                                   w_stride, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     scale = tl.load(grad_ptr).to(tl.float32) * inv_bd
     if HAS_WEIGHT:

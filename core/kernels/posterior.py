@@ -46,7 +46,7 @@ def _coefficients(at, st, as_, ss, eta):
 @triton.jit
 def _posterior_sample_kernel(zt_ptr, x0_ptr, noise_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, out_ptr, N, D,
                              f_stride, eta, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = (offs // D) * f_stride
     at = tl.load(at_ptr + row, mask=mask, other=1.0).to(tl.float32)
@@ -66,7 +66,7 @@ def _posterior_sample_kernel(zt_ptr, x0_ptr, noise_ptr, at_ptr, st_ptr, as_ptr, 
 def _posterior_sample_bwd_kernel(grad_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, gzt_ptr, gx0_ptr, gnoise_ptr, N, D,
                                  f_stride, eta, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     """Linear in (z_t, x0, noise): the gradients are Q g, P g, c g from one read of g."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = (offs // D) * f_stride
     at = tl.load(at_ptr + row, mask=mask, other=1.0).to(tl.float32)

@@ -35,7 +35,7 @@ def _weighted_loss_kernel(pred_ptr, target_ptr, weight_ptr, partial_ptr, inv_bd,
                           w_stride, HAS_WEIGHT: tl.constexpr, L1: tl.constexpr, BLOCK: tl.constexpr):
     """Program (chunk c, sample b): w_b / (B D) * sum over the chunk of l(pred - target)."""
     c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK):
         cols = c * CHUNK + start + tl.arange(0, BLOCK)
@@ -56,7 +56,7 @@ def _weighted_loss_kernel(pred_ptr, target_ptr, weight_ptr, partial_ptr, inv_bd,
 @triton.jit
 def _weighted_loss_bwd_kernel(grad_ptr, pred_ptr, target_ptr, weight_ptr, gpred_ptr, N, inv_bd, D,
                               w_stride, HAS_WEIGHT: tl.constexpr, L1: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     scale = tl.load(grad_ptr).to(tl.float32) * inv_bd
     if HAS_WEIGHT:
