@@ -6,6 +6,9 @@ The Triton kernels are checked against these same references in tests/test_kerne
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,3 +180,26 @@ def test_inputs_the_kernels_do_not_cover_take_the_reference(monkeypatch):
     primal, tangent = torch.func.jvp(lambda v: ops.add_noise(v, x, 0.25, 1.0), (x,), (torch.ones_like(x),))
     assert torch.allclose(tangent, torch.full_like(x, 0.25))
     assert torch.allclose(torch.func.vmap(lambda v: ops.weighted_loss(v[None], v[None]))(x), torch.zeros(2))
+
+
+def test_everything_but_the_kernels_works_without_triton():
+    """With triton not importable the kernel modules still import, ops run the reference, and forcing
+    Triton is a one-line usage error."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import os, torch\n"
+        "from core import ops\n"
+        "from core.errors import UsageError\n"
+        "x = torch.ones(2, 3)\n"
+        "assert torch.equal(ops.add_noise(x, x, 0.5, 0.25), x * 0.75)\n"
+        "assert ops.weighted_loss(x, x * 0) == 1\n"
+        "os.environ['FEWSTEP_KERNELS'] = 'triton'\n"
+        "try:\n"
+        "    ops.add_noise(x, x, 0.5, 0.25)\n"
+        "except UsageError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "triton is not installed" in proc.stdout

@@ -32,18 +32,22 @@ except ImportError:  # the torch references keep working; dispatch never picks T
     triton = tl = _Missing()
     AVAILABLE = False
 
+if AVAILABLE:  # Triton's own library (tl.sum, tl.randn) was decorated when it was imported, just now
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _INTERPRETING = isinstance(tl.standard.sum, InterpretedFunction)
+else:
+    _INTERPRETING = False
+
 BLOCK = 1024  # elements per program; tests lower it to exercise several programs on small shapes
 MAX_CHUNKS = 2048  # reductions: most partial sums per sample (pass 2 loads them all in one block)
-NUM_WARPS = 4
+NUM_WARPS = 4  # the interpreter ignores it
 
 
 def interpreting() -> bool:
-    """True when ``@triton.jit`` produces interpreter functions (TRITON_INTERPRET=1 before import)."""
-    if not AVAILABLE:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
+    """True when triton was imported under TRITON_INTERPRET=1: kernels then run on CPU tensors."""
+    return _INTERPRETING
 
-    return isinstance(tl.standard.sum, InterpretedFunction)
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +79,3 @@ def chunking(d: int) -> tuple[int, int, int]:
     blocks = triton.cdiv(d, BLOCK)
     chunk = triton.cdiv(blocks, MAX_CHUNKS) * BLOCK
     return triton.cdiv(d, chunk), chunk, BLOCK
-
-
-def launch_opts() -> dict:
-    return {} if interpreting() else {"num_warps": NUM_WARPS}

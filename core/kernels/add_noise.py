@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import elementwise, flat, launch_opts, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -61,7 +61,7 @@ def launch(x0: Tensor, eps: Tensor | None, alpha: Tensor, sigma: Tensor, seed: i
     _, d = rows(x0)
     grid, block = elementwise(n)
     _add_noise_kernel[grid](x0, eps, alpha, sigma, out, n, d, stride_of(alpha), seed,
-                            DRAW=draw, BLOCK=block, **launch_opts())
+                            DRAW=draw, BLOCK=block, num_warps=NUM_WARPS)
     return out, eps
 
 

@@ -31,7 +31,10 @@ def mode() -> str:
 
 
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 def covered(tensors: tuple[Tensor, ...], factors: tuple = ()) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import chunking, flat, launch_opts, rows, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, flat, rows, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -85,9 +85,9 @@ def launch(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> tuple[Tensor, Tensor]
     partial = torch.empty(b * c, dtype=torch.float32, device=x.device)
     sq = torch.empty(b * c, dtype=torch.float32, device=x.device)
     g = torch.empty_like(x)
-    _dmd_norm_kernel[(c, b)](x, real, partial, d, c, chunk, BLOCK=block, **launch_opts())
+    _dmd_norm_kernel[(c, b)](x, real, partial, d, c, chunk, BLOCK=block, num_warps=NUM_WARPS)
     _dmd_grad_kernel[(c, b)](real, fake, partial, g, sq, d, c, chunk, BLOCK=block,
-                             C_BLOCK=triton.next_power_of_2(c), **launch_opts())
+                             C_BLOCK=triton.next_power_of_2(c), num_warps=NUM_WARPS)
     loss = (sq.sum() * (0.5 / x.numel())).to(x.dtype)
     return g, loss
 

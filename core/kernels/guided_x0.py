@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import elementwise, flat, launch_opts, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import PREDICTIONS, to_x0, x0_to_score
 
 OUTPUTS = ("x0", "score")
@@ -137,7 +137,7 @@ def launch(cond: Tensor, uncond: Tensor | None, x_t: Tensor, alpha: Tensor, sigm
     grid, block = elementwise(n)
     _guided_x0_kernel[grid](cond, cond if uncond is None else uncond, x_t, alpha, sigma, out, n, d,
                             stride_of(alpha), float(scale), HAS_UNCOND=uncond is not None,
-                            PREDICTION=code, SCORE=score, BLOCK=block, **launch_opts())
+                            PREDICTION=code, SCORE=score, BLOCK=block, num_warps=NUM_WARPS)
     return out
 
 
@@ -153,7 +153,7 @@ def launch_backward(grad: Tensor, alpha: Tensor, sigma: Tensor, scale: float, ha
     grid, block = elementwise(n)
     _guided_x0_bwd_kernel[grid](grad, alpha, sigma, gcond, guncond if has_uncond else gcond, gxt, n, d,
                                 stride_of(alpha), float(scale), HAS_UNCOND=has_uncond,
-                                PREDICTION=code, SCORE=score, BLOCK=block, **launch_opts())
+                                PREDICTION=code, SCORE=score, BLOCK=block, num_warps=NUM_WARPS)
     return gcond, guncond, gxt
 
 

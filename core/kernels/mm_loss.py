@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import chunking, elementwise, flat, launch_opts, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, elementwise, flat, rows, stride_of, tl, triton
 
 # --------------------------------------------------------------------------- torch reference
 
@@ -74,7 +74,7 @@ def launch(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight: Tensor |
     partial = torch.empty(b * c, dtype=torch.float32, device=x.device)
     _mm_generator_loss_kernel[(c, b)](x, aux, teacher, x if weight is None else weight, partial, 1.0 / (b * d),
                                       d, c, chunk, 0 if weight is None else stride_of(weight),
-                                      HAS_WEIGHT=weight is not None, BLOCK=block, **launch_opts())
+                                      HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=NUM_WARPS)
     return partial.sum().to(_out_dtype(x, aux, teacher))
 
 
@@ -88,7 +88,7 @@ def launch_backward(grad: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight: Te
     grid, block = elementwise(n)
     _mm_generator_loss_bwd_kernel[grid](grad, aux, teacher, aux if weight is None else weight, gx, n,
                                         1.0 / n, d, 0 if weight is None else stride_of(weight),
-                                        HAS_WEIGHT=weight is not None, BLOCK=block, **launch_opts())
+                                        HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=NUM_WARPS)
     return gx
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import elementwise, flat, launch_opts, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -100,7 +100,7 @@ def launch(z_t: Tensor, x0: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: T
     grid, block = elementwise(n)
     _posterior_sample_kernel[grid](z_t, x0, z_t if noise is None else noise, alpha_t, sigma_t, alpha_s,
                                    sigma_s, out, n, d, stride_of(alpha_t), float(eta),
-                                   HAS_NOISE=noise is not None, BLOCK=block, **launch_opts())
+                                   HAS_NOISE=noise is not None, BLOCK=block, num_warps=NUM_WARPS)
     return out
 
 
@@ -115,7 +115,7 @@ def launch_backward(grad: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Ten
     grid, block = elementwise(n)
     _posterior_sample_bwd_kernel[grid](grad, alpha_t, sigma_t, alpha_s, sigma_s, gzt, gx0,
                                        gnoise if has_noise else gzt, n, d, stride_of(alpha_t), float(eta),
-                                       HAS_NOISE=has_noise, BLOCK=block, **launch_opts())
+                                       HAS_NOISE=has_noise, BLOCK=block, num_warps=NUM_WARPS)
     return gzt, gx0, gnoise
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import chunking, elementwise, flat, launch_opts, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, elementwise, flat, rows, stride_of, tl, triton
 
 KINDS = ("l2", "l1")
 
@@ -88,7 +88,7 @@ def launch(pred: Tensor, target: Tensor, weight: Tensor | None, kind: str) -> Te
     partial = torch.empty(b * c, dtype=torch.float32, device=pred.device)
     _weighted_loss_kernel[(c, b)](pred, target, pred if weight is None else weight, partial, 1.0 / (b * d),
                                   d, c, chunk, 0 if weight is None else stride_of(weight),
-                                  HAS_WEIGHT=weight is not None, L1=l1, BLOCK=block, **launch_opts())
+                                  HAS_WEIGHT=weight is not None, L1=l1, BLOCK=block, num_warps=NUM_WARPS)
     return partial.sum().to(torch.promote_types(pred.dtype, target.dtype))
 
 
@@ -102,7 +102,7 @@ def launch_backward(grad: Tensor, pred: Tensor, target: Tensor, weight: Tensor |
     grid, block = elementwise(n)
     _weighted_loss_bwd_kernel[grid](grad, pred, target, pred if weight is None else weight, gpred, n,
                                     1.0 / n, d, 0 if weight is None else stride_of(weight),
-                                    HAS_WEIGHT=weight is not None, L1=l1, BLOCK=block, **launch_opts())
+                                    HAS_WEIGHT=weight is not None, L1=l1, BLOCK=block, num_warps=NUM_WARPS)
     return gpred
 
 
