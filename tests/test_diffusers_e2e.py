@@ -172,6 +172,7 @@ def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     data = Images(ImagesConfig(path=images, caption="default caption"), teacher)
+    assert data._latents is None  # nothing encoded until data is drawn
     assert data.latents.shape == (3, *teacher.data_shape)
     assert data.captions == ["a red cube", "default caption", "a photo of a cat"]
     torch.manual_seed(1)
@@ -206,3 +207,15 @@ def test_without_diffusers_list_works_and_runs_say_how_to_install(sdxl_dir):
                           "data=prompts", "data.path=x.txt", "out=/tmp/never"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "pip install 'fewstep[diffusers]'" in run.stderr
+
+
+def test_images_latents_are_deterministic_and_leave_the_global_rng_alone(sd15_dir, images):
+    from plugins.diffusers.data import Images, ImagesConfig
+    from plugins.diffusers.teacher import DiffusersTeacher
+    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+
+    teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
+    state = torch.get_rng_state()
+    a = Images(ImagesConfig(path=images), teacher).latents
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, Images(ImagesConfig(path=images), teacher).latents)

@@ -71,19 +71,34 @@ class Images:
         fs, root = fsspec.core.url_to_fs(config.path)
         if not fs.isdir(root):
             raise UsageError(f"data.path={config.path}: no such folder")
-        files = sorted(p for p in fs.ls(root, detail=False) if p.lower().endswith(IMAGE_EXTS))
-        if not files:
+        self.files = sorted(p for p in fs.ls(root, detail=False) if p.lower().endswith(IMAGE_EXTS))
+        if not self.files:
             raise UsageError(f"data.path={config.path} holds no images ({', '.join(IMAGE_EXTS)})")
-        self.captions, latents = [], []
-        for start in range(0, len(files), config.batch):
-            chunk = files[start:start + config.batch]
-            images = torch.stack([_load_image(fs.cat_file(p), teacher.resolution) for p in chunk])
-            latents.append(teacher.to_model_space(images.to(teacher.device)).cpu())
-            for p in chunk:
-                txt = os.path.splitext(p)[0] + ".txt"
-                self.captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else config.caption)
-        self.latents = torch.cat(latents)
+        self.fs, self.config, self.teacher = fs, config, teacher
+        self._latents: torch.Tensor | None = None
+        self.captions: list[str] = []
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Encoded on first use (so sampling a finished run never pays for it), then kept."""
+        if self._latents is None:
+            fs, teacher, latents, captions = self.fs, self.teacher, [], []
+            for start in range(0, len(self.files), self.config.batch):
+                chunk = self.files[start:start + self.config.batch]
+                images = torch.stack([_load_image(fs.cat_file(p), teacher.resolution) for p in chunk])
+                # the VAE posterior draw uses its own seeded stream: same latents every time, and the
+                # global RNG (which resumes restore) is left untouched
+                cuda = [teacher.device] if teacher.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(start)
+                    latents.append(teacher.to_model_space(images.to(teacher.device)).cpu())
+                for p in chunk:
+                    txt = os.path.splitext(p)[0] + ".txt"
+                    captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else self.config.caption)
+            self._latents, self.captions = torch.cat(latents), captions
+        return self._latents
 
     def sample(self, n: int) -> dict:
-        idx = torch.randint(len(self.captions), (n,))
-        return {"x": self.latents[idx], "cond": [self.captions[i] for i in idx.tolist()]}
+        latents = self.latents
+        idx = torch.randint(len(latents), (n,))
+        return {"x": latents[idx], "cond": [self.captions[i] for i in idx.tolist()]}
