@@ -3,9 +3,9 @@
 Objectives call these rather than writing the arithmetic inline, so one place decides how they run:
 the fused Triton kernels in ``core.kernels`` (CUDA tensors, or anywhere with ``FEWSTEP_KERNELS=triton``
 under TRITON_INTERPRET=1) or the torch reference beside each kernel (everything else, float64 included).
-See ``core/kernels/dispatch.py`` for the rule and docs/kernels.md for the layout. On the Triton path
-a call that needs autograd or runs under torch.compile goes through the registered custom op
-(``torch.ops.fewstep.*``); one that needs neither calls the launcher directly, skipping the dispatcher.
+See ``core/kernels/dispatch.py`` for the rule and docs/kernels.md for the layout. On the Triton path,
+calls under torch.compile go through the registered custom ops (``torch.ops.fewstep.*``); eager calls
+skip the dispatcher (``dispatch.entry``).
 All per-sample factors (alpha, sigma, weights) have shape [B] or are scalars.
 """
 
@@ -23,9 +23,7 @@ def add_noise(x0: Tensor, eps: Tensor, alpha, sigma) -> Tensor:
 
     if dispatch.use_triton((x0, eps), (alpha, sigma)):
         a, s = _factors(x0, alpha, sigma)
-        if dispatch.direct(x0, eps):
-            return k.launch(x0, eps, a, s)[0]
-        return k.add_noise(x0, eps, a, s)
+        return dispatch.entry(k.noised, k.AddNoise, k.add_noise, x0, eps)(x0, eps, a, s)
     return k.add_noise_reference(x0, eps, alpha, sigma)
 
 
@@ -41,9 +39,7 @@ def add_fresh_noise(x0: Tensor, alpha, sigma, generator: torch.Generator | None 
         gen_device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=gen_device))
         a, s = _factors(x0, alpha, sigma)
-        if dispatch.direct(x0):
-            return k.launch(x0, None, a, s, seed)
-        return k.add_fresh_noise(x0, a, s, seed)
+        return dispatch.entry(k.fresh, k.AddFreshNoise, k.add_fresh_noise, x0)(x0, a, s, seed)
     return k.add_fresh_noise_reference(x0, alpha, sigma, generator)
 
 
@@ -67,7 +63,7 @@ def _guided(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output
 
     if dispatch.use_triton((pred_cond, pred_uncond, x_t), (alpha, sigma)):
         a, s = _factors(x_t, alpha, sigma)
-        fn = k.launch if dispatch.direct(pred_cond, pred_uncond, x_t) else k.guided_x0
+        fn = dispatch.entry(k.launch, k.GuidedX0, k.guided_x0, pred_cond, pred_uncond, x_t)
         return fn(pred_cond, pred_uncond, x_t, a, s, float(scale), prediction, output)
     return k.guided_x0_reference(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output)
 
@@ -81,7 +77,7 @@ def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     from core.kernels import dmd as k
 
     if dispatch.use_triton((x, x0_real, x0_fake)):
-        fn = k.launch if dispatch.direct() else k.dmd_gradient_loss
+        fn = dispatch.entry(k.launch, k.DmdGradientLoss, k.dmd_gradient_loss)
         return fn(x.detach(), x0_real.detach(), x0_fake.detach())[0]
     return k.dmd_gradient_reference(x, x0_real, x0_fake)
 
@@ -91,7 +87,7 @@ def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     from core.kernels import dmd as k
 
     if dispatch.use_triton((x, x0_real, x0_fake)):
-        fn = k.launch if dispatch.direct(x) else k.dmd_gradient_loss
+        fn = dispatch.entry(k.launch, k.DmdGradientLoss, k.dmd_gradient_loss, x)
         return fn(x, x0_real.detach(), x0_fake.detach())[1]
     return k.dmd_loss_reference(x, x0_real, x0_fake)
 
@@ -108,7 +104,7 @@ def posterior_sample(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_s, sigma_s
 
     factors = (alpha_t, sigma_t, alpha_s, sigma_s)
     if dispatch.use_triton((z_t, x0, noise), factors):
-        fn = k.launch if dispatch.direct(z_t, x0, noise) else k.posterior_sample
+        fn = dispatch.entry(k.launch, k.PosteriorSample, k.posterior_sample, z_t, x0, noise)
         return fn(z_t, x0, *_factors(z_t, *factors), noise, float(eta))
     return k.posterior_sample_reference(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s, noise, eta)
 
@@ -119,7 +115,7 @@ def weighted_loss(pred: Tensor, target: Tensor, weight=None, kind: str = "l2") -
 
     if dispatch.use_triton((pred, target), () if weight is None else (weight,)):
         w = None if weight is None else _factors(pred, weight)[0]
-        fn = k.launch if dispatch.direct(pred, target) else k.weighted_loss
+        fn = dispatch.entry(k.launch, k.WeightedLoss, k.weighted_loss, pred, target)
         return fn(pred, target, w, kind)
     return k.weighted_loss_reference(pred, target, weight, kind)
 
@@ -134,7 +130,7 @@ def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weigh
 
     if dispatch.use_triton((x_tilde, aux_x0, teacher_x0), () if weight is None else (weight,)):
         w = None if weight is None else _factors(x_tilde, weight)[0]
-        fn = k.launch if dispatch.direct(x_tilde) else k.mm_generator_loss
+        fn = dispatch.entry(k.launch, k.MMGeneratorLoss, k.mm_generator_loss, x_tilde)
         return fn(x_tilde, aux_x0.detach(), teacher_x0.detach(), w)
     return k.mm_generator_loss_reference(x_tilde, aux_x0, teacher_x0, weight)
 

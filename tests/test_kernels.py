@@ -307,8 +307,9 @@ def test_forced_triton_runs_the_kernels(monkeypatch):
 @kernels
 @pytest.mark.parametrize("op", ["add_noise", "guided_x0", "dmd_loss", "posterior_sample", "weighted_loss",
                                 "mm_generator_loss"])
-def test_direct_launch_equals_the_custom_op(op):
-    """Without autograd ops call the launcher directly; with it, the custom op: same numbers either way."""
+def test_eager_entry_points_equal_the_custom_op(op):
+    """Eager calls skip the custom-op dispatcher (the launcher without autograd, an autograd.Function with
+    it); both give the custom op's forward and gradient exactly."""
     x, y, z = (make((3, 4, 5), torch.float32) for _ in range(3))
     a, s = factors(3, 0.2, 0.9).float(), factors(3, 0.2, 0.9).float()
     run = {"add_noise": lambda v: ops.add_noise(v, y, a, s),
@@ -317,16 +318,24 @@ def test_direct_launch_equals_the_custom_op(op):
            "posterior_sample": lambda v: ops.posterior_sample(v, y, a, s, a * 0 + 0.95, s * 0.5, z),
            "weighted_loss": lambda v: ops.weighted_loss(v, y, a, "l1"),
            "mm_generator_loss": lambda v: ops.mm_generator_loss(v, y, z, a)}[op]
-    def custom_op_calls(v):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = run(v)
-        return out, [e.name for e in prof.events() if e.name.startswith("fewstep::")]
 
-    direct, calls = custom_op_calls(x)
-    assert not calls, f"no autograd needed, yet the dispatcher ran {calls}"
-    through_op, calls = custom_op_calls(x.clone().requires_grad_())
-    assert calls, "the custom op did not run when autograd was needed"
-    assert torch.equal(direct, through_op.detach())
+    def custom_op_calls(v, compiled=False):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = (torch.compile(run, backend="aot_eager", fullgraph=True) if compiled else run)(v)
+            if v.requires_grad:
+                out.backward(torch.ones_like(out))
+        return out.detach(), [e.name for e in prof.events() if e.name.startswith("fewstep::")]
+
+    no_grad, calls = custom_op_calls(x)
+    assert not calls, f"eager call without autograd went through the dispatcher: {calls}"
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, calls = custom_op_calls(xe)
+    assert not calls, f"eager call with autograd went through the dispatcher: {calls}"
+    torch._dynamo.reset()
+    through_op, calls = custom_op_calls(xc, compiled=True)
+    assert calls, "under torch.compile the custom op did not run"
+    assert torch.equal(no_grad, eager) and torch.equal(eager, through_op)
+    assert torch.equal(xe.grad, xc.grad)
 
 
 # --------------------------------------------------------------------------- torch.library and torch.compile

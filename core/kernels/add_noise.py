@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -68,9 +68,13 @@ def launch(x0: Tensor, eps: Tensor | None, alpha: Tensor, sigma: Tensor, seed: i
 # --------------------------------------------------------------------------- custom ops + autograd
 
 
+def noised(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return launch(x0, eps, alpha, sigma)[0]
+
+
 @torch.library.custom_op("fewstep::add_noise", mutates_args=())
 def add_noise(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    return launch(x0, eps, alpha, sigma)[0]
+    return noised(x0, eps, alpha, sigma)
 
 
 @add_noise.register_fake
@@ -97,11 +101,16 @@ def _backward(ctx, grad):
 
 
 add_noise.register_autograd(_backward, setup_context=_setup)
+AddNoise = eager_autograd("AddNoise", noised, _setup, _backward)
+
+
+def fresh(x0: Tensor, alpha: Tensor, sigma: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    return launch(x0, None, alpha, sigma, seed)
 
 
 @torch.library.custom_op("fewstep::add_fresh_noise", mutates_args=())
 def add_fresh_noise(x0: Tensor, alpha: Tensor, sigma: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    return launch(x0, None, alpha, sigma, seed)
+    return fresh(x0, alpha, sigma, seed)
 
 
 @add_fresh_noise.register_fake
@@ -121,3 +130,4 @@ def _backward_fresh(ctx, grad, _grad_eps):
 
 
 add_fresh_noise.register_autograd(_backward_fresh, setup_context=_setup_fresh)
+AddFreshNoise = eager_autograd("AddFreshNoise", fresh, _setup_fresh, _backward_fresh)

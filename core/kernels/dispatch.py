@@ -83,13 +83,16 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
     return True
 
 
-def direct(*tensors: Tensor | None) -> bool:
-    """Call the launcher itself rather than the custom op: outside torch.compile and when no autograd graph
-    is needed, the custom-op dispatcher only adds Python overhead (tens of microseconds a call on a CPU
-    host, comparable to a whole SDXL-latent-sized kernel)."""
+def entry(launcher, eager_function, custom_op, *tensors: Tensor | None):
+    """Which Triton entry point a call uses. Under torch.compile: the registered custom op (opaque, so
+    graphs stay whole). Eager with autograd: the same launcher and backward in a plain autograd.Function.
+    Eager without autograd: the launcher itself. The custom-op dispatcher costs tens of microseconds of
+    Python per call on a CPU host, comparable to a whole SDXL-latent-sized kernel."""
     if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+        return custom_op
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return eager_function.apply
+    return launcher
 
 
 def factor(v, like: Tensor) -> Tensor:

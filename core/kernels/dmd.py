@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, flat, rows, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, eager_autograd, flat, rows, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -117,3 +117,4 @@ def _backward(ctx, _grad_g, grad_loss):
 
 
 dmd_gradient_loss.register_autograd(_backward, setup_context=_setup)
+DmdGradientLoss = eager_autograd("DmdGradientLoss", launch, _setup, _backward)

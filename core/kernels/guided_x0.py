@@ -8,10 +8,12 @@ one read of each input and one write, where eager torch runs about eight launche
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import PREDICTIONS, to_x0, x0_to_score
 
 OUTPUTS = ("x0", "score")
@@ -190,12 +192,13 @@ def _setup(ctx, inputs, output):
     ctx.dtypes = (cond.dtype, None if uncond is None else uncond.dtype, x_t.dtype)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, backward_op=guided_x0_backward):
     alpha, sigma = ctx.saved_tensors
-    gcond, guncond, gxt = guided_x0_backward(grad, alpha, sigma, *ctx.args)
+    gcond, guncond, gxt = backward_op(grad, alpha, sigma, *ctx.args)
     need = ctx.needs_input_grad
     cast = lambda g, i: g.to(ctx.dtypes[i]) if need[i] else None  # noqa: E731
     return cast(gcond, 0), (cast(guncond, 1) if ctx.args[1] else None), cast(gxt, 2), None, None, None, None, None
 
 
 guided_x0.register_autograd(_backward, setup_context=_setup)
+GuidedX0 = eager_autograd("GuidedX0", launch, _setup, partial(_backward, backward_op=launch_backward))

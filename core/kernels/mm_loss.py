@@ -8,10 +8,12 @@ of per-(chunk, sample) partial sums; backward: one pass that forms the direction
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
 
 # --------------------------------------------------------------------------- torch reference
 
@@ -122,11 +124,13 @@ def _setup(ctx, inputs, output):
     ctx.x_dtype = x.dtype
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, backward_op=mm_generator_loss_backward):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     aux, teacher, weight = ctx.saved_tensors
-    return mm_generator_loss_backward(grad, aux, teacher, weight, ctx.x_dtype), None, None, None
+    return backward_op(grad, aux, teacher, weight, ctx.x_dtype), None, None, None
 
 
 mm_generator_loss.register_autograd(_backward, setup_context=_setup)
+MMGeneratorLoss = eager_autograd("MMGeneratorLoss", launch, _setup,
+                                 partial(_backward, backward_op=launch_backward))

@@ -9,10 +9,12 @@ which the kernel forms in registers from the four schedule values.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -153,11 +155,13 @@ def _setup(ctx, inputs, output):
     ctx.dtypes = (z_t.dtype, x0.dtype, None if noise is None else noise.dtype)
 
 
-def _backward(ctx, grad):
-    gzt, gx0, gnoise = posterior_sample_backward(grad, *ctx.saved_tensors, ctx.eta, ctx.has_noise)
+def _backward(ctx, grad, backward_op=posterior_sample_backward):
+    gzt, gx0, gnoise = backward_op(grad, *ctx.saved_tensors, ctx.eta, ctx.has_noise)
     need = ctx.needs_input_grad
     return (gzt.to(ctx.dtypes[0]) if need[0] else None, gx0.to(ctx.dtypes[1]) if need[1] else None,
             None, None, None, None, gnoise.to(ctx.dtypes[2]) if need[6] and ctx.has_noise else None, None)
 
 
 posterior_sample.register_autograd(_backward, setup_context=_setup)
+PosteriorSample = eager_autograd("PosteriorSample", launch, _setup,
+                                 partial(_backward, backward_op=launch_backward))

@@ -8,10 +8,12 @@ and dL/dtarget is its negative.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
 
 KINDS = ("l2", "l1")
 
@@ -136,11 +138,12 @@ def _setup(ctx, inputs, output):
     ctx.target_dtype = target.dtype
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, backward_op=weighted_loss_backward):
     pred, target, weight = ctx.saved_tensors
-    gpred = weighted_loss_backward(grad, pred, target, weight, ctx.kind)
+    gpred = backward_op(grad, pred, target, weight, ctx.kind)
     gtarget = (-gpred).to(ctx.target_dtype) if ctx.needs_input_grad[1] else None
     return gpred if ctx.needs_input_grad[0] else None, gtarget, None, None
 
 
 weighted_loss.register_autograd(_backward, setup_context=_setup)
+WeightedLoss = eager_autograd("WeightedLoss", launch, _setup, partial(_backward, backward_op=launch_backward))
