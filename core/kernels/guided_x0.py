@@ -181,8 +181,8 @@ def guided_x0_backward(grad: Tensor, alpha: Tensor, sigma: Tensor, scale: float,
 
 @guided_x0_backward.register_fake
 def _(grad, alpha, sigma, scale, has_uncond, prediction, output):
-    full = grad.new_empty(grad.shape)
-    return full, (grad.new_empty(grad.shape) if has_uncond else grad.new_empty(0)), grad.new_empty(grad.shape)
+    uncond = grad.new_empty(grad.shape) if has_uncond else grad.new_empty(0)
+    return grad.new_empty(grad.shape), uncond, grad.new_empty(grad.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -196,7 +196,10 @@ def _backward(ctx, grad, backward_op=guided_x0_backward):
     alpha, sigma = ctx.saved_tensors
     gcond, guncond, gxt = backward_op(grad, alpha, sigma, *ctx.args)
     need = ctx.needs_input_grad
-    cast = lambda g, i: g.to(ctx.dtypes[i]) if need[i] else None  # noqa: E731
+
+    def cast(g, i):
+        return g.to(ctx.dtypes[i]) if need[i] else None
+
     return cast(gcond, 0), (cast(guncond, 1) if ctx.args[1] else None), cast(gxt, 2), None, None, None, None, None
 
 
