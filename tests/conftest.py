@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Triton kernels run on CPU through the interpreter; it must be chosen before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
