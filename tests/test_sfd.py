@@ -174,7 +174,7 @@ def test_sfd_nfe2_beats_teacher_solver(ring8_teacher_run, tmp_path):
     out = str(tmp_path / "sfd")
     with one_thread():
         res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}", "objective.nfe=2",
-                    "objective.lr=5e-4", "train.steps=150", "train.batch=128", "train.eval_every=0",
+                    "train.eval_every=0",
                     "train.eval_samples=256", f"out={out}")
         teacher = res["trainer"].teacher
         torch.manual_seed(123)
@@ -190,7 +190,7 @@ def test_sfd_v_improves_with_nfe(ring8_teacher_run, tmp_path):
     out = str(tmp_path / "sfdv")
     with one_thread():
         res = train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}",
-                    "objective.lr=5e-4", "train.steps=300", "train.batch=128", "train.eval_every=0",
+                    "train.eval_every=0",
                     "train.eval_samples=256", f"out={out}")
         teacher = res["trainer"].teacher
         torch.manual_seed(123)
