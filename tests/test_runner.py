@@ -68,7 +68,8 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     args = [*FAST, "train.lr_decay=cosine", "train.steps=200", "train.ckpt_every=20", "train.keep=3"]
     train(*args, f"out={tmp_path / 'ref'}")
     out = tmp_path / "killed"
-    env = {**os.environ, "FEWSTEP_TENSORBOARD": "0"}
+    # same intra-op thread count as this process (conftest): float sums must happen in the same order
+    env = {**os.environ, "FEWSTEP_TENSORBOARD": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "core.run", *args, "train.progress=false", f"out={out}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest.json"
