@@ -335,6 +335,8 @@ class Trainer:
         from core.metrics import gmm_report
 
         n = n or self.cfg.train.eval_samples
+        if not self.exact:  # nothing to score against: a preview grid is all we need (SDXL images are costly)
+            n = min(n, getattr(self.teacher, "preview_samples", 16))
         # own stream on every device, so rank 0's evaluation leaves the shared training stream untouched
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -566,9 +568,10 @@ class Trainer:
         """The student (EMA when on) as ``RUN/student.safetensors``; plugins may add richer exports."""
         url = ckpt.join(self.out, "student.safetensors")
         ckpt.save_tensors(url, self.sampling_model().state_dict())
-        exporter = getattr(self.objective, "export", None) or getattr(self.teacher, "export", None)
-        if exporter is not None:
-            exporter(self.sampling_model(), self.spec, self.out)
+        for owner in (self.teacher, self.objective):  # e.g. a diffusers pipeline folder, then method extras
+            exporter = getattr(owner, "export", None)
+            if exporter is not None:
+                exporter(self.sampling_model(), self.spec, self.out)
         return url
 
 
