@@ -32,8 +32,9 @@ os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
 def trainer(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("bench-sfd")
-    teacher = Trainer(resolve(parse_overrides(["objective=denoise", "teacher=gmm", "train.steps=1", "train.eval_samples=64",
-                                               "train.progress=false", f"out={root / 'teacher'}"])))
+    teacher = Trainer(resolve(parse_overrides(["objective=denoise", "teacher=gmm", "train.steps=1",
+                                               "train.eval_samples=64", "train.progress=false",
+                                               f"out={root / 'teacher'}"])))
     teacher.train()
     tr = Trainer(resolve(parse_overrides(["objective=sfd", "teacher=checkpoint", f"teacher.path={root / 'teacher'}",
                                           "train.progress=false", f"out={root / 'sfd'}"])))

@@ -45,14 +45,14 @@ class SFDConfig:
         default="dpmpp-3m", metadata={"doc": "teacher ODE solver on the fine grid (AFS off)"})
     loss: typing.Literal["l1", "l2"] = attrs.field(default="l1", metadata={"doc": "trajectory-matching distance"})
     sigma_min: float = attrs.field(default=0.006, validator=positive,
-                                   metadata={"doc": "t_min of the grids as VE sigma = sigma/alpha (paper: 0.006 on EDM)"})
+                                   metadata={"doc": "grid t_min as VE sigma = sigma/alpha (paper: 0.006 on EDM)"})
     sigma_max: float | None = attrs.field(default=None, validator=positive,
                                           metadata={"doc": "t_max as VE sigma (default: the schedule's t_max)"})
     grid: typing.Literal["polynomial", "logsnr", "uniform"] = attrs.field(default="polynomial")
     rho: float = attrs.field(default=7.0, validator=positive, metadata={"doc": "polynomial grid exponent"})
     afs: bool = attrs.field(default=True, metadata={"doc": "analytical first student step (saves one NFE)"})
     lr: float = attrs.field(default=1e-3, validator=positive,
-                            metadata={"doc": "Adam learning rate (tuned for the MLP mixtures; paper: 5e-5 on EDM UNets)"})
+                            metadata={"doc": "Adam lr (tuned on the MLP mixtures; paper: 5e-5 on EDM UNets)"})
 
     def __attrs_post_init__(self):
         if self.sigma_max is not None and self.sigma_max <= self.sigma_min:

@@ -218,7 +218,8 @@ def test_registered_with_configs_and_sample_cli(tmp_path):
     reg = get_registry()
     for name in SOLVERS:
         assert reg.get("sampler", name).factory is SOLVERS[name]
-    cfg = resolve({"objective": "denoise", "sampler": {"name": "dpmpp-3m", "afs": "true", "lower_order_final": "false"}})
+    sampler = {"name": "dpmpp-3m", "afs": "true", "lower_order_final": "false"}
+    cfg = resolve({"objective": "denoise", "sampler": sampler})
     assert cfg.sampler.config.afs and not cfg.sampler.config.lower_order_final
     out = tmp_path / "s.npz"
     assert main(["teacher=gmm", "sampler=dpmpp-3m", "steps=6", "num=50", f"out={out}"]) == 0

@@ -2,7 +2,6 @@
 grid, the student's own detached Euler chain, one update per student step, AFS without a call), and the
 distilled student beats the teacher network's own solver at the same NFE on exact ring8 samples."""
 
-import contextlib
 import math
 
 import pytest
@@ -19,24 +18,21 @@ from plugins.samplers.ode import dpmpp_3m, euler_afs
 from plugins.sfd import NFEConditioned
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny MLPs run far faster single-threaded on a shared 2-core machine."""
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny MLPs run several times faster single-threaded on a shared 2-core machine."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A barely trained network teacher: enough for the mechanics (quality tests use ring8_teacher_run)."""
     out = tmp_path_factory.mktemp("tiny-teacher") / "run"
-    with one_thread():
-        train("objective=denoise", "teacher=gmm", "teacher.preset=cls4", "train.steps=3", "train.batch=64",
-              "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", f"out={out}")
+    train("objective=denoise", "teacher=gmm", "teacher.preset=cls4", "train.steps=3", "train.batch=64",
+          "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", f"out={out}")
     return str(out)
 
 
@@ -84,10 +80,9 @@ def test_iteration_follows_the_algorithm(tiny_teacher, tmp_path, loss, afs):
 
 
 def test_one_adam_step_per_student_step(tiny_teacher, tmp_path):
-    with one_thread():
-        res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={tiny_teacher}", "objective.nfe=3",
-                    "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64",
-                    f"out={tmp_path / 'run'}")
+    res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={tiny_teacher}", "objective.nfe=3",
+                "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64",
+                f"out={tmp_path / 'run'}")
     opt = res["trainer"].optimizers["student"]
     steps = {int(s["step"]) for s in opt.state.values()}
     assert steps == {2 * 3}  # 2 iterations x 3 trained student steps (AFS step 0 takes no update)
@@ -125,9 +120,8 @@ def test_sfd_v_sample_cli_picks_the_nfe(tiny_teacher, tmp_path):
     from core.sample import main
 
     out = tmp_path / "v"
-    with one_thread():
-        train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={tiny_teacher}",
-              "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64", f"out={out}")
+    train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={tiny_teacher}",
+          "train.steps=2", "train.batch=16", "train.eval_every=0", "train.eval_samples=64", f"out={out}")
     networks, spec, _ = load_run(str(out))
     assert spec.options["model_kwargs"] == {"nfe": 2}
     spec4 = networks.objective.with_steps(spec, 4, networks.student)
@@ -172,33 +166,29 @@ def _ed_teacher_dpmpp(teacher, nfe, n, ref):
 @pytest.mark.slow
 def test_sfd_nfe2_beats_teacher_solver(ring8_teacher_run, tmp_path):
     out = str(tmp_path / "sfd")
-    with one_thread():
-        res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}", "objective.nfe=2",
-                    "train.eval_every=0",
-                    "train.eval_samples=256", f"out={out}")
-        teacher = res["trainer"].teacher
-        torch.manual_seed(123)
-        n = 3000
-        ref = teacher.sample_exact(n)
-        student = _ed_student(out, 2, n, ref)
-        t2, t3 = _ed_teacher_dpmpp(teacher, 2, n, ref), _ed_teacher_dpmpp(teacher, 3, n, ref)
+    res = train("objective=sfd", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}", "objective.nfe=2",
+                "train.eval_every=0", "train.eval_samples=256", f"out={out}")  # SFD's default budget
+    teacher = res["trainer"].teacher
+    torch.manual_seed(123)
+    n = 3000
+    ref = teacher.sample_exact(n)
+    student = _ed_student(out, 2, n, ref)
+    t2, t3 = _ed_teacher_dpmpp(teacher, 2, n, ref), _ed_teacher_dpmpp(teacher, 3, n, ref)
     assert student < 0.5 * min(t2, t3), (student, t2, t3)
 
 
 @pytest.mark.slow
 def test_sfd_v_improves_with_nfe(ring8_teacher_run, tmp_path):
     out = str(tmp_path / "sfdv")
-    with one_thread():
-        res = train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}",
-                    "train.eval_every=0",
-                    "train.eval_samples=256", f"out={out}")
-        teacher = res["trainer"].teacher
-        torch.manual_seed(123)
-        n = 3000
-        ref = teacher.sample_exact(n)
-        floor = max(abs(energy_distance(teacher.sample_exact(n), ref)) for _ in range(3))
-        eds = [_ed_student(out, k, n, ref) for k in (2, 3, 4, 5)]
-        t2 = _ed_teacher_dpmpp(teacher, 2, n, ref)
+    res = train("objective=sfd-v", "student=copy-nfe", "teacher=checkpoint", f"teacher.path={ring8_teacher_run}",
+                "train.eval_every=0", "train.eval_samples=256", f"out={out}")  # SFD-v's default budget
+    teacher = res["trainer"].teacher
+    torch.manual_seed(123)
+    n = 3000
+    ref = teacher.sample_exact(n)
+    floor = max(abs(energy_distance(teacher.sample_exact(n), ref)) for _ in range(3))
+    eds = [_ed_student(out, k, n, ref) for k in (2, 3, 4, 5)]
+    t2 = _ed_teacher_dpmpp(teacher, 2, n, ref)
     slack = 2 * floor + 1e-3  # "within noise"
     assert all(b <= a + slack for a, b in zip(eds, eds[1:])), (eds, floor)
     assert eds[-1] < eds[0] and eds[0] < 0.5 * t2, (eds, t2)

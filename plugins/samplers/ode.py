@@ -226,7 +226,8 @@ class EulerAFSConfig:
 
 @attrs.define(kw_only=True)
 class DPMConfig(ODEConfig):
-    lower_order_final: bool = attrs.field(default=True, metadata={"doc": "1st/2nd order at the last steps (< 15 steps)"})
+    lower_order_final: bool = attrs.field(default=True,
+                                          metadata={"doc": "1st/2nd order at the last steps (< 15 steps)"})
 
 
 @attrs.define(kw_only=True)
