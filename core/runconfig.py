@@ -89,8 +89,8 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     obj_factory = registry.get("objective", obj_name).factory
 
     student_name, student_fields = group("student", DEFAULTS["student"])
-    if student_name == "auto":
-        student_name = getattr(teacher_factory, "default_student", "copy")
+    if student_name == "auto":  # the objective's need (e.g. SFD-v's NFE-conditioned copy), else the teacher's
+        student_name = getattr(obj_factory, "default_student", None) or getattr(teacher_factory, "default_student", "copy")
     student = build("student", student_name, student_fields)
 
     critic = None

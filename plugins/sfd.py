@@ -44,8 +44,10 @@ class SFDConfig:
     teacher_solver: typing.Literal["dpmpp-3m", "dpmpp-2m", "heun", "ipndm", "euler-afs"] = attrs.field(
         default="dpmpp-3m", metadata={"doc": "teacher ODE solver on the fine grid (AFS off)"})
     loss: typing.Literal["l1", "l2"] = attrs.field(default="l1", metadata={"doc": "trajectory-matching distance"})
-    sigma_min: float = attrs.field(default=0.006, validator=positive,
-                                   metadata={"doc": "grid t_min as VE sigma = sigma/alpha (paper: 0.006 on EDM)"})
+    sigma_min: float | None = attrs.field(
+        default=None, validator=positive,
+        metadata={"doc": "grid t_min as VE sigma = sigma/alpha (default: the paper's 0.006, raised to the "
+                         "schedule's lowest sigma, e.g. ~0.029 on SD)"})
     sigma_max: float | None = attrs.field(default=None, validator=positive,
                                           metadata={"doc": "t_max as VE sigma (default: the schedule's t_max)"})
     grid: typing.Literal["polynomial", "logsnr", "uniform"] = attrs.field(default="polynomial")
@@ -55,7 +57,7 @@ class SFDConfig:
                             metadata={"doc": "Adam lr (tuned on the MLP mixtures; paper: 5e-5 on EDM UNets)"})
 
     def __attrs_post_init__(self):
-        if self.sigma_max is not None and self.sigma_max <= self.sigma_min:
+        if self.sigma_max is not None and self.sigma_min is not None and self.sigma_max <= self.sigma_min:
             raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
 
 
@@ -115,9 +117,10 @@ class SFD:
         at sigma_min with no denoise-to-zero (paper sec. 3.1: N_tea = (M+1)(N-1)+1)."""
         c = self.config
         lo = float(ve_sigma(schedule, schedule.t_min))
-        if c.sigma_min < lo * (1 - 1e-9):
-            raise UsageError(f"sigma_min={c.sigma_min} is below the schedule's range (VE sigma {lo:.4g}); raise it")
-        t_min = float(schedule.t_from_logsnr(torch.tensor(-2 * math.log(c.sigma_min), dtype=torch.float64)))
+        sigma_min = max(0.006, lo) if c.sigma_min is None else c.sigma_min
+        if sigma_min < lo * (1 - 1e-9):
+            raise UsageError(f"objective.sigma_min={sigma_min} is below the schedule's range (VE sigma {lo:.4g}); raise it")
+        t_min = float(schedule.t_from_logsnr(torch.tensor(-2 * math.log(sigma_min), dtype=torch.float64)))
         t_max = None if c.sigma_max is None else float(
             schedule.t_from_logsnr(torch.tensor(-2 * math.log(c.sigma_max), dtype=torch.float64)))
         return nested_grids(schedule, nfe + 1 + int(c.afs), c.substeps, c.grid, c.rho, t_min, t_max)
