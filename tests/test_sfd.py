@@ -136,7 +136,8 @@ def test_sfd_v_sample_cli_picks_the_nfe(tiny_teacher, tmp_path):
 
 def test_bad_settings_are_usage_errors(tiny_teacher, tmp_path):
     with pytest.raises(UsageError, match="student=copy-nfe"):
-        _trainer(tiny_teacher, tmp_path, "objective=sfd-v")
+        _trainer(tiny_teacher, tmp_path, "objective=sfd-v", "student=copy")
+    assert _trainer(tiny_teacher, tmp_path / "auto", "objective=sfd-v").cfg.student.name == "copy-nfe"
     with pytest.raises(UsageError, match="below the schedule's range"):
         _trainer(tiny_teacher, tmp_path, "objective.sigma_min=0.0001")
     with pytest.raises(UsageError, match="nfe_min"):
