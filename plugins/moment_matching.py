@@ -203,7 +203,8 @@ class MMParamConfig:
     sample_eta: float = attrs.field(default=1.0, validator=unit_interval, metadata={"doc": "eta when sampling"})
     time_sampling: Literal["continuous", "grid"] = attrs.field(default="continuous")
     precond: Literal["identity", "rms"] = attrs.field(
-        default="rms", metadata={"doc": "Lambda: identity, or a running Adam-style RMS of the teacher gradient"})
+        default="identity", metadata={"doc": "Lambda: identity (measured steadier on the mixtures), or a running "
+                                             "Adam-style RMS of the teacher gradient"})
     precond_beta: float = attrs.field(default=0.99, validator=unit_interval,
                                       metadata={"doc": "EMA decay of the second moment (rms)"})
     precond_eps: float = attrs.field(default=1e-8, validator=positive)
