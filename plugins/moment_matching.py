@@ -301,9 +301,13 @@ class MomentMatchingParam:
             try:
                 with torch.no_grad():
                     return torch.func.jvp(lambda p: self._f(p, z_s, s, cond), (self.theta,), (tangent,))
-            except (NotImplementedError, RuntimeError):
+            except (NotImplementedError, RuntimeError) as exc:
                 if mode == "forward":
                     raise
+                from core.registry import warn
+
+                warn(f"mm-param: forward-mode JVP failed ({type(exc).__name__}); using finite differences")
+                self.config = attrs.evolve(self.config, jvp="fd")  # once, not every step
         theta_norm = torch.sqrt(sum(p.double().square().sum() for p in self.theta.values()))
         nu_norm = torch.sqrt(sum(v.double().square().sum() for v in nu)).clamp(min=1e-30)
         eps = float(self.config.fd_step * (theta_norm + 1) / nu_norm)
