@@ -16,7 +16,7 @@ from torch import Tensor
 from core import hookimpl, ops
 from core.config import unit_interval
 from core.errors import UsageError
-from plugins.samplers.basic import _call, start
+from plugins.samplers.basic import denoise_at, start
 
 
 @attrs.define(kw_only=True)
@@ -49,7 +49,7 @@ def ancestral(model, noise, times, cond=None, *, return_trajectory=False, guidan
     traj = [x]
     for i in range(len(times) - 1):
         t, s = float(times[i]), float(times[i + 1])
-        x0 = _call(model, x, t, cond, guidance)
+        x0 = denoise_at(model, x, t, cond, guidance)
         if s == 0:
             x = x0
         else:

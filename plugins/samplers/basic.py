@@ -7,7 +7,9 @@ import torch
 from core.parameterization import bcast
 
 
-def _call(model, x, t, cond, guidance):
+def denoise_at(model, x, t, cond, guidance):
+    """model.denoise at one scalar time for the whole batch (guidance passed only when set, since students
+    and critics take no guidance argument)."""
     tt = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device).to(
         x.dtype if x.dtype == torch.float64 else torch.float32)
     if guidance is not None:
@@ -29,7 +31,7 @@ def euler(model, noise, times, cond=None, *, return_trajectory=False, guidance=N
     traj = [x]
     for i in range(len(times) - 1):
         t, s = float(times[i]), float(times[i + 1])
-        x0 = _call(model, x, t, cond, guidance)
+        x0 = denoise_at(model, x, t, cond, guidance)
         if s == 0:
             x = x0
         else:
@@ -52,7 +54,7 @@ def multistep(model, noise, times, cond=None, *, return_trajectory=False, guidan
     traj = [x]
     for i in range(len(times) - 1):
         t, s = float(times[i]), float(times[i + 1])
-        x0 = _call(model, x, t, cond, guidance)
+        x0 = denoise_at(model, x, t, cond, guidance)
         if s == 0:
             x = x0
         else:
