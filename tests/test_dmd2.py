@@ -329,6 +329,10 @@ def test_network_teacher_initialises_generator_and_critic_from_its_weights(tiny_
                 "train.batch=16", "train.eval_every=3", "train.log_every=3", "train.eval_samples=64",
                 "train.preview_every=0", "objective.steps=2", f"out={tmp_path}/run")
     assert np.isfinite(res["metrics"]["energy_distance"])
+    from core.sample import main as sample
+
+    assert sample([f"run={tmp_path}/run", "num=40", "label=1", f"out={tmp_path}/x.npz"]) == 0
+    assert (np.load(tmp_path / "x.npz")["labels"] == 1).all()
 
 
 @pytest.mark.parametrize("steps", [1, 3])
