@@ -125,7 +125,7 @@ def test_ttur_phase_counts_are_exact(tmp_path, ratio, steps):
     assert {id(p) for g in gen.param_groups for p in g["params"]} == {id(p) for p in tr.student.parameters()}
     critic_params = [*tr.nets["critic"].parameters(), *tr.nets["gan_head"].parameters()]
     assert {id(p) for g in crit.param_groups for p in g["params"]} == {id(p) for p in critic_params}
-    assert gen.param_groups[0]["lr"] == 2e-4 and crit.param_groups[0]["lr"] == 7e-4
+    assert tr.base_lr == {"generator": 2e-4, "critic": 7e-4}
     # generator on iterations n % r == 0, critic (and GAN head) on every iteration
     assert {int(s["step"]) for s in gen.state.values()} == {len(range(0, steps, ratio))}
     assert {int(s["step"]) for s in crit.state.values()} == {steps}
