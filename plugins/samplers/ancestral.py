@@ -16,7 +16,7 @@ from torch import Tensor
 from core import hookimpl, ops
 from core.config import unit_interval
 from core.errors import UsageError
-from plugins.samplers.basic import denoise_at, start
+from plugins.samplers.basic import one_call_per_step
 
 
 @attrs.define(kw_only=True)
@@ -45,22 +45,14 @@ def ancestral(model, noise, times, cond=None, *, return_trajectory=False, guidan
     """Ancestral sampling (Salimans et al. 2024, Alg. 1): x0 = model(z_t, t), then z_s ~ q(z_s | z_t, x0)
     with DDIM(eta) noise. A final time of 0 returns x0."""
     sched = model.schedule
-    x = start(model, noise, times)
-    traj = [x]
-    for i in range(len(times) - 1):
-        t, s = float(times[i]), float(times[i + 1])
-        x0 = denoise_at(model, x, t, cond, guidance)
-        if s == 0:
-            x = x0
-        else:
-            t64, s64 = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
-            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
-            x = ops.posterior_sample(x.double(), x0.double(), sched.alpha(t64), sched.sigma(t64),
-                                     sched.alpha(s64), sched.sigma(s64), xi, eta).to(x.dtype)
-        if callback is not None:
-            callback({"x": x, "i": i, "t": t, "denoised": x0})
-        traj.append(x)
-    return (x, traj) if return_trajectory else x
+
+    def step(x, x0, t, s):
+        xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        return ops.posterior_sample(x.double(), x0.double(), sched.alpha(t), sched.sigma(t), sched.alpha(s),
+                                    sched.sigma(s), xi, eta).to(x.dtype)
+
+    return one_call_per_step(model, noise, times, cond, step, return_trajectory=return_trajectory,
+                             guidance=guidance, callback=callback)
 
 
 @hookimpl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from core.parameterization import bcast
+from core import ops
 
 
 def denoise_at(model, x, t, cond, guidance):
@@ -22,26 +22,32 @@ def start(model, noise, times):
     return noise * model.schedule.sigma(torch.as_tensor(times[0], dtype=torch.float64)).to(noise.dtype)
 
 
-@torch.no_grad()
-def euler(model, noise, times, cond=None, *, return_trajectory=False, guidance=None, callback=None):
-    """Euler on the probability-flow ODE, written as DDIM (Song et al. 2021, eta = 0):
-    x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t. A final time of 0 returns x0."""
-    sched = model.schedule
+def one_call_per_step(model, noise, times, cond, step, *, return_trajectory=False, guidance=None, callback=None):
+    """The loop shared by samplers that call the model once per step: x0 = model(x, t), then
+    ``x = step(x, x0, t, s)`` with float64 scalar times; a final time of 0 returns x0."""
     x = start(model, noise, times)
     traj = [x]
     for i in range(len(times) - 1):
         t, s = float(times[i]), float(times[i + 1])
         x0 = denoise_at(model, x, t, cond, guidance)
-        if s == 0:
-            x = x0
-        else:
-            at, st = sched.alpha(torch.tensor(t, dtype=torch.float64)), sched.sigma(torch.tensor(t, dtype=torch.float64))
-            as_, ss = sched.alpha(torch.tensor(s, dtype=torch.float64)), sched.sigma(torch.tensor(s, dtype=torch.float64))
-            x = (as_ * x0 + ss * (x - at * x0) / st).to(x.dtype)
+        x = x0 if s == 0 else step(x, x0, torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "denoised": x0})
         traj.append(x)
     return (x, traj) if return_trajectory else x
+
+
+@torch.no_grad()
+def euler(model, noise, times, cond=None, *, return_trajectory=False, guidance=None, callback=None):
+    """Euler on the probability-flow ODE, written as DDIM (Song et al. 2021, eta = 0):
+    x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t. A final time of 0 returns x0."""
+    sched = model.schedule
+
+    def step(x, x0, t, s):
+        return (sched.alpha(s) * x0 + sched.sigma(s) * (x - sched.alpha(t) * x0) / sched.sigma(t)).to(x.dtype)
+
+    return one_call_per_step(model, noise, times, cond, step, return_trajectory=return_trajectory,
+                             guidance=guidance, callback=callback)
 
 
 @torch.no_grad()
@@ -50,18 +56,10 @@ def multistep(model, noise, times, cond=None, *, return_trajectory=False, guidan
     """Few-step generator sampling (DMD2, consistency models): denoise at t_i, then re-noise the
     estimate to t_{i+1} with fresh Gaussian noise. A final time of 0 returns x0."""
     sched = model.schedule
-    x = start(model, noise, times)
-    traj = [x]
-    for i in range(len(times) - 1):
-        t, s = float(times[i]), float(times[i + 1])
-        x0 = denoise_at(model, x, t, cond, guidance)
-        if s == 0:
-            x = x0
-        else:
-            s64 = torch.tensor(s, dtype=torch.float64)
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = bcast(sched.alpha(s64), x0) * x0 + bcast(sched.sigma(s64), x0) * eps
-        if callback is not None:
-            callback({"x": x, "i": i, "t": t, "denoised": x0})
-        traj.append(x)
-    return (x, traj) if return_trajectory else x
+
+    def step(x, x0, t, s):
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return ops.add_noise(x0, eps, sched.alpha(s).to(x.dtype), sched.sigma(s).to(x.dtype))
+
+    return one_call_per_step(model, noise, times, cond, step, return_trajectory=return_trajectory,
+                             guidance=guidance, callback=callback)
