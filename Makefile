@@ -30,7 +30,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -n 2 -m "slow" -q
 
 bench: setup
-	$(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu.json
+	mkdir -p benchmarks/results
+	FEWSTEP_BENCH_THREADS=1 $(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
