@@ -19,7 +19,7 @@ def test_built_ins_come_from_entry_points():
     for kind, names in BUILT_INS.items():
         for name in names:
             assert reg.get(kind, name).dist == "fewstep", (kind, name)
-    assert not {k: v for k, v in reg.failed.items() if k in ("gmm", "students", "denoise", "samplers")}
+    assert not reg.failed, reg.failed  # every built-in entry point imports (diffusers is imported lazily)
 
 
 class _Dup:
