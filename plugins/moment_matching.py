@@ -241,7 +241,7 @@ class SecondMoment(torch.nn.Module):
     def precondition(self, grads: list[Tensor]) -> list[Tensor]:
         """Update v with g^2, return g / (sqrt(v_hat) + eps)."""
         self.count += 1
-        correction = 1 - self.beta ** float(self.count)
+        correction = 1 - self.beta ** self.count  # a 0-d tensor: no host sync in the training step
         out = []
         for i, g in enumerate(grads):
             v = getattr(self, f"v{i}")
@@ -310,7 +310,7 @@ class MomentMatchingParam:
                 self.config = attrs.evolve(self.config, jvp="fd")  # once, not every step
         theta_norm = torch.sqrt(sum(p.double().square().sum() for p in self.theta.values()))
         nu_norm = torch.sqrt(sum(v.double().square().sum() for v in nu)).clamp(min=1e-30)
-        eps = float(self.config.fd_step * (theta_norm + 1) / nu_norm)
+        eps = self.config.fd_step * (theta_norm + 1) / nu_norm  # a 0-d tensor: no host sync
         with torch.no_grad():
             plus = self._f({k: p + eps * tangent[k] for k, p in self.theta.items()}, z_s, s, cond)
             minus = self._f({k: p - eps * tangent[k] for k, p in self.theta.items()}, z_s, s, cond)
