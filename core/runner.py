@@ -392,7 +392,8 @@ class Trainer:
         total = self.cfg.train.steps
         main = self.main
         if start:
-            self.log(f"fewstep: resuming {self.out} from step {start}")
+            self.log(f"fewstep: {self.out} is complete (step {start}); raise train.steps to train on"
+                     if start >= total else f"fewstep: resuming {self.out} from step {start}")
         self.tb = None
         if main:
             if start:
