@@ -14,7 +14,7 @@ import torch
 from core import hookimpl, ops
 from core.config import positive, unit_interval
 from core.protocols import Phase, SamplingSpec
-from core.timesteps import make_grid
+from core.timesteps import make_grid, ve_sigma
 
 
 @attrs.define(kw_only=True)
@@ -49,7 +49,7 @@ class Denoise:
         sched = net.schedule
         sigma_ve = torch.exp(c.p_mean + c.p_std * torch.randn(x0.shape[0], device=x0.device, dtype=torch.float64))
         t = sched.t_from_logsnr(-2 * sigma_ve.log()).clamp(sched.t_min, sched.t_max)
-        sigma_ve = torch.exp(-sched.logsnr(t) / 2)  # after clamping
+        sigma_ve = ve_sigma(sched, t)  # after clamping
         x_t = ops.add_noise(x0, torch.randn_like(x0), sched.alpha(t), sched.sigma(t))
         sd = net.sigma_data
         weight = (sigma_ve**2 + sd**2) / (sigma_ve * sd) ** 2
