@@ -40,6 +40,7 @@ VARIANTS = {  # name -> (overrides, needs a network teacher)
     "mm-param": (("objective=mm-param",), True),
     "sfd": (("objective=sfd",), True),
 }
+NETWORK_ONLY = ("objective=mm-param", "objective=sfd", "student=copy")  # variants that distil a network teacher
 SAMPLERS = ("euler", "dpmpp-2m", "ancestral")
 NFES = (1, 2, 4, 8)
 METRICS = ("energy_distance", "mode_mass_tv", "lost_modes", "off_manifold")
@@ -121,6 +122,12 @@ def run_job(job: dict) -> dict:
     return {"variant": job["variant"], "mixture": job["mixture"], "seed": job["seed"], **metrics,
             "nfe": len(trainer.spec.times) - 1, "train_steps": trainer.cfg.train.steps,
             "train_seconds": round(seconds, 1)}
+
+
+def _cost(overrides) -> float:
+    steps = next((float(o.split("=")[1]) for o in overrides if o.startswith("train.steps=")), 2000.0)
+    k = next((float(o.split("=")[1]) for o in overrides if o.startswith("objective.steps=")), 1.0)
+    return steps * (1 + 0.3 * k)
 
 
 def network_teacher(workdir: Path, mixture: str, spec: str | None) -> str:
@@ -258,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run; teacher.spec=FILE replaces "
                                                 "the presets with your mixture")
     p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "sfd"))
+    p.add_argument("--define", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="an extra variant for ablations, e.g. dmd2-reg:objective=dmd2,objective.regression_weight=1")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--samples", type=int, default=5000)
@@ -268,6 +277,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher.spec=")), None)
     extra = [o for o in args.overrides if not o.startswith("teacher.spec=")]
+    for d in args.define:
+        name, _, body = d.partition(":")
+        if not name or "=" not in body:
+            print(f"fewstep: error: --define '{d}' is not NAME:KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
+            return 2
+        overrides = tuple(body.split(","))
+        VARIANTS[name] = (overrides, any(o.startswith(NETWORK_ONLY) for o in overrides))
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -299,14 +315,20 @@ def main(argv=None) -> int:
                                  "guidance": [GUIDANCE[m]] if m in GUIDANCE and not spec else [],
                                  "needs_net": needs_net})
         futures = []
+        jobs.sort(key=lambda j: -_cost(j["overrides"]))  # longest first, for the pool's balance
         for job in jobs:
             if job["needs_net"]:
                 job["teacher_dir"] = teachers[job["mixture"]].result()
             futures.append(pool.submit(run_job, job))
         rows = [r for f in refs for r in f.result()]
+        progress = Path(args.json).with_suffix(".rows.jsonl")  # every finished run at once, for long sweeps
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for f in cf.as_completed(futures):
             row = f.result()
             rows.append(row)
+            with progress.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
             print(f"{row['variant']:>8} {row['mixture']:>8} seed {row['seed']}: ED {row['energy_distance']:.4f} "
                   f"TV {row['mode_mass_tv']:.3f} lost {row['lost_modes']} off {row['off_manifold']:.3f} "
                   f"({row['train_seconds']} s)", flush=True)

@@ -22,6 +22,8 @@ from core.config import positive
 from core.errors import UsageError
 from core.networks import ResidualMLP
 from core.protocols import Phase, SamplingSpec
+from core.registry import get_registry
+from core.timesteps import make_grid
 from plugins import gan
 from plugins.samplers.basic import multistep
 
@@ -57,6 +59,13 @@ class DMD2Config:
         default="auto", metadata={"doc": "GAN head on the critic; auto: on when the run has real data"})
     gan_gen_weight: float = attrs.field(default=3e-3, metadata={"doc": "lambda_G (generator GAN weight)"})
     gan_disc_weight: float = attrs.field(default=1e-2, metadata={"doc": "lambda_D (critic GAN weight)"})
+    regression_weight: float = attrs.field(
+        default=0.0, validator=attrs.validators.ge(0),
+        metadata={"doc": "lambda_reg: DMD's regression loss ||G(x_in) - ODE_teacher(x_in)||^2 on the generator's "
+                         "own inputs (0: off, as DMD2)"})
+    regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
+    regression_steps: int = attrs.field(default=16, validator=positive,
+                                        metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
@@ -206,6 +215,10 @@ class DMD2:
         ctx.cache["dmd2.x"] = x.detach()
         dm = self.distribution_matching_loss(x, ctx.batch["cond"], ctx.teacher, ctx.critic)
         loss, metrics = c.dm_weight * dm, {"dm": dm.detach()}
+        if c.regression_weight:
+            reg = self.regression_loss(ctx, x)
+            loss = loss + c.regression_weight * reg
+            metrics["regression"] = reg.detach()
         if self.use_gan(ctx):
             g = gan.generator_loss(*self.discriminate(ctx, [x], ctx.batch["cond"]))
             loss = loss + c.gan_gen_weight * g
@@ -245,6 +258,23 @@ class DMD2:
             x0_real = teacher.denoise(x_t, tt, cond, guidance=guidance)
             x0_fake = critic.denoise(x_t, tt, cond)
         return ops.dmd_loss(x, x0_real, x0_fake)
+
+    def regression_loss(self, ctx, x: Tensor) -> Tensor:
+        """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
+        is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
+        ``regression_solver`` from tau_k to 0, with the real score's guidance), so every noise keeps the mode the
+        teacher assigns it. Computed per generator update, not from a stored pair set."""
+        x_in, t_in = self.generator_input(ctx)
+        c, teacher = self.config, ctx.teacher
+        sched = teacher.schedule
+        grid = make_grid(sched, c.regression_steps, t_max=float(t_in[0]))
+        solver = get_registry().get("sampler", c.regression_solver).factory
+        guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
+        extra = {} if guidance is None or ctx.batch["cond"] is None else {"guidance": guidance}
+        with torch.no_grad():
+            noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
+            target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
+        return torch.nn.functional.mse_loss(x, target.to(x.dtype))
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
         """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's
