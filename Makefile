@@ -35,3 +35,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
+
+# the distillation quality sweep (docs/methods/quality.md): every objective x mixture x seed on all cores
+.PHONY: quality
+quality: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality

@@ -277,17 +277,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher.spec=")), None)
     extra = [o for o in args.overrides if not o.startswith("teacher.spec=")]
+    table = dict(VARIANTS)
     for d in args.define:
         name, _, body = d.partition(":")
         if not name or "=" not in body:
             print(f"fewstep: error: --define '{d}' is not NAME:KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
             return 2
         overrides = tuple(body.split(","))
-        VARIANTS[name] = (overrides, any(o.startswith(NETWORK_ONLY) for o in overrides))
+        table[name] = (overrides, any(o.startswith(NETWORK_ONLY) for o in overrides))
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in table]
     if unknown:
-        print(f"fewstep: error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}",
+        print(f"fewstep: error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(table)}",
               file=sys.stderr)
         return 2
     if spec and not Path(spec).is_file():
@@ -301,12 +302,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         teachers = {}
-        if any(VARIANTS[v][1] for v in variants):
+        if any(table[v][1] for v in variants):
             teachers = {m: pool.submit(network_teacher, workdir, m, spec) for m in mixtures}
         refs = [pool.submit(teacher_rows, m, spec, seeds, args.samples) for m in mixtures]
         jobs = []
         for v in variants:
-            overrides, needs_net = VARIANTS[v]
+            overrides, needs_net = table[v]
             for m in mixtures:
                 base = [*(mixture_overrides(m, spec) if not needs_net else []), *overrides, *extra]
                 for s in seeds:
