@@ -97,6 +97,7 @@ class GaussianMixtureTeacher:
 
     default_student = "mlp"
     default_data = "gmm"
+    analytic = True  # no network: students and critics start from scratch (objectives adapt their defaults)
 
     def __init__(self, config: GMMConfig, device="cpu"):
         spec = load_spec(config.spec) if config.spec else preset(config.preset)
