@@ -260,6 +260,38 @@ def write_table(path: Path, text: str) -> None:
 
 # -- driver -------------------------------------------------------------------------------------------------
 
+def report(rows: list[dict], mixtures: list[str], meta: dict, args) -> None:
+    agg = aggregate(rows)
+    goal_rows = goals(agg, mixtures)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"meta": meta, "runs": rows, "summary": agg, "goals": goal_rows}, indent=1))
+    text = markdown(agg, goal_rows, meta)
+    if args.table:
+        write_table(Path(args.table), text)
+    print(text)
+
+
+def collect(args, argv) -> int:
+    rows, seen = [], set()
+    for path in args.collect:
+        if not Path(path).is_file():
+            print(f"fewstep: error: --collect: no such file '{path}'; pass the .rows.jsonl files of earlier sweeps",
+                  file=sys.stderr)
+            return 2
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            key = (row["variant"], row["mixture"], row["seed"], row["nfe"])
+            if key not in seen:  # the first file that has a run wins (teacher rows repeat across sweeps)
+                seen.add(key)
+                rows.append(row)
+    mixtures = sorted({r["mixture"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": args.samples,
+            "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report(rows, mixtures, meta, args)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run; teacher.spec=FILE replaces "
@@ -274,7 +306,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/quality")
     p.add_argument("--json", default="benchmarks/results/quality.json")
     p.add_argument("--table", default="docs/methods/quality.md", help="'' to skip")
+    p.add_argument("--collect", nargs="+", metavar="ROWS.jsonl",
+                   help="train nothing: aggregate the rows files of earlier (partial) sweeps into --json and --table")
     args = p.parse_args(argv)
+    if args.collect:
+        return collect(args, argv)
     spec = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher.spec=")), None)
     extra = [o for o in args.overrides if not o.startswith("teacher.spec=")]
     table = dict(VARIANTS)
@@ -333,17 +369,10 @@ def main(argv=None) -> int:
             print(f"{row['variant']:>8} {row['mixture']:>8} seed {row['seed']}: ED {row['energy_distance']:.4f} "
                   f"TV {row['mode_mass_tv']:.3f} lost {row['lost_modes']} off {row['off_manifold']:.3f} "
                   f"({row['train_seconds']} s)", flush=True)
-    agg = aggregate(rows)
-    goal_rows = goals(agg, mixtures)
     meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": args.samples,
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"meta": meta, "runs": rows, "summary": agg, "goals": goal_rows}, indent=1))
-    text = markdown(agg, goal_rows, meta)
-    if args.table:
-        write_table(Path(args.table), text)
-    print(text)
+    report(rows, mixtures, meta, args)
     return 0
 
 
