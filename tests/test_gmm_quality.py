@@ -106,3 +106,23 @@ def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert err.startswith("fewstep: error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "w").exists() and not (tmp_path / "q.json").exists()
+
+
+def test_collect_aggregates_partial_sweeps_over_seeds(tmp_path):
+    from benchmarks.quality import main
+
+    def row(variant, seed, ed, lost, nfe=1):
+        return {"variant": variant, "mixture": "ring8", "seed": seed, "nfe": nfe, "energy_distance": ed,
+                "mode_mass_tv": 0.1, "lost_modes": lost, "off_manifold": 0.2}
+
+    a, b = tmp_path / "a.rows.jsonl", tmp_path / "b.rows.jsonl"
+    a.write_text("\n".join(json.dumps(r) for r in [row("dmd2", 0, 0.01, 0), row("teacher euler", 0, 0.02, 0, 8)]))
+    b.write_text("\n".join(json.dumps(r) for r in [row("dmd2", 0, 9.0, 5), row("dmd2", 1, 0.03, 1)]))
+    out = tmp_path / "q.json"
+    assert main(["--collect", str(a), str(b), "--json", str(out), "--table", ""]) == 0
+    summary = {s["variant"]: s for s in json.loads(out.read_text())["summary"]}
+    d = summary["dmd2"]
+    assert d["seeds"] == [0, 1] and d["energy_distance"] == pytest.approx(0.02)  # b's repeat of seed 0 is ignored
+    assert d["energy_distance_std"] == pytest.approx(math.sqrt(2) * 0.01) and d["lost_modes_max"] == 1
+    goals = {g["goal"]: g["pass"] for g in json.loads(out.read_text())["goals"]}
+    assert goals == {"dmd2 1-step: no lost mode": False, "dmd2 1-step <= teacher euler 8": True}
