@@ -8,7 +8,7 @@ an SDXL UNet.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -85,7 +85,8 @@ class Phase:
 
     ``trains`` names the networks whose parameters this phase's optimizer steps (``student``,
     ``critic`` or an objective's own module). The phase runs on iterations where
-    ``iteration % every == offset`` and then ``repeats`` times (each repeat one optimizer step).
+    ``iteration % every == offset``, ``repeats`` times in a row (e.g. several critic updates per generator
+    update); each run makes one optimizer step per loss the objective gives (see ``DistillObjective.loss``).
     """
 
     name: str
@@ -111,7 +112,7 @@ class SamplingSpec:
 
 class Context:
     """What an objective sees in one phase call: networks, real data batch, iteration and a
-    per-iteration cache (shared by the phases and repeats of one iteration, cleared after it)."""
+    per-iteration cache (shared by the phases of one iteration, cleared after it)."""
 
     def __init__(self, nets: dict, batch: dict, iteration: int, batch_size: int, device, cache=None):
         self.nets = nets
@@ -120,7 +121,6 @@ class Context:
         self.batch_size = batch_size
         self.device = device
         self.cache = {} if cache is None else cache
-        self.repeat = 0
 
     @property
     def teacher(self):
@@ -145,7 +145,8 @@ class DistillObjective(Protocol):
       (e.g. a GAN head); called once after the networks exist.
     - ``phases() -> list[Phase]``
     - ``loss(phase, ctx) -> (loss, metrics)``: the scalar to minimise for that phase and a dict of floats
-      or 0-d tensors to log.
+      or 0-d tensors to log; or a generator of such pairs when the method's algorithm updates several
+      times in one iteration (SFD's Algorithm 1): the runner makes one optimizer step after each.
     - ``sampling(student) -> SamplingSpec``: how the trained student generates (times in the
       student schedule's units).
     """
@@ -156,6 +157,20 @@ class DistillObjective(Protocol):
 
     def phases(self) -> list[Phase]: ...
 
-    def loss(self, phase: str, ctx: Context) -> tuple[Tensor, dict]: ...
+    def loss(self, phase: str, ctx: Context) -> tuple[Tensor, dict] | Iterator[tuple[Tensor, dict]]: ...
 
     def sampling(self, student) -> SamplingSpec: ...
+
+    def with_steps(self, spec: SamplingSpec, steps: int, student) -> SamplingSpec:
+        """Optional: the spec for ``python -m core.sample run=... steps=K``. Without it the trained sampler
+        runs on a K-step grid of the same kind."""
+        ...
+
+
+def phase_losses(objective, phase: str, ctx: Context) -> Iterator[tuple[Tensor, dict]]:
+    """The (loss, metrics) pairs of one phase call, whichever form the objective returns."""
+    out = objective.loss(phase, ctx)
+    if isinstance(out, tuple):
+        yield out
+    else:
+        yield from out

@@ -49,7 +49,8 @@ def respaced(spec: SamplingSpec, schedule, steps: int, grid: str | None) -> Samp
 @guard
 def main(argv: list[str]) -> int:
     from core.runconfig import resolve
-    from core.runner import Networks, load_run, resolve_device, set_seed
+    from core.roles import Networks, resolve_device, set_seed
+    from core.rundir import load_run
     from core.sampling import generate
 
     tree = load_tree(argv)

@@ -25,11 +25,8 @@ class CheckpointTeacherConfig:
 class CheckpointTeacher:
     """The student network of a finished run, frozen, served as a teacher (CFG via null label -1)."""
 
-    default_student = "copy"
-    default_data = "auto"
-
     def __init__(self, config: CheckpointTeacherConfig, device="cpu"):
-        from core.runner import load_run
+        from core.rundir import load_run
 
         networks, _, run_cfg = load_run(config.path, device=device)
         self.source = networks.teacher
@@ -71,12 +68,10 @@ def _make(config, device="cpu"):
         raise UsageError(f"teacher.path={config.path}: {exc}") from None
 
 
-_make.default_student = "copy"
-
-
 @hookimpl
 def register_teachers(register):
-    register("checkpoint", _make, config=CheckpointTeacherConfig)
+    register("checkpoint", _make, config=CheckpointTeacherConfig, default_student="copy",
+             default_data="teacher-samples")
 
 
 @hookimpl
@@ -103,5 +98,3 @@ class TeacherSamples:
             labels = torch.randint(0, self.teacher.num_classes, (n,))
         return {"x": self.teacher.sample_exact(n, labels), "cond": labels}
 
-
-_make.default_data = "teacher-samples"

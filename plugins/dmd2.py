@@ -108,11 +108,6 @@ class DMD2:
     """DMD2: distribution matching with a fake-score critic (TTUR), GAN head, K-step backward simulation."""
 
     needs_critic = True
-    default_critic = "fake-score"
-    # the default demo (python -m core.run: dmd2 on ring8, 1 step) takes about a minute on 2 CPU cores;
-    # the cosine decay settles the generator's last updates
-    train_defaults = {"steps": 2000, "batch": 128, "lr_decay": "cosine", "eval_every": 1000, "preview_every": 0,
-                      "ckpt_every": 1000, "log_every": 100}
 
     def __init__(self, config: DMD2Config):
         self.config = config
@@ -289,4 +284,8 @@ class DMD2:
 
 @hookimpl
 def register_objectives(register):
-    register("dmd2", DMD2, config=DMD2Config)
+    # the default demo (python -m core.run: dmd2 on ring8, 1 step) takes about a minute on 2 CPU cores;
+    # the cosine decay settles the generator's last updates
+    register("dmd2", DMD2, config=DMD2Config, default_critic="fake-score",
+             train_defaults={"steps": 2000, "batch": 128, "lr_decay": "cosine", "eval_every": 1000,
+                             "preview_every": 0, "ckpt_every": 1000, "log_every": 100})

@@ -137,8 +137,6 @@ class MomentMatching:
     generator g_eta; generator gradient w(s) (dx~/deta)^T (g_phi(z_s) - g_theta(z_s))."""
 
     needs_critic = True
-    default_critic = "fake-score"
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMConfig):
         self.config = config
@@ -256,7 +254,6 @@ class MomentMatchingParam:
     differentiated through x~_B only, via the JVP J_theta(z_s) nu."""
 
     needs_critic = False
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMParamConfig):
         self.config = config
@@ -346,5 +343,5 @@ class MomentMatchingParam:
 
 @hookimpl
 def register_objectives(register):
-    register("mm", MomentMatching, config=MMConfig)
-    register("mm-param", MomentMatchingParam, config=MMParamConfig)
+    register("mm", MomentMatching, config=MMConfig, default_critic="fake-score", train_defaults=TRAIN_DEFAULTS)
+    register("mm-param", MomentMatchingParam, config=MMParamConfig, train_defaults=TRAIN_DEFAULTS)

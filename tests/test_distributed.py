@@ -219,7 +219,7 @@ def test_ddp_equals_one_process_with_the_global_batch(ranks, tmp_path):
 
 
 def _student_at_init() -> dict:
-    from core.runner import Networks, set_seed
+    from core.roles import Networks, set_seed
 
     cfg = run_config(*BASE)
     set_seed(cfg.seed)
@@ -266,7 +266,7 @@ def test_sharded_checkpoint_serves_load_run(ranks, tmp_path):
     import shutil
 
     from core import checkpoint as ckpt
-    from core.runner import load_run
+    from core.rundir import load_run
 
     _job(ranks, "_job_ddp")
     _, tmp = ranks

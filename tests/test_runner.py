@@ -115,7 +115,7 @@ def test_sample_cli_for_run_and_teacher(tmp_path, capsys):
 
 def test_checkpoint_teacher_serves_a_trained_network(tmp_path):
     from conftest import run_config
-    from core.runner import Networks
+    from core.roles import Networks
 
     train(*FAST, "train.steps=10", f"out={tmp_path / 'teacher'}")
     cfg = run_config("objective=denoise", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}",
