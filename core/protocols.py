@@ -72,6 +72,23 @@ class Dataset(Protocol):
     def sample(self, n: int) -> dict: ...
 
 
+def time_batch(t: float | Tensor, x: Tensor) -> Tensor:
+    """``t`` (a scalar or [B]) as the [B] time tensor ``denoise`` takes for the batch ``x``: float32, or
+    float64 for a float64 batch."""
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0]).to(dtype)
+
+
+def sigma_data_of(*models, default: float = 0.5) -> float:
+    """The data standard deviation of the first of ``models`` that declares one (``sigma_data``, optional on
+    teachers, students and critics), else ``default``; preconditioning and EDM weighting read it."""
+    for model in models:
+        value = getattr(model, "sigma_data", None)
+        if value:
+            return value
+    return default
+
+
 # A sampler is a plain function (k-diffusion style):
 #   sampler(model, noise, times, cond=None, *, return_trajectory=False, **options) -> x  (or (x, [x_i]))
 # ``model`` is a Denoiser, ``noise`` is unit Gaussian, ``times`` a decreasing 1-D tensor in the

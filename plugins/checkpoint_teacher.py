@@ -10,6 +10,7 @@ import torch
 from core import hookimpl
 from core.errors import UsageError
 from core.networks import guided
+from core.protocols import sigma_data_of
 
 
 @attrs.define(kw_only=True)
@@ -34,7 +35,7 @@ class CheckpointTeacher:
         self.schedule = self.net.schedule
         self.data_shape = tuple(self.source.data_shape)
         self.num_classes = getattr(self.source, "num_classes", 0)
-        self.sigma_data = getattr(self.net, "sigma_data", 0.5)
+        self.sigma_data = sigma_data_of(self.net)
         self.guidance = config.guidance
         self.run_config = run_cfg
         self.device = torch.device(device)

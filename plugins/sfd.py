@@ -28,10 +28,10 @@ from torch import nn
 from core import hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
-from core.protocols import Phase, SamplingSpec
-from core.registry import warn
+from core.pfode import PFODE
+from core.protocols import Phase, SamplingSpec, sigma_data_of
+from core.registry import get_registry, warn
 from core.timesteps import nested_grids, ve_sigma
-from plugins.samplers.ode import PFODE, SAMPLERS
 
 
 
@@ -91,6 +91,8 @@ class SFD:
         if teacher.schedule.config() != student.schedule.config():
             raise UsageError("objective=sfd needs the student on the teacher's schedule; use student=copy")
         self._grids(student.schedule, self.nfe_range[0])  # validates sigma_min / sigma_max early
+        # the teacher's solver is a sampler plugin (plugins/samplers/ode.py registers them)
+        self.teacher_solver = get_registry().get("sampler", self.config.teacher_solver).factory
         return {}
 
     def phases(self):
@@ -137,8 +139,7 @@ class SFD:
             if cond is None and getattr(teacher, "num_classes", 0):
                 cond = teacher.encode_condition(torch.randint(0, teacher.num_classes, (ctx.batch_size,)))
             z = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
-            solver = SAMPLERS[c.teacher_solver][0]
-            _, trajectory = solver(teacher, z, fine, cond, return_trajectory=True,
+            _, trajectory = self.teacher_solver(teacher, z, fine, cond, return_trajectory=True,
                                    **({"afs": False} if c.teacher_solver == "euler-afs" else {}))
             targets = trajectory[::c.substeps + 1]  # y_0 .. y_N on the student grid
             x, first = targets[0], 0
@@ -171,7 +172,7 @@ class NFEConditioned(nn.Module):
                              "(core.networks.ResidualMLP); this teacher's does not")
         width = backbone.time[-1].out_features
         self.net, self.schedule = net, net.schedule
-        self.sigma_data = getattr(net, "sigma_data", 0.5)
+        self.sigma_data = sigma_data_of(net)
         self.register_buffer("freqs", torch.exp(-math.log(100.0) * torch.arange(emb_dim // 2) / (emb_dim // 2)))
         self.nfe_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
         nn.init.zeros_(self.nfe_embed[-1].weight)
