@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from core import checkpoint as ckpt
-from core import hookimpl
-from core.sampling import generate
+from core import files, hookimpl
+from core.generation import generate
 
 
 class Evaluation:
@@ -41,8 +40,8 @@ class Evaluation:
     def write_preview(self, samples, reference) -> str:
         from core.preview import preview_png
 
-        url = ckpt.join(self.trainer.out, "preview.png")
-        ckpt.write_bytes_atomic(url, preview_png(samples, reference))
+        url = files.join(self.trainer.out, "preview.png")
+        files.write_bytes_atomic(url, preview_png(samples, reference))
         return url
 
     def _gather(self) -> bool:

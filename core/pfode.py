@@ -42,7 +42,8 @@ class PFODE:
         self.nfe = 0
 
     def start(self, noise: Tensor) -> Tensor:
-        """y at times[0]: s_0 * noise (x = sigma_0 * noise; the data term is neglected, as in ``core.stepping.start``)."""
+        """y at times[0]: s_0 * noise (x = sigma_0 * noise; the data term is neglected, as in
+        ``core.generation.start``)."""
         return noise * self.s[0]
 
     def x(self, y: Tensor, i: int) -> Tensor:

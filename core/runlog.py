@@ -10,15 +10,14 @@ import sys
 import fsspec
 from tqdm import tqdm
 
-from core import checkpoint as ckpt
-from core import hookimpl
+from core import files, hookimpl
 
 
 class MetricsLog:
     """One JSON record per log step in ``RUN/metrics.jsonl``; scalars also to ``RUN/tb`` (local runs)."""
 
     def __init__(self, out: str):
-        self.url = ckpt.join(out, "metrics.jsonl")
+        self.url = files.join(out, "metrics.jsonl")
         self.tb = None
         local = fsspec.core.url_to_fs(out)[1] == out
         if local and os.environ.get("FEWSTEP_TENSORBOARD", "1") != "0":
@@ -30,11 +29,11 @@ class MetricsLog:
     @hookimpl
     def fewstep_run_start(self, trainer, start):
         """A resumed run drops the records written after its checkpoint, so each step is logged once."""
-        if not start or not ckpt.exists(self.url):
+        if not start or not files.exists(self.url):
             return
         with fsspec.open(self.url, "r") as f:
             keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
-        ckpt.write_bytes_atomic(self.url, "".join(keep).encode())
+        files.write_bytes_atomic(self.url, "".join(keep).encode())
 
     @hookimpl
     def fewstep_log(self, trainer, record):

@@ -22,7 +22,7 @@ from core.config import positive
 from core.errors import UsageError
 from core.networks import ResidualMLP
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
-from core.stepping import multistep
+from core.generation import multistep
 
 
 def _fraction_range(instance, attribute, value):

@@ -13,7 +13,7 @@ from core.metrics import energy_distance
 from core.protocols import Context
 from core.rundir import load_run
 from core.runner import Trainer
-from core.sampling import generate
+from core.generation import generate
 from core.timesteps import make_grid, nested_grids
 from plugins.samplers.ode import dpmpp_3m, euler_afs
 from plugins.sfd import NFEConditioned

@@ -93,7 +93,7 @@ def _check_spec(setup: Setup, obj, student) -> None:
         other = obj.with_steps(spec, 2, student)
         if not isinstance(other, SamplingSpec):
             fail(f"with_steps() returned {type(other).__name__}", "return a SamplingSpec")
-    from core.sampling import generate
+    from core.generation import generate
 
     x = generate(student, spec, 8, None if not getattr(setup.teacher, "num_classes", 0) else
                  setup.teacher.encode_condition(torch.arange(8) % setup.teacher.num_classes),

@@ -2,7 +2,7 @@
 **options)``; see ``core.protocols.Sampler``."""
 
 from core import hookimpl
-from core.stepping import multistep
+from core.generation import multistep
 from plugins.samplers.basic import euler
 
 

@@ -14,7 +14,7 @@ import torch
 
 from core import hookimpl, ops
 from core.config import unit_interval
-from core.stepping import one_call_per_step
+from core.generation import one_call_per_step
 
 
 @attrs.define(kw_only=True)

@@ -1,10 +1,10 @@
-"""The ``euler`` (DDIM) sampler; ``multistep`` is core.stepping's, registered in ``plugins.samplers``."""
+"""The ``euler`` (DDIM) sampler; ``multistep`` is core.generation's, registered in ``plugins.samplers``."""
 
 from __future__ import annotations
 
 import torch
 
-from core.stepping import one_call_per_step
+from core.generation import one_call_per_step
 
 
 @torch.no_grad()

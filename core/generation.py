@@ -1,13 +1,16 @@
-"""The loop of samplers that call the model once per step, and ``multistep``, the few-step generators'
-re-noising sampler (DMD2's backward simulation and sampling, consistency models). Samplers share one
-signature (core.protocols.Sampler): ``fn(model, noise, times, cond=None, *, return_trajectory=False, ...)``."""
+"""Generating samples: ``generate`` runs a ``SamplingSpec`` (a sampler plugin, its grid and options) in batches;
+``one_call_per_step`` is the loop of samplers that call the model once per step, and ``multistep`` the few-step
+generators' re-noising sampler (DMD2's backward simulation and sampling, consistency models). Samplers share one
+signature (core.protocols.Sampler): ``fn(model, noise, times, cond=None, *, return_trajectory=False, ...)``.
+The command line over this is ``python -m core.sample`` (core/sample.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from core import ops
-from core.protocols import time_batch
+from core.protocols import SamplingSpec, time_batch
+from core.registry import get_registry
 
 
 def denoise_at(model, x, t, cond, guidance):
@@ -52,3 +55,21 @@ def multistep(model, noise, times, cond=None, *, return_trajectory=False, guidan
 
     return one_call_per_step(model, noise, times, cond, step, return_trajectory=return_trajectory,
                              guidance=guidance, callback=callback)
+
+
+@torch.no_grad()
+def generate(model, spec: SamplingSpec, n: int, cond=None, registry=None, device="cpu", batch: int = 4096,
+             shape=None, **overrides):
+    """``n`` samples in model space from ``model`` with the sampler and grid of ``spec``."""
+    registry = registry or get_registry()
+    fn = registry.get("sampler", spec.sampler).factory
+    times = torch.as_tensor(spec.times, dtype=torch.float64)
+    options = {**spec.options, **overrides}
+    shape = tuple(shape or model.data_shape)
+    outs = []
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        noise = torch.randn(m, *shape, device=device)
+        c = None if cond is None else cond[start:start + m]
+        outs.append(fn(model, noise, times, c, **options))
+    return torch.cat(outs)
