@@ -16,8 +16,6 @@ from core import distributed, hookimpl
 from core.errors import UsageError
 from core.roles import set_seed
 
-# A phase that skips iterations (``every > 1``) advances its schedule without stepping its optimizer.
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def lr_factor(iteration: int, warmup: int, total: int, decay: str) -> float:
@@ -62,10 +60,16 @@ class RunState:
             return self.parallel.full
         return self.ema if self.ema is not None else self.networks.student
 
-    def step_schedules(self) -> None:
-        """Every phase's learning rate moves to the next iteration (the schedules count the run's iterations)."""
-        for schedule in self.schedules.values():
-            schedule.step()
+    def step_schedules(self, to: int | None = None) -> None:
+        """Every phase's learning rate moves to the next iteration, or to iteration ``to`` (the schedules count
+        the run's iterations, so a phase that skips iterations advances without stepping its optimizer:
+        torch's warning about that order is expected here)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for schedule in self.schedules.values():
+                if to is not None:
+                    schedule.last_epoch = to - 1
+                schedule.step()
 
     # -- save ---------------------------------------------------------------------------------------------
     def save(self, iteration: int, spec) -> str:
@@ -109,9 +113,7 @@ class RunState:
     def restore(self) -> int:
         """The iteration to start at: the latest checkpoint's step (0 without one)."""
         step = self._load()
-        for schedule in self.schedules.values():  # resume the schedules at ``step``
-            schedule.last_epoch = step - 1
-            schedule.step()
+        self.step_schedules(to=step)
         return step
 
     def _load(self) -> int:
