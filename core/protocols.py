@@ -37,6 +37,14 @@ class Teacher(Denoiser, Protocol):
     - ``to_model_space`` / ``to_data_space``: VAE encode/decode (identity without a VAE).
     - ``trainable_copy()``: a fresh trainable ``torch.nn.Module`` denoiser initialised from the
       teacher's network, or None when the teacher has no network (exact teachers).
+
+    Optional attributes, with what the framework assumes when one is absent:
+    ``num_classes`` (0: unconditional), ``sigma_data`` (0.5; ``sigma_data_of``, also on students and
+    critics), ``guidance`` (None: the default CFG scale of objectives and ``core.sample``),
+    ``preview_samples`` (16: the preview size when there is nothing to score against),
+    ``gan_feature_module`` / ``gan_feature_shape`` (None: DMD2's GAN head reads the critic's MLP trunk and
+    probes the shape), ``sample_exact(n, labels=None)`` (absent: no quality metrics during training),
+    ``export(model, spec, out)`` (absent: only ``student.safetensors``).
     """
 
     data_shape: tuple[int, ...]

@@ -15,7 +15,6 @@ import io
 import sys
 
 import attrs
-import fsspec
 import numpy as np
 import torch
 
@@ -48,10 +47,10 @@ def respaced(spec: SamplingSpec, schedule, steps: int, grid: str | None) -> Samp
 
 @guard
 def main(argv: list[str]) -> int:
-    from core.runconfig import resolve
-    from core.roles import Networks, resolve_device, set_seed
-    from core.rundir import load_run
     from core.generation import generate
+    from core.roles import resolve_device, set_seed
+    from core.runconfig import resolve
+    from core.rundir import load_run
 
     tree = load_tree(argv)
     sample_args = {k: tree.pop(k) for k in list(tree) if k in SAMPLE_KEYS}
