@@ -11,6 +11,7 @@ grads of the networks it trains only; for each loss the phase gives: ``fewstep_p
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -57,7 +58,9 @@ class Trainer:
         self.state = RunState(self.cfg, self.networks, self.phases, self.parallel, self.log)
         self.optimizers, self.ema, self.store = self.state.optimizers, self.state.ema, self.state.store
         self.spec: SamplingSpec = self.objective.sampling(self.student)
-        self.autocast = self.device.type == "cuda" and self.cfg.train.precision in ("auto", "bf16")
+        bf16 = self.device.type == "cuda" and self.cfg.train.precision in ("auto", "bf16")
+        # entering a disabled torch.autocast still costs a few dispatcher calls per loss
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.hooks = pluggy.PluginManager("fewstep")
         self.hooks.add_hookspecs(hookspecs)
         self.hook = self.hooks.hook
@@ -161,8 +164,7 @@ class Trainer:
         for j, stream in enumerate(streams):
             restart()  # micro-batches replay the step's draws (docs/distributed.md)
             with self.parallel.grad_sync(phase.trains, self.nets, j == A - 1):
-                with self.parallel.draws(self.rank * A + j), \
-                        torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with self.parallel.draws(self.rank * A + j), self.autocast():
                     out = next(stream, None)
                 if out is None:
                     return None
