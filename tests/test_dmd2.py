@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_config, train
 
+from core import gan
 from core.errors import UsageError
 from core.protocols import Context
 from core.schedules import make_schedule
-from plugins import gan
 from plugins.dmd2 import DMD2, DMD2Config, default_times, generator_times
 
 TINY = ("student.hidden=32", "student.depth=2", "student.emb_dim=16", "train.batch=32", "train.eval_every=0",
