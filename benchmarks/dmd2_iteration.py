@@ -54,13 +54,13 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype) -> torch.
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = UNet2DConditionModel(**config).to(dtype)  # cast while empty: no transient fp32 copy on the GPU
     unet.to_empty(device=device)
     with torch.no_grad():
         for module in unet.modules():
             if module._parameters and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    return unet.to(dtype)
+    return unet
 
 
 def add_student_lora(unet: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -23,6 +23,7 @@ the teacher), so in each phase gradients reach only the adapter being trained.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -51,7 +52,9 @@ class SharedBase(torch.nn.Module):
         unet.requires_grad_(False).to(base_dtype)
         for name in ADAPTERS:
             config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-            unet.add_adapter(config, adapter_name=name)
+            with warnings.catch_warnings():  # a second adapter is the point here, not a mistake
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                unet.add_adapter(config, adapter_name=name)
         for name, p in unet.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(adapter_dtype)
