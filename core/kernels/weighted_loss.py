@@ -119,4 +119,5 @@ def _backward(ctx, grad, backward_op=weighted_loss_backward):
 
 
 weighted_loss.register_autograd(_backward, setup_context=_setup)
-WEIGHTED_LOSS = KernelOp("WeightedLoss", launch, weighted_loss, _setup, partial(_backward, backward_op=launch_backward))
+WEIGHTED_LOSS = KernelOp("WeightedLoss", launch, weighted_loss, _setup,
+                         partial(_backward, backward_op=launch_backward))
