@@ -214,7 +214,10 @@ def dmd2_bench(clock: Clock, device) -> dict:
 
 
 def _fmt(v, digits=3):
-    return f"{v:.{digits}g}" if isinstance(v, float) else ("" if v is None else str(v))
+    """A table cell: floats to 3 significant digits, text on one line without the table's separator."""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return "" if v is None else " ".join(str(v).split()).replace("|", "/")[:160]
 
 
 def markdown(report: dict) -> str:
@@ -245,7 +248,8 @@ def markdown(report: dict) -> str:
                          f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('peak_memory_gib'))} | "
                          f"{_fmt(r.get('model_tflop_per_iteration'))} | {_fmt(r.get('achieved_tflops'))} | "
                          f"{_fmt(r.get('mfu'))} |")
-        lines += ["", *[f"- speed-up {k}: {v:.2f}x" for k, v in dm.get("speedup", {}).items()], ""]
+        lines += ["", *[f"- speed-up {k}: {v:.2f}x" for k, v in dm.get("speedup", {}).items()],
+                  *[f"- {r['mode']} (batch {r['batch']}): {_fmt(r['error'])}" for r in dm["modes"] if "error" in r], ""]
     for name, section in report["sections"].items():
         if section.get("status") not in ("ok", None) and "error" in section:
             lines += [f"## {name}: {section['status']}", "", "    " + section["error"], ""]
