@@ -41,3 +41,21 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert modes["baseline-full"]["model_tflop_per_iteration"] == pytest.approx(9 * forward)
     assert modes["baseline-lora"]["model_tflop_per_iteration"] == pytest.approx(8 * forward)
     assert modes["shared"]["model_tflop_per_iteration"] == pytest.approx(7 * forward)
+
+
+def test_sdxl_config_builds_sdxl_base_unet_on_meta():
+    """benchmarks/sdxl_unet.json is SDXL-base's UNet architecture: 2.567 B parameters (the SDXL report's
+    "2.6B UNet"), built on the meta device without memory or weights."""
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import dmd2_iteration
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**dmd2_iteration.sdxl_config())
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 2567
