@@ -16,12 +16,14 @@ benchmarks/gpu_check.py reports model FLOPs (MFU) and the baseline comparison.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
-from dmd2_iteration import sdxl_config
 
-SDXL_UNET = sdxl_config()  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (benchmarks/sdxl_unet.json)
+SDXL_UNET = {k: v for k, v in json.loads(Path(__file__).with_name("sdxl_unet.json").read_text()).items()
+             if not k.startswith("_")}  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_TEXT = {"text": (77, 2048), "pooled": (1280,)}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 
