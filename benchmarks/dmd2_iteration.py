@@ -84,7 +84,8 @@ class Problem:
     def __init__(self, config: dict, batch: int, device: torch.device):
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
         alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.alpha, self.sigma = alphas_cumprod.sqrt().float().to(device), (1 - alphas_cumprod).sqrt().float().to(device)
+        self.alpha = alphas_cumprod.sqrt().float().to(device)
+        self.sigma = (1 - alphas_cumprod).sqrt().float().to(device)
         self.batch, self.device = batch, device
         size = config["sample_size"]
         self.shape = (batch, config["in_channels"], size, size)

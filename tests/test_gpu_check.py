@@ -25,7 +25,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "gpu-cpu-tiny.json").read_text())
-    assert (tmp_path / "out" / "gpu-cpu-tiny.json").read_text() == (tmp_path / "results" / "gpu-cpu-tiny.json").read_text()
+    written = (tmp_path / "results" / "gpu-cpu-tiny.json").read_text()
+    assert (tmp_path / "out" / "gpu-cpu-tiny.json").read_text() == written
     assert "| shared | 1 |" in (tmp_path / "out" / "gpu-cpu-tiny.md").read_text()
     sections = report["sections"]
     assert {name: s["status"] for name, s in sections.items()} == {"dmd2": "ok", "ops": "ok", "kernel_tests": "ok"}
