@@ -40,3 +40,8 @@ clean:
 .PHONY: quality
 quality: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality
+
+# the GPU suite (issue 15): installs the wheels in .whl when present, writes benchmarks/results/gpu-<device>.*
+.PHONY: gpu-check
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh

@@ -98,7 +98,7 @@ def score(mixture, sample_fn, n: int, seed: int) -> dict:
 
 def run_job(job: dict) -> dict:
     torch = _quiet_torch()
-    from core.sampling import generate
+    from core.generation import generate
 
     out = Path(job["workdir"]) / job["name"]
     overrides = [*job["overrides"], f"seed={job['seed']}", f"out={out}", "train.eval_every=0",
@@ -142,10 +142,10 @@ def network_teacher(workdir: Path, mixture: str, spec: str | None) -> str:
 def teacher_rows(mixture_name: str, spec: str | None, seeds: list[int], n: int) -> list[dict]:
     torch = _quiet_torch()
     from core.protocols import SamplingSpec
-    from core.sampling import generate
+    from core.generation import generate
     from core.timesteps import make_grid
     from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-    from plugins.samplers.ancestral import fraction_grid
+    from core.timesteps import fraction_grid
 
     config = GMMConfig(spec=spec) if spec else GMMConfig(preset=mixture_name, guidance=GUIDANCE.get(mixture_name, 1.0))
     teacher = GaussianMixtureTeacher(config)

@@ -95,8 +95,6 @@ class GMMConfig:
 class GaussianMixtureTeacher:
     """Exact teacher: closed-form denoiser of a diagonal Gaussian mixture (float64 inside)."""
 
-    default_student = "mlp"
-    default_data = "gmm"
     analytic = True  # no network: students and critics start from scratch (objectives adapt their defaults)
 
     def __init__(self, config: GMMConfig, device="cpu"):
@@ -206,7 +204,7 @@ class GaussianMixtureData:
 
 @hookimpl
 def register_teachers(register):
-    register("gmm", GaussianMixtureTeacher, config=GMMConfig)
+    register("gmm", GaussianMixtureTeacher, config=GMMConfig, default_student="mlp", default_data="gmm")
 
 
 @hookimpl

@@ -24,8 +24,8 @@ from torch import Tensor
 from core import hookimpl, ops
 from core.config import non_negative, positive, unit_interval
 from core.errors import UsageError
-from core.protocols import Phase, SamplingSpec
-from plugins.samplers.ancestral import fraction_grid
+from core.protocols import Phase, SamplingSpec, sigma_data_of
+from core.timesteps import fraction_grid
 
 WEIGHTINGS = ("edm", "flat", "snr", "snr+1")
 
@@ -95,10 +95,6 @@ def _data(ctx) -> Tensor:
     return x
 
 
-def _sigma_data(nets) -> float:
-    return float(getattr(nets["teacher"], "sigma_data", None) or getattr(nets["student"], "sigma_data", 0.5))
-
-
 def _steps_spec(student, steps: int, eta: float) -> SamplingSpec:
     return SamplingSpec("ancestral", fraction_grid(student.schedule, steps).tolist(), {"eta": eta})
 
@@ -145,8 +141,6 @@ class MomentMatching:
     generator g_eta; generator gradient w(s) (dx~/deta)^T (g_phi(z_s) - g_theta(z_s))."""
 
     needs_critic = True
-    default_critic = "fake-score"
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMConfig):
         self.config = config
@@ -166,7 +160,7 @@ class MomentMatching:
         z_t = ops.add_noise(x, torch.randn_like(x), sched.alpha(t), sched.sigma(t))
         with torch.no_grad():
             target = self.teacher_x0(ctx.teacher, z_t, t, cond)
-        w = loss_weight(sched, t, self.config.weighting, _sigma_data(ctx.nets)).to(x.dtype)
+        w = loss_weight(sched, t, self.config.weighting, float(sigma_data_of(ctx.teacher, ctx.student))).to(x.dtype)
         fit = ops.weighted_loss(net.denoise(z_t, t.to(x.dtype), cond), target, w)
         return fit, {"teacher_fit": fit.detach()}
 
@@ -194,7 +188,7 @@ class MomentMatching:
         c, nets = self.config, ctx.nets
         x, cond = _data(ctx), ctx.batch["cond"]
         student, aux = nets["student"], nets["critic"]
-        w_kind, sd = c.weighting, _sigma_data(nets)
+        w_kind, sd = c.weighting, float(sigma_data_of(nets["teacher"], nets["student"]))
         if ctx.iteration < getattr(self, "fit_iterations", 0):
             return self.fit_loss(aux if phase == "auxiliary" else student, ctx)
         if phase == "auxiliary":
@@ -288,7 +282,6 @@ class MomentMatchingParam:
     differentiated through x~_B only, via the JVP J_theta(z_s) nu."""
 
     needs_critic = False
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMParamConfig):
         self.config = config
@@ -355,7 +348,7 @@ class MomentMatchingParam:
             raise UsageError("objective=mm-param splits each batch into two independent halves; use train.batch >= 2")
         half = x.shape[0] // 2
         cond_a, cond_b = (None, None) if cond is None else (cond[:half], cond[half:])
-        sched, sd = student.schedule, _sigma_data(ctx.nets)
+        sched, sd = student.schedule, float(sigma_data_of(ctx.teacher, ctx.student))
         with torch.no_grad():  # batch A: only the teacher's parameter gradient, no student graph
             a = draw(student, x[:half], cond_a, c.steps, c.eta, c.time_sampling)
         nu = self.parameter_direction(a, loss_weight(sched, a.s, c.weighting, sd).to(x.dtype), cond_a)
@@ -378,5 +371,5 @@ class MomentMatchingParam:
 
 @hookimpl
 def register_objectives(register):
-    register("mm", MomentMatching, config=MMConfig)
-    register("mm-param", MomentMatchingParam, config=MMParamConfig)
+    register("mm", MomentMatching, config=MMConfig, default_critic="fake-score", train_defaults=TRAIN_DEFAULTS)
+    register("mm-param", MomentMatchingParam, config=MMParamConfig, train_defaults=TRAIN_DEFAULTS)

@@ -8,10 +8,10 @@ import torch
 from conftest import train
 
 from core.protocols import SamplingSpec
-from core.sampling import generate
+from core.generation import generate
 from core.timesteps import make_grid
 from plugins.gmm_quality import mixture_quality
-from plugins.samplers.ancestral import fraction_grid
+from core.timesteps import fraction_grid
 
 pytestmark = pytest.mark.slow
 N = 4000
