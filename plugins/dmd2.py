@@ -69,10 +69,6 @@ class DMD2Config:
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
-    step_weighting: Literal["auto", "edm", "none"] = attrs.field(
-        default="auto",
-        metadata={"doc": "K-step generators: scale the generator loss at tau_k by EDM's lambda(tau_k) / "
-                         "lambda(tau_0), so every step learns at the same rate (auto: edm from scratch, else none)"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
@@ -235,26 +231,7 @@ class DMD2:
             g = gan.generator_loss(*self.discriminate(ctx, [x], ctx.batch["cond"]))
             loss = loss + c.gan_gen_weight * g
             metrics["gan"] = g.detach()
-        return loss * self.step_weight(ctx), metrics
-
-    def step_weight(self, ctx) -> Tensor | float:
-        """lambda(tau_k) / lambda(tau_0) with EDM's lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 on the
-        VE sigma: 1 for the first step, larger for later (less noisy) steps. The losses live in x0 space, where a
-        preconditioned network's output is scaled by c_out(sigma) ~ sigma at small sigma, so without it the
-        late steps of a from-scratch K-step generator barely learn (docs/methods/dmd2.md)."""
-        mode = self.config.step_weighting
-        if mode == "none" or (mode == "auto" and not getattr(self, "from_scratch", False)) or len(self.times) == 1:
-            return 1.0
-        sched = ctx.teacher.schedule
-        sd = sigma_data_of(ctx.teacher)
-        _, t_in = self.generator_input(ctx)
-
-        def lam(t):
-            t = torch.as_tensor(t, dtype=torch.float64)
-            s2 = (sched.sigma(t) / sched.alpha(t)) ** 2
-            return (s2 + sd**2) / s2
-
-        return float(lam(float(t_in[0])) / lam(self.times[0]))
+        return loss, metrics
 
     def critic_loss(self, ctx) -> tuple[Tensor, dict]:
         c = self.config
