@@ -232,14 +232,16 @@ def goals(agg: list[dict], mixtures: list[str]) -> list[dict]:
 
 
 def markdown(agg: list[dict], goal_rows: list[dict], meta: dict) -> str:
-    lines = [f"Measured {meta['date']} with `{meta['command']}` ({meta['samples']} samples per run, seeds "
-             f"{', '.join(map(str, meta['seeds']))}; mean ± std over seeds; lost = the most lost modes of any seed).",
-             "", "| mixture | sampler / objective | NFE | energy distance | mode-mass TV | lost | off-manifold |",
-             "|---|---|---|---|---|---|---|"]
+    samples = f"{meta['samples']} samples" if meta.get("samples") else "the samples of each sweep"
+    lines = [f"Measured {meta['date']} with `{meta['command']}` ({samples} per run; mean ± std over the seeds "
+             "listed; lost = the most lost modes of any seed).",
+             "", "| mixture | sampler / objective | NFE | seeds | energy distance | mode-mass TV | lost | off-manifold |",
+             "|---|---|---|---|---|---|---|---|"]
     order = {v: i for i, v in enumerate([f"teacher {s}" for s in SAMPLERS] + list(VARIANTS) + ["sfd-1"])}
     for a in sorted(agg, key=lambda a: (a["mixture"], order.get(a["variant"], 99), a["nfe"])):
         name = a["variant"] if a["variant"].startswith("teacher") else f"**{a['variant']}**"
-        lines.append(f"| {a['mixture']} | {name} | {a['nfe']} | {a['energy_distance']:.4f} ± "
+        lines.append(f"| {a['mixture']} | {name} | {a['nfe']} | {','.join(map(str, a['seeds']))} | "
+                     f"{a['energy_distance']:.4f} ± "
                      f"{a['energy_distance_std']:.4f} | {a['mode_mass_tv']:.3f} ± {a['mode_mass_tv_std']:.3f} | "
                      f"{a['lost_modes_max']} | {a['off_manifold']:.3f} ± {a['off_manifold_std']:.3f} |")
     if goal_rows:
@@ -286,7 +288,7 @@ def collect(args, argv) -> int:
                 rows.append(row)
     mixtures = sorted({r["mixture"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": args.samples,
+    meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": None,
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])}
     report(rows, mixtures, meta, args)
     return 0

@@ -91,7 +91,7 @@ def test_sweep_runs_end_to_end_and_writes_json_and_table(tmp_path):
     assert {g["goal"] for g in result["goals"]} >= {"dmd2 1-step: no lost mode", "dmd2 1-step <= teacher euler 8"}
     doc = table.read_text()
     assert doc.startswith("# page\n\nintro") and doc.endswith("after\n") and "STALE-TABLE" not in doc
-    assert "| ring8 | **dmd2** | 1 |" in doc
+    assert "| ring8 | **dmd2** | 1 | 0 |" in doc
 
 
 @pytest.mark.parametrize("args, message", [
