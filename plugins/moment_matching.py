@@ -116,7 +116,8 @@ class MMConfig:
         metadata={"doc": "generator learning rate (default: 1e-3 from scratch, i.e. with an analytic teacher; "
                          "1e-4 for copies of the teacher's network)"})
     aux_lr: float | None = attrs.field(default=None, validator=positive,
-                                       metadata={"doc": "auxiliary learning rate (default: lr)"})
+                                       metadata={"doc": "auxiliary learning rate (default: 5 x lr, two time-scale "
+                                                        "updates at the paper's 1:1 alternation)"})
     aux_steps: int = attrs.field(default=1, validator=positive,
                                  metadata={"doc": "auxiliary updates per generator update (paper: 1)"})
     aux_teacher_weight: float = attrs.field(default=1.0, validator=non_negative,
@@ -168,7 +169,7 @@ class MomentMatching:
         c = self.config
         # even iterations: auxiliary (aux_steps optimizer steps); odd: generator, as in the paper's loop.
         return [Phase("auxiliary", trains=("critic",), every=2, offset=0, repeats=c.aux_steps,
-                      lr=c.aux_lr or self.lr, **ADAM),
+                      lr=c.aux_lr or 5 * self.lr, **ADAM),
                 Phase("generator", trains=("student",), every=2, offset=1, lr=self.lr, **ADAM)]
 
     @property
