@@ -8,6 +8,7 @@ A run's config has one group per plugin kind (``objective``, ``teacher``, ``stud
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Literal
 
@@ -123,16 +124,22 @@ def _to_int(value, _):
 
 
 def _to_float(value, _):
+    """A finite float: nan and inf are refused here, so no option can smuggle them into training."""
     if isinstance(value, bool):
         _fail(value, "a number")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    _fail(value, "a number")
+    if number is None:
+        _fail(value, "a number")
+    if not math.isfinite(number):
+        _fail(value, "a finite number")
+    return number
 
 
 def _to_bool(value, _):
@@ -220,6 +227,10 @@ def _first_error(exc: BaseException, path: str) -> str:
             return _first_error(sub, f"{path}.{attr}" if attr else path)
     if isinstance(exc, FieldError):
         return f"{path}.{exc.field}: {exc}"
+    if isinstance(exc, ValueError) and len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):
+        _, attribute, options, value = exc.args  # attrs.validators.in_: (message, attribute, options, value)
+        choices = [str(o) for o in options]
+        return f"{path}.{attribute.name}: must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}"
     return f"{path}: {exc}"
 
 

@@ -28,11 +28,15 @@ from tqdm import tqdm
 
 from core import checkpoint as ckpt
 from core import distributed
-from core.errors import UsageError
+from core.errors import RunDirError, RunLockedError, UsageError
+from core.lock import LOCK_NAME, RunLock
 from core.protocols import Context, Phase, SamplingSpec
 from core.registry import Registry, get_registry
 from core.runconfig import RunConfig
 from core.sampling import generate
+
+
+RUN_DIR_FIX = "restore the file from a backup, or retrain into a new out="
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,13 +152,16 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------------
     def _check_existing_run(self) -> None:
         """An out dir that holds a different run is an error, never overwritten."""
+        RunLock(self.out).check()
         cfg_url = ckpt.join(self.out, "config.yaml")
         if not ckpt.exists(cfg_url):
-            if self.fs.exists(self.out_path) and self.fs.ls(self.out_path):
+            if self.fs.exists(self.out_path) and [p for p in self.fs.ls(self.out_path, detail=False)
+                                                  if not p.rstrip("/").endswith(LOCK_NAME)]:
                 raise UsageError(f"out={self.out} exists and is not a fewstep run; choose an empty or new directory")
             return
-        with fsspec.open(cfg_url, "r") as f:
-            old = yaml.safe_load(f)
+        old = ckpt.read_yaml(cfg_url, fix=RUN_DIR_FIX)
+        if not isinstance(old, dict):
+            raise RunDirError(f"{cfg_url} holds no run config ({type(old).__name__}); {RUN_DIR_FIX}")
         new = self.cfg.to_dict()
         # how the work is spread (ranks, sharding, micro-batches of a fixed global batch) may change on resume
         ignore = {("train", "steps"), ("train", "progress"), ("train", "device"), ("train", "parallel"),
@@ -296,12 +303,9 @@ class Trainer:
         if loaded is None:
             return 0
         weights, tensors, state = loaded
-        for name, module in self.networks.trainable.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
-        if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt.unflatten_optimizer(state["optimizers"][name], tensors))
+        d = ckpt.join(self.store.root, self.store.latest()["dir"])
+        ckpt.load_modules(self._sharded_modules(), weights, ckpt.join(d, "weights.safetensors"))
+        ckpt.load_optimizers(self.optimizers, state, tensors, ckpt.join(d, "state.json"))
         if self.world > 1:
             idx = self.device.index or 0
             self._restore_rng(tensors["rng.cpu"], tensors.get(f"rng.cuda{idx}"), self.rank == 0, int(state["step"]))
@@ -387,6 +391,23 @@ class Trainer:
                     self.tb.add_scalar(k, v, record["step"])
 
     def train(self) -> dict:
+        """Holds the run-directory lock (rank 0) around the whole run (core/lock.py)."""
+        lock, error = None, None
+        if self.main:
+            try:
+                lock = RunLock(self.out, self.log).acquire()
+            except UsageError as exc:
+                error = exc
+        message = distributed.broadcast_object(None if error is None else str(error))
+        if message:
+            raise error if error is not None else RunLockedError(message)
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         self.build()
         start = self.restore()
         total = self.cfg.train.steps
@@ -603,13 +624,18 @@ def load_run(run_dir: str, registry: Registry | None = None, device="cpu"):
     cfg_url = ckpt.join(run_dir, "config.yaml")
     if not ckpt.exists(cfg_url):
         raise UsageError(f"run={run_dir} is not a fewstep run (no config.yaml); pass the out= dir of a training run")
-    with fsspec.open(cfg_url, "r") as f:
-        tree = yaml.safe_load(f)
+    tree = ckpt.read_yaml(cfg_url, fix=RUN_DIR_FIX)
+    if not isinstance(tree, dict):
+        raise RunDirError(f"{cfg_url} holds no run config ({type(tree).__name__}); {RUN_DIR_FIX}")
     cfg = resolve(tree, registry)
+    meta = ckpt.read_json(ckpt.join(run_dir, "meta.json"), fix=RUN_DIR_FIX)
+    if not isinstance(meta, dict) or not isinstance(meta.get("sampling"), dict):
+        raise RunDirError(f"{ckpt.join(run_dir, 'meta.json')} lacks the sampling spec; {RUN_DIR_FIX}")
     networks = Networks(cfg, registry, device, with_critic=False)
     student_url = ckpt.join(run_dir, "student.safetensors")
     if ckpt.exists(student_url):
-        networks.student.load_state_dict(ckpt.load_tensors(student_url, device))
+        weights = ckpt.load_tensors(student_url, device, fix=RUN_DIR_FIX)
+        ckpt.load_modules({"student": networks.student}, {f"student.{k}": v for k, v in weights.items()}, student_url)
     else:
         store = ckpt.CheckpointStore(run_dir)
         latest = store.latest()
@@ -621,8 +647,12 @@ def load_run(run_dir: str, registry: Registry | None = None, device="cpu"):
         else:
             weights = store.load(device)[0]
             prefix = "ema." if any(k.startswith("ema.") for k in weights) else "student."
-            networks.student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            ckpt.load_modules({"student": networks.student}, {"student." + k[len(prefix):]: v for k, v in weights.items()
+                                                              if k.startswith(prefix)},
+                              ckpt.join(store.root, latest["dir"], "weights.safetensors"))
     networks.student.requires_grad_(False).eval()
-    meta = ckpt.read_json(ckpt.join(run_dir, "meta.json"))
-    spec = SamplingSpec(**meta["sampling"])
+    try:
+        spec = SamplingSpec(**meta["sampling"])
+    except TypeError as exc:
+        raise RunDirError(f"{ckpt.join(run_dir, 'meta.json')}: bad sampling spec ({exc}); {RUN_DIR_FIX}") from None
     return networks, spec, cfg
