@@ -166,6 +166,9 @@ class CheckpointStore:
         if latest.get("format") == "dcp":
             raise ValueError("sharded checkpoint: use CheckpointStore.load_sharded")
         d = join(self.root, latest["dir"])
+        if not exists(d):
+            raise CheckpointError(f"{join(self.root, 'latest.json')} points at {latest['dir']}, which does not exist; "
+                                  "point it at an existing step-* directory, or start afresh with another out=")
         state = read_json(join(d, "state.json"))
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizers" not in state:
             raise CheckpointError(f"{join(d, 'state.json')} lacks the step or the optimizer state; "

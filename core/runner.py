@@ -114,7 +114,7 @@ class Trainer:
         self.sliced = tr.rng == "shared" and self.total_batch > self.micro
         self.replay = self.sliced and tr.grad_accum > 1
         self.out = cfg.out.rstrip("/")
-        self.fs, self.out_path = fsspec.core.url_to_fs(self.out)
+        self.fs, self.out_path = ckpt.filesystem(self.out)
         self.store = ckpt.CheckpointStore(self.out, keep=cfg.train.keep)
         error = None
         if self.main:
