@@ -98,6 +98,9 @@ def main(argv: list[str]) -> int:
     """``python -m core.metrics SAMPLES.npz REFERENCE.npz``."""
     from core.errors import ConfigError
 
+    if argv in (["-h"], ["--help"]):
+        print("usage: python -m core.metrics SAMPLES.npz REFERENCE.npz  (each holding a 'samples' array)")
+        return 0
     if len(argv) != 2 or any(a.startswith("-") for a in argv):
         raise ConfigError(f"expected two .npz files, got {len(argv)} argument(s); "
                           "usage: python -m core.metrics SAMPLES.npz REFERENCE.npz")
