@@ -378,7 +378,7 @@ class Trainer:
         if not ckpt.exists(url):
             return
         with fsspec.open(url, "r") as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = [line for line in f if _logged_step(line) <= step]
         ckpt.write_bytes_atomic(url, "".join(keep).encode())
 
     def _log_metrics(self, record: dict) -> None:
@@ -417,8 +417,7 @@ class Trainer:
                      if start >= total else f"fewstep: resuming {self.out} from step {start}")
         self.tb = None
         if main:
-            if start:
-                self._trim_metrics(start)
+            self._trim_metrics(start)  # also without a checkpoint: a run killed before its first one
             self._write_run_files()
             if self.out_path == self.out and os.environ.get("FEWSTEP_TENSORBOARD", "1") != "0":
                 with contextlib.suppress(Exception):
@@ -606,6 +605,14 @@ def _rows(obj, start: int, n: int):
     if isinstance(obj, tuple):
         return tuple(_rows(v, start, n) for v in obj)
     return obj[start:start + n]
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a half-written line (a kill mid-write) counts as never logged."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _scalar(v):

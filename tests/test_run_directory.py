@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,3 +199,23 @@ def test_read_only_run_directory_is_one_line(small_disk, tmp_path, capsys):
             os.chmod(out, 0o755)
     assert _files(out) == before
     _assert_previous_checkpoint_loads(out, 2)
+
+
+# -- resume keeps metrics.jsonl one line per logged step ----------------------------------------------
+@pytest.mark.parametrize("resume_from", [None, 20], ids=["killed-before-any-checkpoint", "killed-after-step-20"])
+def test_resume_from_any_prefix_logs_each_step_once(tmp_path, resume_from):
+    """A run killed after logging steps its checkpoint does not hold (here: emulated by rolling the
+    checkpoints back and leaving a half-written last line) logs each step exactly once after resuming."""
+    out = tmp_path / "run"
+    args = [*FAST, "train.steps=30", "train.log_every=10", "train.ckpt_every=20", "train.keep=3", f"out={out}"]
+    assert run_main(args) == 0
+    if resume_from is None:
+        shutil.rmtree(out / "checkpoints")
+    else:
+        shutil.rmtree(out / "checkpoints" / "step-00000030")
+        (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 20, "dir": "step-00000020"}))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "denoiser/lo')  # killed mid-write
+    assert run_main(args) == 0
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [10, 20, 30]
