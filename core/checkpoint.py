@@ -1,4 +1,5 @@
-"""Checkpoints over fsspec: safetensors for tensors, JSON for the rest, never pickle.
+"""Checkpoints: the layout of a run's checkpoints and optimizer state as tensors + JSON (files through
+core.files: safetensors and JSON, never pickle).
 
 Layout under a run dir (any fsspec URL):
     checkpoints/step-00000500/{weights.safetensors, state.safetensors, state.json}
@@ -21,10 +22,8 @@ import posixpath
 import torch
 
 from core.errors import CheckpointError
-from core.storage import (exists, filesystem, join, load_tensors, makedirs, read_json, read_yaml,  # noqa: F401
-                          save_tensors, write_bytes_atomic, write_json)
+from core.files import exists, join, load_tensors, makedirs, read_json, save_tensors, url_to_fs, write_json
 
-_fs = filesystem
 MISMATCH_FIX = ("resume with the run's own settings (config=RUN/config.yaml), "
                 "or start afresh with another out=")
 
@@ -100,7 +99,8 @@ class CheckpointStore:
         if not exists(url):
             return None
         latest = read_json(url)
-        if not (isinstance(latest, dict) and isinstance(latest.get("dir"), str) and isinstance(latest.get("step"), int)):
+        if not (isinstance(latest, dict) and isinstance(latest.get("dir"), str)
+                and isinstance(latest.get("step"), int)):
             raise CheckpointError(f"{url} should hold {{\"step\": N, \"dir\": \"step-...\"}}, got {latest!r}; "
                                   "point it at an existing step-* directory, or start afresh with another out=")
         return latest
@@ -117,7 +117,7 @@ class CheckpointStore:
             write_json(join(self.root, "latest.json"), {"step": step, "dir": name})
         except BaseException:
             if not existed:  # a half-written step directory is debris; latest.json still names the last good one
-                fs, path = _fs(d)
+                fs, path = url_to_fs(d)
                 fs.rm(path, recursive=True)
             raise
         self._prune(name)
@@ -178,7 +178,7 @@ class CheckpointStore:
                 load_tensors(join(d, "state.safetensors"), "cpu"), state)
 
     def _prune(self, current: str) -> None:
-        fs, root = _fs(self.root)
+        fs, root = url_to_fs(self.root)
         dirs = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")).startswith("step-"))
         for old in dirs[: max(0, len(dirs) - self.keep)]:
             if posixpath.basename(old.rstrip("/")) != current:

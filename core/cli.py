@@ -56,7 +56,7 @@ def load_tree(argv: list[str]) -> dict:
         return tree
     if isinstance(cfg_path, dict):
         raise ConfigError("config= takes a path to a config.yaml (got sub-keys config.*); e.g. config=RUN/config.yaml")
-    from core.checkpoint import read_yaml
+    from core.files import read_yaml
 
     base = read_yaml(str(cfg_path), what=f"config={cfg_path}", fix="pass the config.yaml of a run, "
                      "e.g. config=runs/dmd2-gmm/config.yaml")

@@ -20,7 +20,7 @@ import os
 import socket
 
 from core.errors import RunLockedError
-from core.storage import exists, filesystem, join, makedirs, write_bytes_atomic
+from core.files import exists, join, makedirs, url_to_fs, write_bytes_atomic
 
 LOCK_NAME = "fewstep.lock"
 
@@ -41,7 +41,7 @@ class RunLock:
     def __init__(self, out: str, log=None):
         self.out = out.rstrip("/") or out
         self.url = join(self.out, LOCK_NAME)
-        self.fs, self.path = filesystem(self.url)
+        self.fs, self.path = url_to_fs(self.url)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.log = log or (lambda msg: None)
         self.held = False
@@ -88,7 +88,7 @@ class RunLock:
                 self.fs.rm(self.path)
         if self._created_dir:  # a run refused before writing anything leaves no empty directory behind
             with contextlib.suppress(OSError):
-                _, out_path = filesystem(self.out)
+                _, out_path = url_to_fs(self.out)
                 if not self.fs.ls(out_path):
                     self.fs.rmdir(out_path)
 

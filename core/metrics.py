@@ -70,7 +70,7 @@ def gmm_report(teacher, samples: Tensor, reference: Tensor) -> dict:
 def load_samples(path: str) -> np.ndarray:
     """The ``samples`` array of an ``.npz`` written by ``core.sample``, checked: at least 2 rows of finite numbers."""
     from core.errors import ConfigError
-    from core.storage import read_bytes
+    from core.files import read_bytes
 
     fix = "pass .npz files written by python -m core.sample"
     data = read_bytes(path, what="samples file", fix=fix)

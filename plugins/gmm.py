@@ -9,7 +9,6 @@ only the class's components, and CFG combines the exact conditional and uncondit
 
 from __future__ import annotations
 
-import json
 import math
 
 import attrs
@@ -59,7 +58,7 @@ def load_spec(path: str) -> dict:
     """A mixture from JSON, checked: finite numbers, stds > 0, weights >= 0 with a positive sum, K x D
     means and stds, and (optional) one non-negative integer class label per component."""
     from core.errors import CheckpointError, ConfigError
-    from core.storage import read_json
+    from core.files import read_json
 
     where = f"teacher.spec={path}"
     try:
@@ -113,9 +112,6 @@ class GMMConfig:
 
 class GaussianMixtureTeacher:
     """Exact teacher: closed-form denoiser of a diagonal Gaussian mixture (float64 inside)."""
-
-    default_student = "mlp"
-    default_data = "gmm"
 
     def __init__(self, config: GMMConfig, device="cpu"):
         spec = load_spec(config.spec) if config.spec else preset(config.preset)
@@ -211,6 +207,10 @@ class GaussianMixtureData:
     def __init__(self, config: GMMDataConfig, teacher):
         if not isinstance(teacher, GaussianMixtureTeacher):
             raise UsageError("data=gmm needs teacher=gmm (it draws the teacher's exact mixture)")
+        probs, k = config.class_probs, teacher.num_classes
+        if probs is not None and (len(probs) != k or min(probs) < 0 or sum(probs) <= 0):
+            need = f"{k} values >= 0 with a positive sum" if k else "none: this mixture has no classes"
+            raise UsageError(f"data.class_probs={probs}: need {need}")
         self.teacher, self.config = teacher, config
 
     def sample(self, n: int) -> dict:
@@ -224,7 +224,7 @@ class GaussianMixtureData:
 
 @hookimpl
 def register_teachers(register):
-    register("gmm", GaussianMixtureTeacher, config=GMMConfig)
+    register("gmm", GaussianMixtureTeacher, config=GMMConfig, default_student="mlp", default_data="gmm")
 
 
 @hookimpl

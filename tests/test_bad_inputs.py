@@ -160,8 +160,12 @@ def float_cases() -> list[Case]:
                 if f.type not in (float, float | None, "float", "float | None"):
                     continue
                 for value in ("nan", "inf"):
-                    argv = [*needs.get(group, []), f"{group}={name}", f"{group}.{f.name}={value}", "out={tmp}/new"]
-                    cases.append(Case(f"{group}={name}.{f.name}={value}", "run", argv,
+                    if group == "sampler":  # samplers are chosen when sampling (a run uses its objective's)
+                        entry, argv = "sample", ["teacher=gmm", f"sampler={name}", f"sampler.{f.name}={value}"]
+                    else:
+                        entry = "run"
+                        argv = [*needs.get(group, []), f"{group}={name}", f"{group}.{f.name}={value}", "out={tmp}/new"]
+                    cases.append(Case(f"{group}={name}.{f.name}={value}", entry, argv,
                                       f"{group}.{f.name}: expected a finite number"))
     for f in attrs.fields(TrainConfig):
         if f.type in (float, float | None, "float", "float | None"):
@@ -263,7 +267,8 @@ CASES: list[Case] = [
     Case("unknown-train-key", "run", ["train.setps=3"], "unknown key 'train.setps'"),
     Case("no-equals", "run", ["objective"], "expected key=value"),
     Case("malformed-key", "run", ["train..steps=3"], "malformed key"),
-    Case("unknown-sampler", "run", ["sampler=eulr"], "unknown sampler 'eulr'"),
+    Case("sampler-in-training", "run", ["sampler=euler"], "sampler= is not a training setting"),
+    Case("nan-policy-typo", "run", ["train.nan_policy=ignore"], "train.nan_policy: must be one of stop, skip"),
     Case("unknown-data", "run", ["data=nope"], "unknown dataset 'nope'"),
     Case("unknown-callback", "run", ["callbacks=nope"], "unknown callback 'nope'"),
     Case("critic-without-need", "run", ["objective=denoise", "critic=fake-score"], "uses no critic"),
@@ -272,9 +277,11 @@ CASES: list[Case] = [
     Case("sigma-order", "run", ["teacher.sigma_min=100"], "must be below sigma_max"),
     Case("sigma-negative", "run", ["teacher.sigma_min=-1"], "teacher.sigma_min: must be > 0"),
     # -- config= files
-    Case("config-png", "run", ["config={tmp}/img.png"], "not a text file", files={"img.png": b"\x89PNG\r\n\x1a\n\0\xff"}),
+    Case("config-png", "run", ["config={tmp}/img.png"], "not a text file",
+         files={"img.png": b"\x89PNG\r\n\x1a\n\0\xff"}),
     Case("config-directory", "run", ["config={tmp}"], "a directory"),
-    Case("config-train-list", "run", ["config={tmp}/c.yaml"], "'train' holds [1, 2]", files={"c.yaml": "train: [1, 2]\n"}),
+    Case("config-train-list", "run", ["config={tmp}/c.yaml"], "'train' holds [1, 2]",
+         files={"c.yaml": "train: [1, 2]\n"}),
     Case("config-bad-yaml", "run", ["config={tmp}/c.yaml"], "not valid YAML", files={"c.yaml": "a: [b\n  c: -"}),
     Case("config-a-list", "run", ["config={tmp}/c.yaml"], "holds a list", files={"c.yaml": "- 1\n- 2\n"}),
     Case("config-missing", "run", ["config={tmp}/none.yaml"], "no such file"),
@@ -304,6 +311,16 @@ CASES: list[Case] = [
     spec_case("classes-short", "'classes' must list one integer", classes=[0]),
     spec_case("classes-negative", "'classes' must list one integer", classes=[0, -1]),
     spec_case("classes-float", "'classes' must list one integer", classes=[0, 1.5]),
+    Case("class-probs-negative", "run", [*FAST, "teacher.preset=cls4", "data.class_probs=[-1,1,1,1]", "out={tmp}/new"],
+         "need 4 values >= 0 with a positive sum"),
+    Case("class-probs-zero", "run", [*FAST, "teacher.preset=cls4", "data.class_probs=[0,0,0,0]", "out={tmp}/new"],
+         "need 4 values >= 0"),
+    Case("class-probs-length", "run", [*FAST, "teacher.preset=cls4", "data.class_probs=[1,1]", "out={tmp}/new"],
+         "need 4 values"),
+    Case("class-probs-unconditional", "run", [*FAST, "data.class_probs=[1,1]", "out={tmp}/new"],
+         "this mixture has no classes"),
+    Case("class-probs-nan", "run", [*FAST, "teacher.preset=cls4", "data.class_probs=[nan,1,1,1]", "out={tmp}/new"],
+         "data.class_probs: expected a finite number"),
     Case("spec-missing-keys", "run", [*FAST, "teacher.spec={tmp}/s.json", "out={tmp}/new"], "lacks weights",
          files={"s.json": '{"weights": [1]}'}),
     Case("spec-not-json", "run", [*FAST, "teacher.spec={tmp}/s.json", "out={tmp}/new"], "not valid JSON",
@@ -349,7 +366,8 @@ CASES: list[Case] = [
     Case("sample-prompt-gmm", "sample", ["teacher=gmm", "prompt=a cat", "out={tmp}/s.npz"], "takes no prompts"),
     Case("sample-device", "sample", ["teacher=gmm", "device=gpu"], "device"),
     Case("sample-grid-typo", "sample", ["teacher=gmm", "grid=polynomal", "out={tmp}/s.npz"], "polynomal"),
-    Case("sample-config-png", "sample", ["config={tmp}/img.png"], "not a text file", files={"img.png": b"\x89PNG\0\xff"}),
+    Case("sample-config-png", "sample", ["config={tmp}/img.png"], "not a text file",
+         files={"img.png": b"\x89PNG\0\xff"}),
     Case("sample-spec-nan", "sample", ["teacher=gmm", "teacher.spec={tmp}/s.json", "out={tmp}/s.npz"],
          "holds NaN", files={"s.json": json.dumps({**GOOD_SPEC, "means": [[float("nan"), 0], [1, 1]]})}),
     # -- core.metrics
@@ -364,7 +382,8 @@ CASES: list[Case] = [
          files={"k.npz": lambda r: _npz(x=np.zeros((4, 2)))}),
     Case("metrics-wrong-dims", "metrics", ["{a}", "{tmp}/d.npz"], "holds samples of shape (2,)",
          files={"d.npz": lambda r: _npz(samples=np.zeros((8, 3)))}),
-    Case("metrics-1d", "metrics", ["{a}", "{tmp}/d.npz"], "numeric N x D array", files={"d.npz": lambda r: _npz(samples=np.zeros(8))}),
+    Case("metrics-1d", "metrics", ["{a}", "{tmp}/d.npz"], "numeric N x D array",
+         files={"d.npz": lambda r: _npz(samples=np.zeros(8))}),
     Case("metrics-empty", "metrics", ["{a}", "{tmp}/e.npz"], "has 0 row(s)",
          files={"e.npz": lambda r: _npz(samples=np.zeros((0, 2)))}),
     Case("metrics-one-row", "metrics", ["{a}", "{tmp}/e.npz"], "has 1 row(s)",

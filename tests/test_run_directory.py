@@ -16,6 +16,7 @@ import time
 import pytest
 
 from core import checkpoint as ckpt
+from core import files
 from core.errors import RunLockedError
 from core.lock import LOCK_NAME, RunLock
 from core.run import main as run_main
@@ -26,8 +27,8 @@ FAST = ["objective=denoise", "train.batch=16", "student.hidden=16", "student.dep
 
 def _files(root) -> dict:
     out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
+    for dirpath, _, names in os.walk(root):
+        for f in names:
             p = os.path.join(dirpath, f)
             out[os.path.relpath(p, root)] = open(p, "rb").read()
     return out
@@ -43,7 +44,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
     with RunLock(out) as lock:
         held = json.loads(open(os.path.join(out, LOCK_NAME)).read())
         assert held == {"host": socket.gethostname(), "pid": os.getpid(), "started": lock.record["started"]}
-        with pytest.raises(RunLockedError, match=f"in use by another run \\(host {socket.gethostname()}, PID {os.getpid()}"):
+        holder = f"in use by another run \\(host {socket.gethostname()}, PID {os.getpid()}"
+        with pytest.raises(RunLockedError, match=holder):
             RunLock(out).acquire()
     assert not os.path.exists(out)  # created for the lock alone: removed with it
 
@@ -97,13 +99,13 @@ def test_two_runs_into_one_directory_never_mix(tmp_path):
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
             p.wait()
-    cfg = ckpt.read_yaml(os.path.join(out, "config.yaml"))
+    cfg = files.read_yaml(os.path.join(out, "config.yaml"))
     assert cfg["seed"] == winner
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == sorted(set(steps))
     # the killed winner's lock is stale: resuming takes it over and finishes the run
     assert os.path.exists(os.path.join(out, LOCK_NAME))
-    done = ckpt.read_json(latest)["step"]
+    done = files.read_json(latest)["step"]
     assert run_main([*FAST, f"train.steps={done + 5}", "train.ckpt_every=20", "train.log_every=10", f"seed={winner}",
                      f"out={out}"]) == 0
     assert not os.path.exists(os.path.join(out, LOCK_NAME))

@@ -1,4 +1,5 @@
-"""Files over fsspec that fail in one line: atomic writes that leave no debris, reads that name the file.
+"""Files of a run on any fsspec URL (local paths, memory://, s3://...): tensors as safetensors, JSON, YAML,
+and bytes; never pickle. Every failure a user can fix is one line that names the file.
 
 Every write goes to a unique temporary name beside the target (``.NAME.<pid>-<random>.tmp``) and is
 moved over it only when complete; on any failure the temporary file is removed, so a full disk or a
@@ -24,7 +25,7 @@ from safetensors.torch import save as st_save
 from core.errors import CheckpointError, StorageError, storage_error
 
 
-def filesystem(url: str):
+def url_to_fs(url: str):
     """(fsspec filesystem, path) for ``url``; an unknown or not-installed protocol is a StorageError."""
     try:
         return fsspec.core.url_to_fs(url)
@@ -44,12 +45,12 @@ def join(url: str, *parts: str) -> str:
 
 
 def exists(url: str) -> bool:
-    fs, path = filesystem(url)
+    fs, path = url_to_fs(url)
     return fs.exists(path)
 
 
 def makedirs(url: str) -> None:
-    fs, path = filesystem(url)
+    fs, path = url_to_fs(url)
     try:
         fs.makedirs(path, exist_ok=True)
     except FileExistsError:
@@ -67,7 +68,7 @@ def _temporary(path: str) -> str:
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` all at once or not at all."""
-    fs, path = filesystem(url)
+    fs, path = url_to_fs(url)
     tmp = _temporary(path)
     try:
         with fs.open(tmp, "wb") as f:
@@ -100,7 +101,7 @@ DAMAGED_FIX = ("restore the file, point checkpoints/latest.json at an older step
 
 
 def read_bytes(url: str, what: str = "", fix: str = DAMAGED_FIX) -> bytes:
-    fs, path = filesystem(url)
+    fs, path = url_to_fs(url)
     what = what or "file"
     try:
         with fs.open(path, "rb") as f:
@@ -148,7 +149,7 @@ def read_yaml(url: str, what: str = "", fix: str = DAMAGED_FIX):
     from core.errors import ConfigError
 
     label = what or url
-    fs, path = filesystem(url)
+    fs, path = url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
