@@ -81,9 +81,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = attrs.field(
         default="auto", metadata={"doc": "auto: bf16 autocast on CUDA, fp32 on CPU"})
     progress: bool = attrs.field(default=True, metadata={"doc": "tqdm progress bar"})
+    nan_policy: Literal["stop", "skip"] = attrs.field(
+        default="stop", metadata={"doc": "a non-finite loss or gradient: stop (error naming phase and step; the last "
+                                         "checkpoint stays) or skip that optimizer step"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
-    parallel: Literal["none", "ddp", "fsdp"] = attrs.field(
-        default="none", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block)"})
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = attrs.field(
+        default="auto", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block); "
+                                         "auto: ddp on several ranks, none in one process"})
     grad_accum: int = attrs.field(default=1, validator=positive,
                                   metadata={"doc": "micro-batches per rank accumulated into each optimizer step"})
     batch_scope: Literal["global", "rank"] = attrs.field(
