@@ -41,7 +41,8 @@ def _coefficients(at, st, as_, ss, eta):
 
     IEEE-rounded sqrt and division (``tl.sqrt`` and ``/`` are approximate on GPUs), and no difference of
     squares left to cancel: sigma_{t|s}^2 = (st - r ss)(st + r ss) with r = at / as_, and
-    ss^2 - c^2 = (ss / st)^2 (st^2 (1 - eta^2) + eta^2 (st^2 - sigma_{t|s}^2)), st^2 - sigma_{t|s}^2 = min(st^2, (r ss)^2).
+    ss^2 - c^2 = (ss / st)^2 (st^2 (1 - eta^2) + eta^2 (st^2 - sigma_{t|s}^2)), where
+    st^2 - sigma_{t|s}^2 = min(st^2, (r ss)^2).
     """
     rs = tl.div_rn(at, as_) * ss
     var_ts = tl.maximum((st - rs) * (st + rs), 0.0)
