@@ -6,7 +6,7 @@ Device command (the lent machine; ``.whl`` holds the wheels the image lacks, see
     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
 
 The short rerun (about 200 s of command time: the kernel tests with each failure's message, then the DMD2
-rows at batch 1 with one profiled shared iteration and the cuDNN-benchmark / channels-last / no-input-cast
+rows at batch 1 with one profiled shared iteration and the cuDNN-benchmark / channels-last / peft-input-cast
 rows), written as ``gpu-<device>-rerun.json`` / ``.md`` so the full run's files stay as they are::
 
     run(command="bash benchmarks/gpu_check.sh --sections kernel_tests,dmd2 --quick", carry=[".whl"],
@@ -184,10 +184,10 @@ def ops_bench(clock: Clock, device) -> dict:
 # --------------------------------------------------------------------------- c. DMD2 iteration
 
 
-PLAIN = {"cudnn_benchmark": False, "channels_last": False, "lora_input_cast": True}  # the speed-ups compare these
+PLAIN = {"cudnn_benchmark": False, "channels_last": False, "lora_input_cast": False}  # the speed-ups compare these
 QUICK_PLAN = [  # (mode, batch, checkpointing, options): the profiled row first, the cuDNN search last
     ("shared", 1, False, {"profile": True}), ("shared", 1, True, {}), ("baseline-full", 1, True, {}),
-    ("baseline-lora", 1, True, {}), ("shared", 1, False, {"lora_input_cast": False}),
+    ("baseline-lora", 1, True, {}), ("shared", 1, False, {"lora_input_cast": True}),
     ("shared", 1, False, {"cudnn_benchmark": True, "channels_last": True})]
 
 
