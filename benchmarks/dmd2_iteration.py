@@ -294,7 +294,12 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
             step()
             _sync(device)
             times.append(time.perf_counter() - start)
-        profiled = profile_summary(step, device) if profile else None
+        profiled = None
+        if profile:
+            try:
+                profiled = profile_summary(step, device)
+            except Exception as e:  # the timing above still counts
+                profiled = {"error": f"{type(e).__name__}: {e}"[:300]}
     finally:
         torch.backends.cudnn.benchmark = benchmark_before
     seconds = sorted(times)[len(times) // 2]

@@ -283,7 +283,9 @@ def markdown(report: dict) -> str:
         lines += ["", *[f"- speed-up {k}: {v:.2f}x" for k, v in dm.get("speedup", {}).items()],
                   *[f"- {r['mode']} (batch {r['batch']}): {_fmt(r['error'])}" for r in dm["modes"] if "error" in r], ""]
         for r in dm["modes"]:
-            if "profile" in r:
+            if "profile" in r and "error" in r["profile"]:
+                lines += [f"- profile failed: {_fmt(r['profile']['error'])}", ""]
+            elif "profile" in r:
                 p = r["profile"]
                 lines += [f"### Profile: one {r['mode']} iteration, batch {r['batch']}, checkpointing "
                           f"{r['checkpointing']}", "", f"wall {_fmt(p['wall_seconds'])} s under the profiler, self CPU "
