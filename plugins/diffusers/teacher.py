@@ -77,11 +77,13 @@ class DiffusersTeacher:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         net = getattr(self.pipe, self.net_name)
         native = int(net.config.sample_size) * self.vae_scale
-        self.resolution = config.resolution or native
-        if self.resolution % self.vae_scale:
-            raise UsageError(f"teacher.resolution={self.resolution} must be a multiple of the VAE factor {self.vae_scale}")
-        side = self.resolution // self.vae_scale
-        self.data_shape = (int(net.config.in_channels), side, side)
+        self.resolution = config.resolution or (native, native)  # (H, W)
+        if any(side % self.vae_scale for side in self.resolution):
+            raise UsageError(f"teacher.resolution={list(self.resolution)} must be a multiple of the VAE factor "
+                             f"{self.vae_scale} in both sides, e.g. "
+                             f"{[max(self.vae_scale, round(s / self.vae_scale) * self.vae_scale) for s in self.resolution]}")
+        h, w = (side // self.vae_scale for side in self.resolution)
+        self.data_shape = (int(net.config.in_channels), h, w)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
@@ -89,7 +91,7 @@ class DiffusersTeacher:
         self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length)
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
-                                          self.resolution, time_scale).to(self.device)
+                                          self.resolution, time_scale, self.vae_scale).to(self.device)
         self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
@@ -144,7 +146,7 @@ class DiffusersTeacher:
             fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32))
             set_attention(fresh, self.config.attention, quiet=True)
             copy_ = DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank,
-                                      self.resolution, self.denoiser.time_scale)
+                                      self.resolution, self.denoiser.time_scale, self.vae_scale)
         copy_ = copy_.to(self.device, torch.float32).requires_grad_(True).train()
         if self.config.gradient_checkpointing:
             copy_.net.enable_gradient_checkpointing()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -12,8 +12,8 @@ from core.config import positive
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
     path: str = attrs.field(default="", metadata={"doc": "pipeline folder, fsspec URL or hub id"})
-    resolution: int | None = attrs.field(default=None, validator=positive,
-                                         metadata={"doc": "image size in pixels (default: the model's native size)"})
+    resolution: Any = attrs.field(default=None, converter=lambda v: height_width(v, "teacher.resolution"),
+                                  metadata={"doc": "image size in pixels: N (square) or [H,W] (default: native)"})
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = attrs.field(
         default="auto", metadata={"doc": "teacher weights; auto: bf16 on CUDA, fp32 on CPU"})
     attention: Literal["sdpa", "xformers"] = attrs.field(
@@ -29,3 +29,20 @@ class DiffusersTeacherConfig:
     export_dtype: Literal["fp32", "fp16", "bf16"] = attrs.field(default="fp32",
                                                                 metadata={"doc": "dtype of the exported UNet"})
     cache_dir: str = attrs.field(default="", metadata={"doc": "where fsspec URLs are copied (default ~/.cache/fewstep)"})
+
+
+def height_width(value, name: str) -> tuple[int, int] | None:
+    """N -> (N, N); [H, W] or "H,W" -> (H, W); None stays None (the model's native size)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+    items = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    try:
+        hw = tuple(int(v) for v in items)
+        ok = len(hw) == 2 and all(float(v) == int(v) for v in items)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or min(hw) <= 0:
+        raise ValueError(f"{name} takes a positive size N or [H,W], got {value!r}")
+    return hw
