@@ -163,6 +163,22 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
     """)
     assert r["merged_vs_teacher"] > 1e-4  # training moved the student
     assert r["lora_vs_merged"] < 1e-3 * r["merged_vs_teacher"] + 1e-6
+    # `core.sample seed=S` (which loads the LoRA student) and the export with torch.manual_seed(S): same images
+    npz = tmp_path / "s.npz"
+    cli("core.sample", f"run={out}", "prompt=a red cube", "num=2", "seed=5", f"out={npz}", "device=cpu")
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from plugins.diffusers.scheduler import FewstepScheduler
+
+    ours = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
+    exact = json.loads((out / "export" / "fewstep_sampling.json").read_text())["exact"]
+    pipe = DiffusionPipeline.from_pretrained(str(out / "export"))
+    pipe.scheduler = FewstepScheduler.from_pretrained(str(out / "export"), subfolder=exact["subfolder"])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = pipe(["a red cube"] * 2, output_type="pt", **exact["call_kwargs"]).images
+    assert float((theirs - ours).abs().max()) <= 1e-3
 
 
 def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
