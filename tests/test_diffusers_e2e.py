@@ -53,17 +53,16 @@ def plain_diffusers(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def load_and_sample(export: str, family: str, steps: int) -> dict:
+def load_and_sample(export: str, family: str, call: dict) -> dict:
+    """The export with its stock scheduler and the recorded call, in plain diffusers."""
     extra = ", text_encoder_3=None, tokenizer_3=None" if family == "sd3" else ""
-    call = ", max_sequence_length=16" if family == "sd3" else ""
     return plain_diffusers(f"""
         import json, torch
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({export!r}{extra})
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator().manual_seed(0)
-        out = pipe(["a red cube", "a cat"], num_inference_steps={steps}, guidance_scale=0.0, generator=g,
-                   height=16, width=16, output_type="pt"{call})
+        out = pipe(["a red cube", "a cat"], generator=g, output_type="pt", **{call!r})
         img = out.images
         print(json.dumps({{"shape": list(img.shape), "finite": bool(torch.isfinite(img).all()),
                           "std": float(img.std()), "scheduler": type(pipe.scheduler).__name__,
@@ -114,8 +113,7 @@ def test_cli_run_then_plain_diffusers_samples(objective, teacher, data, extra, s
     export = out / "export"
     meta = json.loads((export / "fewstep_sampling.json").read_text())
     assert meta["scheduler"] == scheduler
-    k = meta["num_inference_steps"]
-    result = load_and_sample(str(export), teacher, k)
+    result = load_and_sample(str(export), teacher, meta["call_kwargs"])
     assert result["shape"] == [2, 3, 16, 16] and result["finite"] and result["std"] > 0
     assert result["scheduler"] == scheduler
     if meta["matches_student_sampler"]:
@@ -188,7 +186,7 @@ def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     data = Images(ImagesConfig(path=images, caption="default caption"), teacher)
-    assert data._latents is None  # nothing encoded until data is drawn
+    assert data._groups is None  # nothing encoded until data is drawn
     assert data.latents.shape == (3, *teacher.data_shape)
     assert data.captions == ["a red cube", "default caption", "a photo of a cat"]
     torch.manual_seed(1)

@@ -12,6 +12,9 @@ import tempfile
 import torch
 
 SEQ = 16  # tokenizer model_max_length: short prompts keep CPU tests fast
+# prompt/latent caches and converted single files go to a fresh folder, never the user's ~/.cache (CLI
+# subprocesses inherit it)
+os.environ.setdefault("FEWSTEP_CACHE", tempfile.mkdtemp(prefix="fewstep-cache-"))
 
 
 def _byte_chars() -> list[str]:

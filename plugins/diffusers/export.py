@@ -153,7 +153,8 @@ def _pipeline_with(teacher, components: dict):
     cls = getattr(diffusers, index["_class_name"])
     expected, _ = cls._get_signature_keys(cls)
     missing = {k: None for k in expected if index.get(k, [None])[0] is None and k not in components}
-    return diffusers.DiffusionPipeline.from_pretrained(teacher.folder, **missing, **components)
+    variant = {"variant": teacher.config.variant} if teacher.config.variant else {}
+    return diffusers.DiffusionPipeline.from_pretrained(teacher.folder, **missing, **components, **variant)
 
 
 def _save_lora(pipe, teacher, net, dest: str) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from core.errors import UsageError
 from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
-from plugins.diffusers import source
+from plugins.diffusers import cache, source
 from plugins.diffusers._require import dtype_kwarg
 from plugins.diffusers.conditioning import PromptBank
 from plugins.diffusers.denoiser import DiffusersDenoiser
@@ -49,10 +49,9 @@ class DiffusersTeacher:
 
     def __init__(self, config: DiffusersTeacherConfig, device="cpu", family: str | None = None):
         self.config, self.device = config, torch.device(device)
-        self.folder = source.local_folder(config.path, config.cache_dir)
         dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.weight_dtype = dtype
-        self.pipe = source.load_pipeline(self.folder, torch_dtype=dtype)
+        self.folder, self.pipe = source.load_teacher(config, family, dtype)
         self.family = detect_family(self.pipe)
         if family is not None and family != self.family and not (family == "flow" and self.family == "sd3"):
             raise UsageError(f"teacher.path={config.path} holds a {self.family} pipeline ({type(self.pipe).__name__}); "
@@ -75,20 +74,33 @@ class DiffusersTeacher:
             self.prediction = PREDICTIONS[ptype]
         self.vae = self.pipe.vae
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # SDXL's VAE overflows in fp16: where its config asks (force_upcast), encode/decode in fp32 as diffusers does
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
         net = getattr(self.pipe, self.net_name)
+        # image sides must divide into whole latents and whole network downsamplings (or transformer patches)
+        levels = int(net.config.patch_size) if self.family == "sd3" else 2 ** (len(net.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale * levels
         native = int(net.config.sample_size) * self.vae_scale
         self.resolution = config.resolution or (native, native)  # (H, W)
-        if any(side % self.vae_scale for side in self.resolution):
-            raise UsageError(f"teacher.resolution={list(self.resolution)} must be a multiple of the VAE factor "
-                             f"{self.vae_scale} in both sides, e.g. "
-                             f"{[max(self.vae_scale, round(s / self.vae_scale) * self.vae_scale) for s in self.resolution]}")
+        m = self.size_multiple
+        if any(side % m for side in self.resolution):
+            raise UsageError(f"teacher.resolution={list(self.resolution)} must be a multiple of {m} in both sides "
+                             f"(VAE factor {self.vae_scale} x the network's downsampling); e.g. "
+                             f"teacher.resolution={[max(m, round(s / m) * m) for s in self.resolution]}")
         h, w = (side // self.vae_scale for side in self.resolution)
         self.data_shape = (int(net.config.in_channels), h, w)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length)
+        if self.vae_dtype != dtype:
+            self.vae.to(dtype=self.vae_dtype)
+        self.vae_fingerprint = cache.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
+        text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
+        store = cache.store_for(config.embedding_cache, "prompts", cache.fingerprint(
+            self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
+        self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
+                               store=store, max_items=config.prompt_cache_items)
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
                                           self.resolution, time_scale, self.vae_scale).to(self.device)
@@ -116,14 +128,21 @@ class DiffusersTeacher:
                          f"{type(raw[0]).__name__}")
 
     @torch.no_grad()
-    def to_model_space(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] -> scaled VAE latents. Latents (cached by data=images) pass through unchanged."""
-        if tuple(x.shape[1:]) == self.data_shape:
+    def to_model_space(self, x: Tensor, seeds: list[int] | None = None) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled VAE latents; latents (cached by data=images) pass through.
+        ``seeds``: one per image for the posterior draw (else torch's global RNG)."""
+        if x.shape[1] != 3:
             return x
         cfg = self.vae.config
         out = []
-        for chunk in x.split(8):
-            z = self.vae.encode(chunk.to(self.device, self.weight_dtype)).latent_dist.sample()
+        for start in range(0, x.shape[0], 8):
+            dist = self.vae.encode(x[start:start + 8].to(self.device, self.vae_dtype)).latent_dist
+            if seeds is None:
+                z = dist.sample()
+            else:
+                noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                                     for s in seeds[start:start + 8]])
+                z = dist.mean + dist.std * noise.to(dist.mean)
             out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
         return torch.cat(out)
 
@@ -134,7 +153,7 @@ class DiffusersTeacher:
         out = []
         for chunk in z.split(8):
             lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-            out.append(self.vae.decode(lat.to(self.device, self.weight_dtype)).sample.float().clamp(-1, 1))
+            out.append(self.vae.decode(lat.to(self.device, self.vae_dtype)).sample.float().clamp(-1, 1))
         return torch.cat(out)
 
     def trainable_copy(self) -> DiffusersDenoiser:
@@ -143,7 +162,9 @@ class DiffusersTeacher:
             copy_ = copy.deepcopy(self.denoiser)  # whole wrapper, so its feature-tap hook follows the copy
         else:
             net = getattr(self.pipe, self.net_name)
-            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32))
+            variant = {"variant": self.config.variant} if self.config.variant else {}
+            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32),
+                                              **variant)
             set_attention(fresh, self.config.attention, quiet=True)
             copy_ = DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank,
                                       self.resolution, self.denoiser.time_scale, self.vae_scale)

@@ -11,7 +11,12 @@ from core.config import positive
 
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
-    path: str = attrs.field(default="", metadata={"doc": "pipeline folder, fsspec URL or hub id"})
+    path: str = attrs.field(default="", metadata={"doc": "pipeline folder, single-file .safetensors, fsspec URL "
+                                                         "of either, or hub id"})
+    config_folder: str = attrs.field(default="", metadata={
+        "doc": "single-file checkpoints: a diffusers folder of the same architecture whose configs (and missing "
+               "parts) to use; nothing is downloaded"})
+    variant: str = attrs.field(default="", metadata={"doc": "weight variant to load, e.g. fp16 (model.fp16.safetensors)"})
     resolution: Any = attrs.field(default=None, converter=lambda v: height_width(v, "teacher.resolution"),
                                   metadata={"doc": "image size in pixels: N (square) or [H,W] (default: native)"})
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = attrs.field(
@@ -28,7 +33,13 @@ class DiffusersTeacherConfig:
     export: bool = attrs.field(default=True, metadata={"doc": "write RUN/export as a diffusers pipeline at the end"})
     export_dtype: Literal["fp32", "fp16", "bf16"] = attrs.field(default="fp32",
                                                                 metadata={"doc": "dtype of the exported UNet"})
-    cache_dir: str = attrs.field(default="", metadata={"doc": "where fsspec URLs are copied (default ~/.cache/fewstep)"})
+    cache_dir: str = attrs.field(default="", metadata={"doc": "where fsspec URLs are copied and single files converted "
+                                                              "(default $FEWSTEP_CACHE/teachers)"})
+    embedding_cache: str = attrs.field(default="", metadata={
+        "doc": "prompt-embedding cache folder or fsspec URL, reused by runs with the same text encoders "
+               "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
+    prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
+        "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
 
 
 def height_width(value, name: str) -> tuple[int, int] | None:
