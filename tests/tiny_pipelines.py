@@ -131,6 +131,76 @@ def build_sd3(path: str, shift: float = 3.0) -> str:
     return path
 
 
+# -- the original (CompVis/LDM) single-file layout, for from_single_file tests ------------------------
+def _ldm_unet_key(key: str, layers: int, attn_up: set[int]) -> str:
+    """diffusers UNet key -> LDM ``model.diffusion_model.*`` key (the inverse of diffusers' conversion)."""
+    import re
+
+    resnet = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+              ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    stem, leaf = key.rsplit(".", 1)
+    if stem in fixed:
+        return f"{fixed[stem]}.{leaf}"
+    rules = [  # (pattern, replacement from the match, whether the rest is a resnet)
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)", lambda b, j: f"input_blocks.{b * (layers + 1) + j + 1}.0", True),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)", lambda b, j: f"input_blocks.{b * (layers + 1) + j + 1}.1", False),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda b: f"input_blocks.{(b + 1) * (layers + 1)}.0.op", False),
+        (r"mid_block\.resnets\.(\d+)", lambda j: f"middle_block.{2 * j}", True),
+        (r"mid_block\.attentions\.0", lambda: "middle_block.1", False),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)", lambda b, j: f"output_blocks.{b * (layers + 1) + j}.0", True),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)", lambda b, j: f"output_blocks.{b * (layers + 1) + j}.1", False),
+        (r"up_blocks\.(\d+)\.upsamplers\.0",  # after the block's last resnet (and attention, where it has one)
+         lambda b: f"output_blocks.{b * (layers + 1) + layers}.{2 if b in attn_up else 1}", False),
+    ]
+    for pattern, make, is_resnet in rules:
+        m = re.match(pattern + r"\.(.*)", key)
+        if m:
+            *nums, rest = m.groups()
+            if is_resnet:
+                for new, old in resnet:
+                    rest = rest.replace(new, old)
+            return f"{make(*map(int, nums))}.{rest}"
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str, blocks: int) -> str:
+    import re
+
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)",
+                 lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}", key)
+    key = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
+    for new, old in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        key = key.replace(f"mid_block.attentions.0.{new}.", f"mid.attn_1.{old}.")
+    return key
+
+
+def save_sd15_single_file(folder: str, path: str) -> str:
+    """The SD1.5 pipeline in ``folder`` as one ``.safetensors`` file in the original LDM key layout (UNet under
+    model.diffusion_model., VAE under first_stage_model. with 1x1-conv attention, CLIP under
+    cond_stage_model.transformer.), as SD fine-tunes ship."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    layers, unet = pipe.unet.config.layers_per_block, pipe.unet.state_dict()
+    attn_up = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.") and ".attentions." in k}
+    out = {f"model.diffusion_model.{_ldm_unet_key(k, layers, attn_up)}": v for k, v in unet.items()}
+    blocks = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        out[f"first_stage_model.{_ldm_vae_key(k, blocks)}"] = v[:, :, None, None] if ".mid.attn_1." in \
+            _ldm_vae_key(k, blocks) and v.ndim == 2 else v
+    for k, v in pipe.text_encoder.state_dict().items():
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    save_file({k: v.contiguous() for k, v in out.items()}, path)
+    return path
+
+
 BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3}
 
 

@@ -9,6 +9,7 @@ import json
 import os
 
 import fsspec
+import torch
 
 from core.errors import UsageError
 from plugins.diffusers._require import dtype_kwarg, require
@@ -28,7 +29,17 @@ def load_teacher(config, family: str | None, dtype):
         folder = single_file_folder(path, config, family or "sdxl")
     else:
         folder = local_folder(path, config.cache_dir)
-    return folder, load_pipeline(folder, torch_dtype=dtype, variant=config.variant or None)
+    return folder, load_pipeline(folder, torch_dtype=dtype, variant=config.variant or None,
+                                 fp32_vae=dtype == torch.float16 and vae_forces_upcast(folder))
+
+
+def vae_forces_upcast(folder: str) -> bool:
+    """The VAE config's ``force_upcast`` (SDXL's VAE overflows fp16): decode and encode it in fp32."""
+    try:
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            return bool(json.load(f).get("force_upcast", False))
+    except FileNotFoundError:
+        return False
 
 
 def single_file_folder(path: str, config, family: str) -> str:
@@ -41,7 +52,11 @@ def single_file_folder(path: str, config, family: str) -> str:
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.isfile(root):
         raise UsageError(f"teacher.path={path}: no such file")
-    if config.config_folder and not os.path.exists(os.path.join(config.config_folder, "model_index.json")):
+    if not config.config_folder:
+        # without it diffusers infers a hub repo and downloads its configs: never at run time
+        raise UsageError(f"teacher.path={path} is a single-file checkpoint; also pass teacher.config_folder=FOLDER, a "
+                         "diffusers folder of the same architecture (e.g. the base model's), for its configs")
+    if not os.path.exists(os.path.join(config.config_folder, "model_index.json")):
         raise UsageError(f"teacher.config_folder={config.config_folder} has no model_index.json; point it at a "
                          "diffusers folder of the same architecture (e.g. the base model's)")
     key = hashlib.sha256(f"{fs.ukey(root)}|{config.config_folder}|{family}".encode()).hexdigest()[:16]
@@ -49,21 +64,20 @@ def single_file_folder(path: str, config, family: str) -> str:
     if os.path.exists(os.path.join(dest, ".complete")):
         return dest
     local = root if "://" not in path else _copy_file(fs, root, os.path.join(cache_dir, key + ".safetensors"))
-    cls_name = PIPELINES[family]
-    if config.config_folder:
-        with open(os.path.join(config.config_folder, "model_index.json")) as f:
-            cls_name = json.load(f).get("_class_name", cls_name)
+    with open(os.path.join(config.config_folder, "model_index.json")) as f:
+        cls_name = json.load(f).get("_class_name", PIPELINES[family])
     cls = getattr(diffusers, cls_name)
     extra = {"text_encoder_3": None, "tokenizer_3": None} if cls_name.startswith("StableDiffusion3") and not \
-        (config.config_folder and _has_t5(config.config_folder)) else {}
+        _has_t5(config.config_folder) else {}
+    if cls_name.startswith("StableDiffusion") and not cls_name.startswith(("StableDiffusion3", "StableDiffusionXL")):
+        extra["safety_checker"] = None
     try:
-        pipe = cls.from_single_file(local, config=config.config_folder or None, local_files_only=True, **extra)
+        pipe = cls.from_single_file(local, config=config.config_folder, local_files_only=True, **extra)
     except Exception as exc:  # diffusers raises many types here; the fix is the same
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        hint = ("" if config.config_folder else "; pass teacher.config_folder=FOLDER, a diffusers folder of the same "
-                "architecture (e.g. the base model's), so nothing has to be downloaded")
-        raise UsageError(f"teacher.path={path}: diffusers' from_single_file could not load it offline ({first}){hint}") \
-            from None
+        raise UsageError(f"teacher.path={path}: diffusers' from_single_file could not load it with the configs of "
+                         f"teacher.config_folder={config.config_folder} ({first}); check that both are the same "
+                         "architecture") from None
     pipe.save_pretrained(dest)
     with open(os.path.join(dest, ".complete"), "w") as f:
         f.write(path)
@@ -129,7 +143,7 @@ def _from_hub(repo_id: str) -> str:
                          f"({first}); download the pipeline and pass its folder") from None
 
 
-def load_pipeline(folder: str, torch_dtype=None, variant: str | None = None):
+def load_pipeline(folder: str, torch_dtype=None, variant: str | None = None, fp32_vae: bool = False):
     """``DiffusionPipeline.from_pretrained`` that tolerates absent optional encoders (SD3 without T5)."""
     diffusers = require("diffusers")
     with open(os.path.join(folder, "model_index.json")) as f:
@@ -141,6 +155,10 @@ def load_pipeline(folder: str, torch_dtype=None, variant: str | None = None):
     if variant:
         kwargs["variant"] = variant
     try:
+        if fp32_vae:  # loaded in fp32 from the start: its weights never pass through fp16
+            vae_cls = getattr(diffusers, index["vae"][1])
+            missing["vae"] = vae_cls.from_pretrained(folder, subfolder="vae", **dtype_kwarg(torch.float32),
+                                                     **({"variant": variant} if variant else {}))
         return diffusers.DiffusionPipeline.from_pretrained(folder, **missing, **kwargs)
     except (OSError, ValueError) as exc:
         hint = ""

@@ -93,8 +93,6 @@ class DiffusersTeacher:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        if self.vae_dtype != dtype:
-            self.vae.to(dtype=self.vae_dtype)
         self.vae_fingerprint = cache.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         store = cache.store_for(config.embedding_cache, "prompts", cache.fingerprint(
