@@ -46,6 +46,9 @@ class DiffusersTeacher:
 
     num_classes = 0
     sigma_data = 0.5
+    # moment matching draws z_t from real images (Alg. 2) and has no data-free mode; data=prompts has no images
+    real_data_hint = ("data=images data.path=FOLDER (images with same-name .txt captions); data=prompts holds text "
+                      "only")
 
     def __init__(self, config: DiffusersTeacherConfig, device="cpu", family: str | None = None):
         self.config, self.device = config, torch.device(device)
