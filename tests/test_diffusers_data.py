@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -72,34 +70,40 @@ def test_prompt_errors(tmp_path, name, content, column, message):
         read_prompts(str(path), column)
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT, "FEWSTEP_TENSORBOARD": "0"}
-    return subprocess.run([sys.executable, "-m", "core.run", *args, "train.device=cpu", "train.steps=1",
-                           "train.batch=2", "train.eval_samples=2", "train.progress=false", "train.preview_every=0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+FAST = ["train.device=cpu", "train.steps=1", "train.batch=2", "train.eval_samples=2", "train.progress=false",
+        "train.preview_every=0"]
 
 
-def test_prompt_errors_are_one_line_exit_2_from_the_cli(sd15_dir, tmp_path):
+def run_main(capsys, *args) -> tuple[int, list[str]]:
+    """``python -m core.run ARGS`` in this process (the subprocess path is covered in test_diffusers_sources)."""
+    from core.run import main
+
+    capsys.readouterr()
+    rc = main([*args, *FAST])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_prompt_errors_are_one_line_exit_2_from_the_cli(sd15_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_TENSORBOARD", "0")
     (tmp_path / "prompts").mkdir()
     (tmp_path / "bad.csv").write_text('prompt\n"open\n')
-    for path, extra, message in [(tmp_path / "prompts", [], "folder without .txt files"),
-                                 (tmp_path / "bad.csv", [], "malformed CSV"),
-                                 (tmp_path / "bad.csv", ["data.column=text"], "malformed CSV")]:
+    (tmp_path / "cols.csv").write_text("text\na cat\n")
+    for path, message in [(tmp_path / "prompts", "folder without .txt files"), (tmp_path / "bad.csv", "malformed CSV"),
+                          (tmp_path / "cols.csv", "no column 'prompt'")]:
         out = tmp_path / "run"
-        proc = run_cli("objective=dmd2", "teacher=sd15", f"teacher.path={sd15_dir}", "data=prompts",
-                       f"data.path={path}", f"out={out}", *extra)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        rc, lines = run_main(capsys, "objective=dmd2", "teacher=sd15", f"teacher.path={sd15_dir}", "data=prompts",
+                             f"data.path={path}", f"out={out}")
+        assert rc == 2 and len(lines) == 1, lines
         assert lines[0].startswith("fewstep: error:") and message in lines[0]
         assert not out.exists()
 
 
-def test_moment_matching_on_prompts_names_the_dataset_to_use(sd15_dir, tmp_path):
+def test_moment_matching_on_prompts_names_the_dataset_to_use(sd15_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_TENSORBOARD", "0")
     (tmp_path / "p.txt").write_text("a cat\n")
-    proc = run_cli("objective=mm", "teacher=sd15", f"teacher.path={sd15_dir}", "data=prompts",
-                   f"data.path={tmp_path / 'p.txt'}", f"out={tmp_path / 'run'}")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    rc, lines = run_main(capsys, "objective=mm", "teacher=sd15", f"teacher.path={sd15_dir}", "data=prompts",
+                         f"data.path={tmp_path / 'p.txt'}", f"out={tmp_path / 'run'}")
+    assert rc == 2 and len(lines) == 1, lines
     assert "data=images data.path=FOLDER" in lines[0]
 
 

@@ -163,18 +163,23 @@ def test_non_square_sdxl_matches_the_pipeline(sdxl_dir):
 @pytest.mark.parametrize("value,message", [
     ("[16,18]", "must be a multiple of 4"), ("[16,0]", "positive size"), ("abc", "positive size"),
     ("[1,2,3]", "positive size")])
-def test_bad_resolution_is_one_line_exit_2(sd15_dir, tmp_path, value, message):
-    out = tmp_path / "run"
+def test_bad_resolution_is_one_line_exit_2(sd15_dir, tmp_path, value, message, capsys, monkeypatch):
+    from core.run import main
+
+    monkeypatch.setenv("FEWSTEP_TENSORBOARD", "0")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    proc = subprocess.run([sys.executable, "-m", "core.run", "objective=dmd2", "teacher=sd15", f"teacher.path={sd15_dir}",
-                           f"teacher.resolution={value}", "data=prompts", f"data.path={prompts}", f"out={out}",
-                           "train.device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT, "FEWSTEP_TENSORBOARD": "0"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fewstep: error:") and message in lines[0], proc.stderr
-    assert not out.exists()
+    args = ["objective=dmd2", "teacher=sd15", f"teacher.path={sd15_dir}", f"teacher.resolution={value}",
+            "data=prompts", f"data.path={prompts}", f"out={tmp_path / 'run'}", "train.device=cpu"]
+    capsys.readouterr()
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error:") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
+    if value == "[16,18]":  # and the same from a fresh interpreter: nothing but that line on stderr
+        proc = subprocess.run([sys.executable, "-m", "core.run", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": ROOT, "FEWSTEP_TENSORBOARD": "0"})
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == lines, proc.stderr[-2000:]
 
 
 def test_fsspec_folder_teacher_and_cache_reuse(sd15_dir, tmp_path):
