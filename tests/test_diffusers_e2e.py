@@ -148,7 +148,7 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
         base = DiffusionPipeline.from_pretrained({sdxl_dir!r})
         torch.manual_seed(0)
         x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 500])
-        emb, pooled = torch.randn(2, 16, 64), torch.randn(2, 32)
+        emb, pooled = torch.randn(2, 16, 80), torch.randn(2, 48)
         kw = dict(encoder_hidden_states=emb, added_cond_kwargs={{"text_embeds": pooled,
                   "time_ids": torch.tensor([[16., 16, 0, 0, 16, 16]]).expand(2, -1)}})
         with torch.no_grad():

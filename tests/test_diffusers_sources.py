@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tiny_pipelines import save_sd15_single_file, sd15_dir, sdxl_dir  # noqa: E402,F401  (fixtures)
+from tiny_pipelines import save_single_file, sd15_dir, sdxl_dir  # noqa: E402,F401  (fixtures)
 
 from core.errors import UsageError  # noqa: E402
 
@@ -44,8 +44,8 @@ def rewritten(folder, dest, change):
 def perturb(pipe):
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            for p in module.parameters():
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            for p in [] if module is None else module.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
@@ -60,24 +60,27 @@ def same_outputs(a, b) -> float:
     return max(float((da - db).abs().max()), float((a.to_data_space(x) - b.to_data_space(x)).abs().max()))
 
 
-def test_single_file_checkpoint_loads_through_from_single_file(sd15_dir, tmp_path):
-    """An LDM-layout .safetensors of pipeline A with the configs of a *different* pipeline B (same architecture):
-    the teacher is A (weights from the file, not from B), converted once into the cache and reused."""
-    single = save_sd15_single_file(sd15_dir, str(tmp_path / "model.safetensors"))
-    other = rewritten(sd15_dir, tmp_path / "sd15_other", perturb)
-    reference, from_file = make_teacher(sd15_dir), make_teacher(single, config_folder=other)
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_single_file_checkpoint_loads_through_from_single_file(family, tmp_path, request):
+    """An LDM-layout .safetensors of pipeline A (SDXL: both CLIPs, the second in OpenCLIP's layout) with the
+    configs of a *different* pipeline B of the same architecture: the teacher is A (weights from the file, not
+    from B), converted once into the cache and reused."""
+    folder = request.getfixturevalue(f"{family}_dir")
+    single = save_single_file(folder, str(tmp_path / "model.safetensors"))
+    other = rewritten(folder, tmp_path / f"{family}_other", perturb)
+    reference, from_file = make_teacher(folder, family), make_teacher(single, family, config_folder=other)
     assert same_outputs(reference, from_file) < 1e-5
-    assert same_outputs(make_teacher(other), from_file) > 1e-3  # B's weights would be visibly different
+    assert same_outputs(make_teacher(other, family), from_file) > 1e-3  # B's weights would be visibly different
     marker = os.path.join(from_file.folder, ".complete")
     stamp = os.stat(marker).st_mtime_ns
-    assert make_teacher(single, config_folder=other).folder == from_file.folder
+    assert make_teacher(single, family, config_folder=other).folder == from_file.folder
     assert os.stat(marker).st_mtime_ns == stamp  # converted once
 
 
 def test_single_file_from_fsspec_url(sd15_dir, tmp_path):
     import fsspec
 
-    single = save_sd15_single_file(sd15_dir, str(tmp_path / "model.safetensors"))
+    single = save_single_file(sd15_dir, str(tmp_path / "model.safetensors"))
     fs = fsspec.filesystem("memory")
     fs.pipe("/ckpts/model.safetensors", open(single, "rb").read())
     teacher = make_teacher("memory:///ckpts/model.safetensors", config_folder=sd15_dir)
