@@ -35,3 +35,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
+
+# the GPU suite (issue 15): installs the wheels in .whl when present, writes benchmarks/results/gpu-<device>.*
+.PHONY: gpu-check
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh
