@@ -144,3 +144,20 @@ def test_scheduler_refuses_other_step_counts():
     assert sched.num_inference_steps == 2 and sched.timesteps.tolist() == [999.0, 499.0]
     with pytest.raises(ValueError, match="num_inference_steps=2"):
         sched.set_timesteps(4)
+
+
+@pytest.mark.parametrize("which", ["sdxl", "sd3"])
+def test_non_square_export_reproduces_core_sampling(which, request, tmp_path):
+    """teacher.resolution=[H,W]: the recorded call carries height/width (SDXL: its size conditioning), and the
+    export still gives fewstep's images."""
+    from plugins.diffusers.export import export_pipeline
+
+    teacher = teacher_for(request.getfixturevalue(f"{which}_dir"), which, resolution=(16, 24))
+    student = perturbed_student(teacher)
+    spec = objective_spec("dmd2", {"steps": 2}, student)
+    export = export_pipeline(teacher, student, spec, str(tmp_path))
+    ours = fewstep_images(teacher, student, spec, seed=1)
+    theirs, record = exported_images(export, which, seed=1)
+    assert record["exact"]["call_kwargs"]["height"] == 16 and record["exact"]["call_kwargs"]["width"] == 24
+    assert theirs.shape == ours.shape == (2, 3, 16, 24)
+    assert float((theirs - ours).abs().max()) <= 1e-3
