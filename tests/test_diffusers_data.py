@@ -200,3 +200,8 @@ def test_prompt_cache_on_disk_is_reused_and_bounded(sdxl_dir, tmp_path, monkeypa
     torch.testing.assert_close(b.bank.lookup(ids_b[:5], 5, "cpu", torch.float32)["text"], reference["text"])
     files = [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".safetensors")]
     assert len(files) == 6
+    remote = make_teacher(sdxl_dir, "sdxl", embedding_cache="memory://fewstep-emb")  # any fsspec URL
+    remote.encode_condition(prompts[:2])
+    import fsspec
+
+    assert len([p for p in fsspec.filesystem("memory").find("/fewstep-emb") if p.endswith(".safetensors")]) == 2
