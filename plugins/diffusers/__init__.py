@@ -47,7 +47,7 @@ def _critic(config, teacher, student, device="cpu"):
 
 @hookimpl
 def register_teachers(register):
-    register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|URL|HUB_ID), eps or v"),
+    register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|FILE.safetensors|URL|HUB_ID), eps or v"),
              config=DiffusersTeacherConfig)
     register("sd15", _teacher("sd15", "Stable Diffusion 1.x/2.x pipeline (teacher.path=...), eps or v"),
              config=DiffusersTeacherConfig)
