@@ -22,8 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_teacher(path, family="sd15", **kw):
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     return DiffusersTeacher(DiffusersTeacherConfig(path=str(path), **kw), "cpu", family)
 

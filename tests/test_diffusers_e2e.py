@@ -181,8 +181,7 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
 
 def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
     from plugins.diffusers.data import Images, ImagesConfig
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     data = Images(ImagesConfig(path=images, caption="default caption"), teacher)
@@ -225,8 +224,7 @@ def test_without_diffusers_list_works_and_runs_say_how_to_install(sdxl_dir):
 
 def test_images_latents_are_deterministic_and_leave_the_global_rng_alone(sd15_dir, images):
     from plugins.diffusers.data import Images, ImagesConfig
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     state = torch.get_rng_state()

@@ -24,8 +24,7 @@ SEQ3 = 16
 
 @functools.lru_cache(maxsize=None)
 def teacher_for(path: str, family: str, resolution=None):
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     return DiffusersTeacher(DiffusersTeacherConfig(path=path, max_sequence_length=SEQ3, resolution=resolution),
                             "cpu", family)

@@ -24,8 +24,7 @@ PROMPTS = ["a red cube", "two cats on a mat"]
 
 
 def make_teacher(path, family="sd15", **kw):
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     return DiffusersTeacher(DiffusersTeacherConfig(path=str(path), **kw), "cpu", family)
 

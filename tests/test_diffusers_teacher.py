@@ -23,8 +23,7 @@ SEQ3 = 16  # SD3 T5 tokens (zeros without T5): short keeps CPU tests fast
 
 @functools.lru_cache(maxsize=None)
 def _cached(path, family, items):
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     return DiffusersTeacher(DiffusersTeacherConfig(path=path, max_sequence_length=SEQ3, **dict(items)), "cpu", family)
 
