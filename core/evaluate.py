@@ -95,11 +95,17 @@ def fid_metric(model: str, weights: str | None, device):
         if not weights or not os.path.isfile(weights):
             raise UsageError("fid_model=inception needs fid_weights=FILE, torch-fidelity's InceptionV3 weights "
                              "(pt_inception-2015-12-05); fewstep does not download them")
+        try:  # torch-fidelity unpickles the file: let only plain tensors through
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"fid_weights={weights} is not a plain tensor file ({str(exc).splitlines()[0][:200]}); "
+                             "fewstep never unpickles code") from None
         try:
             return FrechetInceptionDistance(feature=2048, normalize=True,
                                             feature_extractor_weights_path=weights).to(device)
-        except ModuleNotFoundError as exc:
-            raise UsageError(f"fid_model=inception: {exc}") from None
+        except ModuleNotFoundError:
+            raise UsageError("fid_model=inception needs torch-fidelity (pip install torch-fidelity), or pass "
+                             "fid_model=FILE, a TorchScript feature extractor") from None
     if not os.path.isfile(model):
         raise UsageError(f"fid_model={model}: no such file (a TorchScript feature extractor, or 'inception')")
     try:

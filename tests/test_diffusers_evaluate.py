@@ -120,6 +120,7 @@ def test_fid_and_clip_score_match_the_formulas(run_dir, models, tmp_path, capsys
     (["run=R", "prompts=P", "reference=F"], "also give fid_model"),
     (["run=R", "prompts=P", "fid_model=inception", "reference=F"], "needs fid_weights=FILE"),
     (["run=R", "prompts=P", "fid_model=/nowhere.pt", "reference=F"], "no such file"),
+    (["run=R", "prompts=P", "fid_model=inception", "fid_weights=EVIL", "reference=F"], "never unpickles code"),
     (["run=R", "prompts=P", "clip_model=/nowhere"], "no such folder"),
     (["run=R", "prompts=P", "clip_model=C", "num=0"], "num must be > 0"),
     (["run=R", "prompts=P", "clip_model=C", "bogus=1"], "unknown key"),
@@ -127,8 +128,11 @@ def test_fid_and_clip_score_match_the_formulas(run_dir, models, tmp_path, capsys
 def test_usage_errors_are_one_line(run_dir, models, tmp_path, capsys, args, message):
     from core.evaluate import main
 
+    import pickle
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"weights": print}))  # loading it would call code
     subst = {"R": str(run_dir), "P": str(run_dir.parent / "prompts.txt"), "F": str(models / "reference"),
-             "C": str(models / "clip")}
+             "C": str(models / "clip"), "EVIL": str(tmp_path / "evil.pth")}
     argv = [a.split("=")[0] + "=" + subst.get(a.split("=", 1)[1], a.split("=", 1)[1]) for a in args]
     capsys.readouterr()
     assert main(argv + ["device=cpu"]) == 2
