@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -96,10 +97,12 @@ def fid_metric(model: str, weights: str | None, device):
             raise UsageError("fid_model=inception needs fid_weights=FILE, torch-fidelity's InceptionV3 weights "
                              "(pt_inception-2015-12-05); fewstep does not download them")
         try:  # torch-fidelity unpickles the file: let only plain tensors through
-            torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UsageError(f"fid_weights={weights} is not a plain tensor file ({str(exc).splitlines()[0][:200]}); "
-                             "fewstep never unpickles code") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception:
+            raise UsageError(f"fid_weights={weights} holds more than plain tensors and could run code when loaded; "
+                             "fewstep never unpickles code (give the state dict of tensors only)") from None
         try:
             return FrechetInceptionDistance(feature=2048, normalize=True,
                                             feature_extractor_weights_path=weights).to(device)
