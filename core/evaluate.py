@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from core import checkpoint as ckpt
+from core import files
 from core.cli import guard, load_tree
 from core.errors import UsageError
 from core.registry import get_registry
@@ -163,7 +163,7 @@ class _FeatureTensors(torch.nn.Module):
 @torch.no_grad()
 def generate_images(networks, spec, prompts: list[str], num: int, batch: int, device, registry) -> torch.Tensor:
     """``num`` images in [0, 1] from the run's student, prompts cycled, in batches of ``batch``."""
-    from core.sampling import generate
+    from core.generation import generate
 
     teacher, model = networks.teacher, networks.student
     out = []
@@ -177,7 +177,8 @@ def generate_images(networks, spec, prompts: list[str], num: int, batch: int, de
 
 @guard
 def main(argv: list[str]) -> int:
-    from core.runner import load_run, resolve_device, set_seed
+    from core.roles import resolve_device, set_seed
+    from core.rundir import load_run
 
     args = load_tree(argv)
     unknown = sorted(set(args) - set(KEYS))
@@ -225,12 +226,12 @@ def main(argv: list[str]) -> int:
             part = (images[start:start + batch] * 255).round().to(torch.uint8)
             clip.update(list(part.to(device)), [prompts[i % len(prompts)] for i in range(start, start + len(part))])
         results["clip_score"] = float(clip.compute())
-    out = str(args.get("out", ckpt.join(run, "evaluation.json")))
-    ckpt.write_bytes_atomic(out, (json.dumps(results, indent=1) + "\n").encode())
+    out = str(args.get("out", files.join(run, "evaluation.json")))
+    files.write_bytes_atomic(out, (json.dumps(results, indent=1) + "\n").encode())
     if "samples" in args:
         buf = io.BytesIO()
         np.savez(buf, images=images.numpy(), prompts=np.array([prompts[i % len(prompts)] for i in range(num)]))
-        ckpt.write_bytes_atomic(str(args["samples"]), buf.getvalue())
+        files.write_bytes_atomic(str(args["samples"]), buf.getvalue())
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
     print(f"wrote {out}")
     return 0

@@ -1,7 +1,7 @@
 """``RUN/export`` reproduces fewstep's own sampler: for every objective's student sampler (DMD2 multistep, SFD
 Euler + AFS without final denoise, moment matching's ancestral sampler) on every teacher family (SD1.5 eps and
 v, SDXL, SD3 flow), the exported pipeline, loaded back with ``from_pretrained`` and given ``FewstepScheduler``
-and the recorded call arguments, gives the images ``core.sampling.generate`` gives for the same seed."""
+and the recorded call arguments, gives the images ``core.generation.generate`` gives for the same seed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 from tiny_pipelines import sd3_dir, sd15_dir, sd15_v_dir, sdxl_dir  # noqa: E402,F401  (fixtures)
 
 from core.registry import get_registry  # noqa: E402
-from core.sampling import generate  # noqa: E402
+from core.generation import generate  # noqa: E402
 
 PROMPTS = ["a red cube", "two cats on a mat"]
 SEQ3 = 16
@@ -92,7 +92,7 @@ FAMILIES = ["sd15", "sd15_v", "sdxl", "sd3"]
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 @pytest.mark.parametrize("which", FAMILIES)
-def test_export_reproduces_core_sampling(which, objective, request, tmp_path):
+def test_export_reproduces_core_generation(which, objective, request, tmp_path):
     from plugins.diffusers.export import export_pipeline
 
     name = objective.split("-noafs")[0]
@@ -111,7 +111,7 @@ def test_export_reproduces_core_sampling(which, objective, request, tmp_path):
     assert record["exact"]["call_kwargs"]["num_inference_steps"] == calls
     assert theirs.shape == ours.shape
     err = float((theirs - ours).abs().max())
-    assert err <= 1e-3, f"{which}/{objective}: exported pipeline differs from core.sampling by {err:.2e}"
+    assert err <= 1e-3, f"{which}/{objective}: exported pipeline differs from core.generation by {err:.2e}"
     other = fewstep_images(teacher, student, spec, seed=4)  # the seed matters: the comparison is not vacuous
     assert float((other - ours).abs().max()) > 1e-2
 
@@ -146,7 +146,7 @@ def test_scheduler_refuses_other_step_counts():
 
 
 @pytest.mark.parametrize("which", ["sdxl", "sd3"])
-def test_non_square_export_reproduces_core_sampling(which, request, tmp_path):
+def test_non_square_export_reproduces_core_generation(which, request, tmp_path):
     """teacher.resolution=[H,W]: the recorded call carries height/width (SDXL: its size conditioning), and the
     export still gives fewstep's images."""
     from plugins.diffusers.export import export_pipeline

@@ -6,7 +6,7 @@ Stock schedulers differ from fewstep's samplers in three ways that change the im
 applied to the given sigmas), and none has SFD's analytic first step (AFS) or a grid without final denoise.
 This scheduler instead carries the student's grid as data: per grid point the model time, alpha and sigma
 (x_t = alpha x0 + sigma eps, evaluated by fewstep's schedule at export), and applies the same update rules
-(``core.ops``, ``core.parameterization``) as the samplers in ``plugins/samplers``:
+(``core.ops``, ``core.parameterization``) as fewstep's samplers (``core.generation``, ``core.pfode``):
 
 - ``multistep`` (DMD2): x0, then re-noise to the next time with fresh float32 noise;
 - ``ancestral`` (moment matching, Salimans et al. 2024 Alg. 1): z_s ~ q(z_s | z_t, x0) with DDIM(eta) noise, float64;
@@ -111,7 +111,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         elif c.sampler == "ancestral":
             xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
             out = ops.posterior_sample(x.double(), x0.double(), a_t, s_t, a_s, s_s, xi, c.eta).to(x.dtype)
-        elif c.sampler == "euler-afs":  # VE coordinates, Python-float coefficients as in plugins/samplers/ode.py
+        elif c.sampler == "euler-afs":  # VE coordinates, Python-float coefficients as in core.pfode
             r = (c.sigmas[i + 1] / c.alphas[i + 1]) / (c.sigmas[i] / c.alphas[i])
             out = (r * (x / c.alphas[i]) + (1 - r) * x0) * c.alphas[i + 1]
         else:  # euler / ddim
