@@ -1,5 +1,6 @@
 """Diffusers teachers (``sdxl``, ``sd15``, ``sd3``/``flow``), ``diffusers`` students and critics (full or
-LoRA), datasets ``prompts`` and ``images``, and export of the student as a diffusers pipeline.
+LoRA), datasets ``prompts`` and ``images``, the ``validation`` callback (fixed-prompt preview grids), and export
+of the student as a diffusers pipeline.
 
 Registration imports nothing heavy: diffusers, transformers and peft load inside the factories, so
 ``python -m core.run list`` works without them and a run that needs them says ``pip install
@@ -83,3 +84,10 @@ def register_critics(register):
 def register_datasets(register):
     register("prompts", Prompts, config=PromptsConfig)
     register("images", Images, config=ImagesConfig)
+
+
+@hookimpl
+def register_callbacks(register):
+    from plugins.diffusers.validation import ValidationGrids
+
+    register("validation", ValidationGrids)
