@@ -60,3 +60,20 @@ def test_validation_without_prompts_is_one_line(sd15_dir, tmp_path, capsys, monk
                f"data.path={tmp_path / 'p.txt'}", f"out={tmp_path / 'run'}", "callbacks=[validation]", *FAST])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "train.validation_prompts" in lines[-1], lines
+
+
+def test_validation_grids_go_to_tensorboard(sd15_dir, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import train
+
+    monkeypatch.setenv("FEWSTEP_TENSORBOARD", "1")
+    (tmp_path / "train.txt").write_text("a red cube\n")
+    out = tmp_path / "run"
+    train("objective=dmd2", "teacher=sd15", f"teacher.path={sd15_dir}", "data=prompts",
+          f"data.path={tmp_path / 'train.txt'}", f"out={out}", "objective.steps=1", "callbacks=[validation]",
+          "train.validation_prompts=[a cat, the sea]", "train.validation_seeds=3", *FAST)
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload()
+    images = events.Images("validation")
+    assert [e.step for e in images] == [1, 2] and (images[-1].height, images[-1].width) == (2 * 16, 3 * 16)
