@@ -13,7 +13,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,diffusers]"
+	$(BIN)/python -m pip install -q -e ".[dev,diffusers,digits]"
 
 demo: setup
 	$(BIN)/python -m core.run
