@@ -5,7 +5,7 @@
 
 Trains the teacher once (``objective=denoise data=digits student=unet``; reused when ``--work`` holds it),
 scores the teacher's samplers at NFE 1-32 and each student at its NFE with the digits FID
-(``plugins.digits_metrics``), writes ``benchmarks/results/digits[-quick].json``, one labelled sample grid
+(``plugins.digits.fid``), writes ``benchmarks/results/digits[-quick].json``, one labelled sample grid
 per row under ``docs/methods/digits/`` and the table between the markers in ``docs/methods/digits.md``.
 Every row draws the same balanced labels (``num // 10`` per class) from the same seed.
 """
@@ -68,7 +68,7 @@ def balanced_labels(num: int) -> torch.Tensor:
 @torch.no_grad()
 def score(model, spec: SamplingSpec, shape, num: int, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     from core.sampling import generate
-    from plugins.digits_metrics import digits_report
+    from plugins.digits.fid import digits_report
 
     labels = balanced_labels(num)
     with torch.random.fork_rng():
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-overrides", default="", help="extra key=value for the teacher run, comma-separated")
     args = p.parse_args(argv)
     os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
-    from plugins.digits_metrics import floor_report
+    from plugins.digits.fid import floor_report
 
     seeds = args.seeds or (1 if args.quick else 3)
     num = args.samples or (500 if args.quick else 1000)

@@ -18,7 +18,8 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 from core.run import main as run_main  # noqa: E402
 from core.sample import main as sample_main  # noqa: E402
-from plugins import digits, digits_metrics  # noqa: E402
+from plugins.digits import data as digits
+from plugins.digits import fid as digits_metrics  # noqa: E402
 
 from conftest import run_config, train  # noqa: E402
 

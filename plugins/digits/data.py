@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from core import hookimpl
 from core.config import FieldError, positive
 from core.errors import UsageError
 from core.schedules import make_schedule
@@ -189,13 +188,3 @@ class DigitsTeacher:
 
 DigitsData.default_teacher = "digits"  # `data=digits` alone picks its own teacher
 DigitsData.conformance_config = {"teacher": "digits"}
-
-
-@hookimpl
-def register_teachers(register):
-    register("digits", DigitsTeacher, config=DigitsTeacherConfig)
-
-
-@hookimpl
-def register_datasets(register):
-    register("digits", DigitsData, config=DigitsDataConfig)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from plugins.digits import NUM_CLASSES, load_split
+from .data import NUM_CLASSES, load_split
 
 VERSION = 1
 STEPS = 400
