@@ -158,3 +158,31 @@ def floor_report(size: int = 8) -> dict:
     report = digits_report(held_x, held_y)
     report["train_split_accuracy"] = float((classifier()(train_x).argmax(1) == train_y).double().mean())
     return report
+
+
+def report_npz(path: str) -> dict:
+    """``digits_report`` of a ``core.sample`` .npz (``samples`` [N, 1, H, W] in [-1, 1], optional ``labels``)."""
+    import numpy as np
+
+    from core.errors import UsageError
+
+    try:
+        data = np.load(path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read samples ({exc})") from None
+    if "samples" not in data:
+        raise UsageError(f"{path} holds no 'samples' array; write one with python -m core.sample ... out={path}")
+    x = torch.as_tensor(data["samples"])
+    if x.ndim != 4 or x.shape[1] != 1 or x.shape[-1] not in (8, 16, 32) or x.shape[-2] != x.shape[-1]:
+        raise UsageError(f"{path}: the digits FID needs images of shape (N, 1, S, S) with S in 8, 16, 32, "
+                         f"got {tuple(x.shape)}")
+    labels = torch.as_tensor(data["labels"]) if "labels" in data else None
+    return digits_report(x, labels)
+
+
+def format_report(report: dict) -> str:
+    parts = [f"digits_fid={report['fid']:.4f}"]
+    if "class_accuracy" in report:
+        parts.append(f"class_accuracy={report['class_accuracy']:.4f}")
+    parts.append(f"min_class_share={report['min_class_share']:.4f}")
+    return " ".join(parts) + " class_share=" + ",".join(f"{s:.3f}" for s in report["class_share"])
