@@ -122,10 +122,9 @@ def test_empirical_teacher_matches_a_float64_softmax_reference():
             np.testing.assert_allclose(guided[i], u + 3.0 * (c - u), atol=1e-8)
 
 
-def test_unbound_digits_teacher_says_which_data_it_needs():
+def test_unbound_digits_teacher_serves_the_native_train_split():
     t = digits.DigitsTeacher(digits.DigitsTeacherConfig())
-    with pytest.raises(digits.UsageError, match="data=digits"):
-        t.data_shape
+    assert t.data_shape == (1, 8, 8) and len(t.labels) == 1497
 
 
 # -- student=unet --------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ class DigitsTeacher:
     """The train split as a teacher: exact E[x0 | x_t] of its empirical distribution (EDM schedule).
 
     For deltas y_i: E[x0 | x_t] = sum_i softmax_i(-|x_t - alpha y_i|^2 / 2 sigma^2) y_i; a class condition
-    keeps only that class's images. ``data=digits`` binds the images (and so the size) to it.
+    keeps only that class's images. ``data=digits`` binds its images (and so ``data.size``) to it; unbound,
+    it serves the native 8x8 train split.
     """
 
     default_student = "unet"
@@ -144,13 +145,21 @@ class DigitsTeacher:
 
     def bind(self, images: Tensor, labels: Tensor) -> None:
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.sigma_data = float(images.std())
+        self._sigma_data = float(images.std())
+
+    def _bound(self):
+        if self.images is None:  # used without data=digits: the native 8x8 images
+            self.bind(*load_split("train", 8))
+        return self
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        if self.images is None:
-            raise UsageError("teacher=digits needs data=digits (it is the digits data's own teacher)")
-        return tuple(self.images.shape[1:])
+        return tuple(self._bound().images.shape[1:])
+
+    @property
+    def sigma_data(self) -> float:
+        """Pixel std of the train split (EDM preconditioning of the networks trained on it)."""
+        return self._bound()._sigma_data
 
     def encode_condition(self, raw):
         return None if raw is None else check_labels(raw).to(self.device)
@@ -166,7 +175,7 @@ class DigitsTeacher:
 
     @torch.no_grad()
     def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
-        self.data_shape  # noqa: B018 - raises when unbound
+        self._bound()
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         alpha, sigma = self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
