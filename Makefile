@@ -42,3 +42,8 @@ digits-quick: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
+
+# the GPU suite (issue 15): installs the wheels in .whl when present, writes benchmarks/results/gpu-<device>.*
+.PHONY: gpu-check
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh
