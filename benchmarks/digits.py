@@ -52,14 +52,20 @@ def heun_steps(nfe: int) -> int:
 
 
 def train(overrides: list[str], out: Path) -> float:
-    """Train (or finish) a run in this process; returns the wall time spent."""
-    from core.runconfig import resolve
+    """Train a run in this process; returns its wall time. A run already trained by an earlier call is
+    reused, with the wall time recorded then (``timing.json`` in the run dir)."""
     from core.config import parse_overrides
+    from core.runconfig import resolve
     from core.runner import Trainer
 
+    timing = out / "timing.json"
     start = time.perf_counter()
     Trainer(resolve(parse_overrides([*overrides, f"out={out}", "train.progress=false"]))).train()
-    return time.perf_counter() - start
+    if timing.exists():
+        return json.loads(timing.read_text())["wall_s"]
+    wall = time.perf_counter() - start
+    timing.write_text(json.dumps({"wall_s": wall}))
+    return wall
 
 
 def balanced_labels(num: int) -> torch.Tensor:
@@ -231,11 +237,6 @@ def main(argv=None) -> int:
     teacher_run = work / f"teacher-size{args.size}"
     extra = [o for o in args.teacher_overrides.split(",") if o]
     teacher_wall = train([*TEACHER, f"data.size={args.size}", *extra], teacher_run)
-    meta_url = teacher_run / "timing.json"
-    if meta_url.exists():  # reused: report the wall time of the run that trained it
-        teacher_wall = json.loads(meta_url.read_text())["wall_s"]
-    else:
-        meta_url.write_text(json.dumps({"wall_s": teacher_wall}))
     rows = teacher_rows(teacher_run, num, grids)
     only = {s for s in args.students.split(",") if s} or None
     rows += student_rows(teacher_run, work, args.size, num, seeds, args.quick, grids, only)
