@@ -123,7 +123,7 @@ def student_rows(teacher_run: Path, work: Path, size: int, num: int, seeds: int,
         steps = quick_steps if quick else full_steps
         per_seed: dict[int, list] = {nfe: [] for nfe in nfes}
         for seed in range(seeds):
-            out = work / f"{name}-seed{seed}"
+            out = work / ("quick" if quick else "full") / f"{name}-seed{seed}"
             wall = train([*overrides, "teacher=checkpoint", f"teacher.path={teacher_run}", "data=digits",
                           f"data.size={size}", f"train.steps={steps}", f"seed={seed}"], out)
             networks, spec, _ = load_run(str(out))
