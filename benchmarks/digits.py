@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core import checkpoint as ckpt
+from core import files
 from core.preview import class_grid_png
 from core.protocols import SamplingSpec
 from core.timesteps import make_grid
@@ -74,7 +74,7 @@ def balanced_labels(num: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model, spec: SamplingSpec, shape, num: int, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    from core.sampling import generate
+    from core.generation import generate
     from plugins.digits.fid import digits_report
 
     labels = balanced_labels(num)
@@ -87,7 +87,7 @@ def score(model, spec: SamplingSpec, shape, num: int, seed: int) -> tuple[dict, 
 def save_grid(samples, labels, name: str, grids: Path) -> str:
     grids.mkdir(parents=True, exist_ok=True)
     path = grids / f"{name}.png"
-    ckpt.write_bytes_atomic(str(path), class_grid_png(samples, labels, per_row=8, scale=3))
+    files.write_bytes_atomic(str(path), class_grid_png(samples, labels, per_row=8, scale=3))
     return str(path.relative_to(DOC.parent))
 
 
@@ -114,7 +114,7 @@ def teacher_rows(teacher_run: Path, num: int, grids: Path) -> list[dict]:
 
 def student_rows(teacher_run: Path, work: Path, size: int, num: int, seeds: int, quick: bool,
                  grids: Path, only: set | None) -> list[dict]:
-    from core.runner import load_run
+    from core.rundir import load_run
 
     rows = []
     for name, nfes, overrides, full_steps, quick_steps in STUDENTS:

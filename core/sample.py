@@ -17,11 +17,10 @@ import io
 import sys
 
 import attrs
-import fsspec
 import numpy as np
 import torch
 
-from core import checkpoint as ckpt
+from core import files
 from core.cli import guard, load_tree
 from core.config import converter
 from core.errors import UsageError
@@ -57,9 +56,10 @@ def _picture(images, labels) -> bytes:
 
 @guard
 def main(argv: list[str]) -> int:
+    from core.generation import generate
+    from core.roles import resolve_device, set_seed
     from core.runconfig import resolve
-    from core.runner import Networks, load_run, resolve_device, set_seed
-    from core.sampling import generate
+    from core.rundir import load_run
 
     tree = load_tree(argv)
     sample_args = {k: tree.pop(k) for k in list(tree) if k in SAMPLE_KEYS}
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         if not images:
             raise UsageError(f"out={out}: a PNG grid needs image samples; this teacher's data has shape "
                              f"{tuple(teacher.data_shape)} (use out=FILE.npz)")
-        ckpt.write_bytes_atomic(out, _picture(samples, cond if prompt is None else None))
+        files.write_bytes_atomic(out, _picture(samples, cond if prompt is None else None))
         print(f"wrote a grid of {num} images to {out} with {spec.sampler}, {len(spec.times) - 1} steps")
         return 0
     buf = io.BytesIO()
@@ -130,11 +130,11 @@ def main(argv: list[str]) -> int:
     if cond is not None and prompt is None:
         arrays["labels"] = cond.cpu().numpy()
     np.savez(buf, **arrays)
-    ckpt.write_bytes_atomic(out, buf.getvalue())
+    files.write_bytes_atomic(out, buf.getvalue())
     png = out[:-4] + ".png"
     reference = teacher.sample_exact(min(num, 2000)) if hasattr(teacher, "sample_exact") else None
     picture = _picture(samples, cond) if images and prompt is None else preview_png(samples[:2000], reference)
-    ckpt.write_bytes_atomic(png, picture)
+    files.write_bytes_atomic(png, picture)
     print(f"wrote {num} samples to {out} (preview {png}) with {spec.sampler}, {len(spec.times) - 1} steps")
     return 0
 

@@ -14,8 +14,8 @@ pytest.importorskip("diffusers")
 from conftest import train  # noqa: E402
 
 from core.protocols import SamplingSpec  # noqa: E402
-from core.runner import load_run  # noqa: E402
-from core.sampling import generate  # noqa: E402
+from core.rundir import load_run  # noqa: E402
+from core.generation import generate  # noqa: E402
 from core.timesteps import make_grid  # noqa: E402
 from plugins.digits import fid as digits_metrics  # noqa: E402
 

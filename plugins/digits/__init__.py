@@ -8,9 +8,9 @@ from .data import DigitsData, DigitsDataConfig, DigitsTeacher, DigitsTeacherConf
 
 @hookimpl
 def register_teachers(register):
-    register("digits", DigitsTeacher, config=DigitsTeacherConfig)
+    register("digits", DigitsTeacher, config=DigitsTeacherConfig, default_student="unet", default_data="digits")
 
 
 @hookimpl
 def register_datasets(register):
-    register("digits", DigitsData, config=DigitsDataConfig)
+    register("digits", DigitsData, config=DigitsDataConfig, default_teacher="digits")  # data=digits alone

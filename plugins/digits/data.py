@@ -133,9 +133,8 @@ class DigitsTeacher:
     it serves the native 8x8 train split.
     """
 
-    default_student = "unet"
-    default_data = "digits"
     num_classes = NUM_CLASSES
+    preview_samples = 80  # training previews: 8 per class
 
     def __init__(self, config: DigitsTeacherConfig, device="cpu"):
         self.config, self.device = config, torch.device(device)
@@ -195,5 +194,4 @@ class DigitsTeacher:
         return out.view_as(x_t).to(x_t.dtype)
 
 
-DigitsData.default_teacher = "digits"  # `data=digits` alone picks its own teacher
 DigitsData.conformance_config = {"teacher": "digits"}
