@@ -1,7 +1,7 @@
 """Sample-quality metrics against reference samples: energy distance, sliced Wasserstein, mode mass.
 
 All computed in float64 on flattened samples; callable on tensors or on ``.npz`` files
-(``python -m core.metrics a.npz b.npz``).
+(``python -m core.metrics a.npz b.npz``); ``python -m core.metrics --digits x.npz`` scores digit images.
 """
 
 from __future__ import annotations
@@ -64,8 +64,29 @@ def gmm_report(teacher, samples: Tensor, reference: Tensor) -> dict:
     return out
 
 
+def digits_main(argv: list[str]) -> int:
+    """``python -m core.metrics --digits SAMPLES.npz``: the digits FID, class accuracy and class shares
+    (docs/methods/digits.md). The metric lives with the digits data in plugins/digits; loaded on demand."""
+    from core.cli import guard
+
+    @guard
+    def run(argv):
+        if len(argv) != 1:
+            from core.errors import UsageError
+
+            raise UsageError("usage: python -m core.metrics --digits SAMPLES.npz (from python -m core.sample)")
+        from plugins.digits.fid import format_report, report_npz
+
+        print(format_report(report_npz(argv[0])))
+        return 0
+
+    return run(argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--digits"]:
+        return digits_main(argv[1:])
     if len(argv) != 2:
         print("usage: python -m core.metrics SAMPLES.npz REFERENCE.npz", file=sys.stderr)
         return 2
