@@ -167,7 +167,7 @@ def report_npz(path: str) -> dict:
     from core.errors import UsageError
 
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)  # never unpickle a samples file
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read samples ({exc})") from None
     if "samples" not in data:
