@@ -247,3 +247,19 @@ def test_fsspec_urls_are_copied_once_and_hub_ids_fail_clearly_offline(sd15_dir, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError, match="hub could not serve it"):
         source.local_folder("someone/some-pipeline")
+
+
+@pytest.mark.parametrize("value, expected", [("32", (32, 32)), (32, (32, 32)), ("[32,48]", (32, 48)), ([32], (32, 32)),
+                                             ([16, 24], (16, 24)), ("none", None)])
+def test_resolution_parses_n_and_h_w(value, expected):
+    from plugins.diffusers.teacher import height_width
+
+    assert height_width(value, "teacher.resolution") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "[8,8,8]", "x", [-8, 8]])
+def test_resolution_rejects_bad_sizes(value):
+    from plugins.diffusers.teacher import height_width
+
+    with pytest.raises(ValueError, match="positive size"):
+        height_width(value, "teacher.resolution")

@@ -66,6 +66,8 @@ def height_width(value, name: str) -> tuple[int, int] | None:
     if isinstance(value, str):
         value = [v for v in value.strip("[]() ").split(",") if v.strip()]
     items = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    if len(items) == 1:  # "32" from the command line, or [32]
+        items = items * 2
     try:
         hw = tuple(int(v) for v in items)
         ok = len(hw) == 2 and all(float(v) == int(v) for v in items)
