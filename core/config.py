@@ -8,6 +8,7 @@ A run's config has one group per plugin kind (``objective``, ``teacher``, ``stud
 
 from __future__ import annotations
 
+import importlib.util
 import typing
 from typing import Any, Literal
 
@@ -54,6 +55,13 @@ def in_range(lo: float, hi: float):
     return check
 
 
+def importable_optimizer(instance, attribute, value):
+    """Checked when the config is read, so a missing optional package stops a run before it touches disk."""
+    if value == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise FieldError(attribute.name, "adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                                         "(or use train.optimizer=adamw)")
+
+
 @attrs.define(kw_only=True)
 class TrainConfig:
     """Runner settings shared by every objective."""
@@ -80,6 +88,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = attrs.field(
         default="auto", metadata={"doc": "auto: bf16 autocast on CUDA, fp32 on CPU"})
     progress: bool = attrs.field(default=True, metadata={"doc": "tqdm progress bar"})
+    optimizer: Literal["adamw", "adamw8bit"] = attrs.field(
+        default="adamw", validator=importable_optimizer, metadata={"doc": "adamw8bit: bitsandbytes' 8-bit AdamW (~2 bytes of state per parameter)"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
     parallel: Literal["none", "ddp", "fsdp"] = attrs.field(
         default="none", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block)"})

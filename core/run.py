@@ -15,6 +15,10 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "list":
         print(get_registry().describe())
         return 0
+    if argv and argv[0] == "plan":
+        from core import plan
+
+        return plan.main(argv[1:])
     if argv and argv[0] in ("help", "--help", "-h"):
         print(help_text(load_tree(argv[1:])))
         return 0
