@@ -81,14 +81,15 @@ def optimizer_bytes(params: list[nn.Parameter], kind: str) -> int:
     return total
 
 
-def role(name: str, modules, optimizer: str, on_gpu: bool = True, only=None) -> Role:
-    """Bytes of ``modules``' parameters (those whose name passes ``only``, when given)."""
+def role(name: str, modules, optimizer: str, on_gpu: bool = True, only=None, adapter: bool = False) -> Role:
+    """Bytes of ``modules``' parameters (those whose name passes ``only``, when given). ``adapter``: all of them
+    train (a shared base's adapter, whose ``requires_grad`` follows the active role)."""
     params = [p for m in modules for n, p in m.named_parameters() if only is None or only(n)]
     by_dtype: dict[str, int] = {}
     for p in params:
         key = str(p.dtype).removeprefix("torch.")
         by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    train = [p for p in params if p.requires_grad]
+    train = [p for p in params if p.requires_grad or adapter]
     return Role(name, by_dtype, sum(p.numel() for p in params), sum(p.numel() for p in train),
                 sum(p.numel() * p.element_size() for p in train), optimizer_bytes(train, optimizer), on_gpu)
 
@@ -200,8 +201,8 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
         nets = {"teacher": lambda *a, **k: shared("teacher", *a, **k), "student": lambda *a, **k: shared("student", *a, **k),
                 "critic": lambda *a, **k: shared("critic", *a, **k)}
         roles = [role("teacher", [teacher], opt, s.teacher_on_gpu, only=lambda n: "lora_" not in n),
-                 role("student", [teacher], opt, only=lambda n: "lora_" in n and ".student." in n),
-                 role("critic", [teacher], opt, only=lambda n: "lora_" in n and ".critic." in n)]
+                 role("student", [teacher], opt, only=lambda n: "lora_" in n and ".student." in n, adapter=True),
+                 role("critic", [teacher], opt, only=lambda n: "lora_" in n and ".critic." in n, adapter=True)]
     else:
         teacher, student, critic = (plan_nets.to_fake(m, fake) for m in (teacher, student, critic))
         nets = {"teacher": teacher, "student": student, "critic": critic}
@@ -228,8 +229,9 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
         roles.append(role("text_encoders", encoders, opt, s.encoders_on_gpu))
     if vae is not None:
         roles.append(role("vae", [vae], opt, s.encoders_on_gpu))
-    if s.ema:  # a copy of the whole student module (its frozen base included), no gradients
-        roles.append(attrs.evolve(role("ema", [student], opt), grad=0, optim=0, trainable=0))
+    if s.ema:  # a copy of the student module (with a frozen base, that too), no gradients; shared: the adapter
+        only = (lambda n: "lora_" in n and ".student." in n) if s.shared_base else None
+        roles.append(attrs.evolve(role("ema", [student], opt, only=only), grad=0, optim=0, trainable=0))
 
     def call(name, batch, grad):
         args, kwargs = plan_nets.denoiser_inputs(teacher, batch, side, text_len)

@@ -20,7 +20,6 @@ def nbytes(params) -> int:
 
 def adamw_state_bytes(params) -> int:
     """Bytes of torch AdamW's state after one real step (the reference for the planner's formula)."""
-    params = [p for p in params if p.requires_grad]
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -96,6 +95,23 @@ def test_diffusers_counts_equal_the_loaded_pipeline(family, lora, request):
                 if getattr(pipe, n, None) is not None]
     check_role(roles["text_encoders"], encoders)
     check_role(roles["vae"], [pipe.vae])
+
+
+def test_shared_base_counts_equal_a_materialised_shared_base(sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    from plugins.diffusers.shared_base import SharedBase
+
+    cfg = run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=none", "objective.gan=off")
+    plan = make_plan(cfg, Setting(batch=2, shared_base=True, student_lora=4), simulate=False)
+    shared = SharedBase(UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet"), rank=4)
+    roles = roles_of(plan)
+    base = [p for n, p in shared.unet.named_parameters() if "lora_" not in n]
+    assert roles["teacher"].params == {"bfloat16": nbytes(base)} and roles["teacher"].optim == 0
+    for name in ("student", "critic"):
+        params = shared.adapter_parameters(name)
+        assert sum(roles[name].params.values()) == nbytes(params) == roles[name].grad
+        assert roles[name].optim == adamw_state_bytes([p.requires_grad_(True) for p in params])
 
 
 def saved_tensor_bytes(fn, existing) -> int:
