@@ -60,7 +60,8 @@ def compare(results: Path, batch: int) -> list[str]:
     measured = json.loads(results.read_text())["sections"]["dmd2"]["modes"]
     cfg = sdxl_run()
     comps = {k: v for k, v in diffusers_components("sdxl", "").items() if k in ("reference", "unet")}
-    rows = ["| mode | batch | checkpointing | measured peak GiB | planned peak GiB | error |", "|---|---|---|---|---|---|"]
+    rows = ["| mode | batch | checkpointing | measured peak GiB | planned peak GiB | error |",
+            "|---|---|---|---|---|---|"]
     for m in measured:
         if m.get("status") != "ok" or m["batch"] != batch:
             continue

@@ -75,7 +75,13 @@ def replan(cfg: RunConfig, base: Plan, s: Setting, components) -> Plan:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f}" if n else "-"
+    """Bytes in GiB, MiB or KiB (2^30, 2^20, 2^10), whichever reads best."""
+    if not n:
+        return "-"
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if n >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def _count(n: int) -> str:
@@ -86,30 +92,32 @@ def format_plan(plan: Plan, gpu_gib: float, gpu_name: str, options: list[tuple[s
     s = plan.setting
     lines = [f"fewstep plan: {plan.reference}",
              f"  batch {s.batch}, {'bf16 autocast' if s.autocast else 'fp32'}, optimizer {s.optimizer}, "
-             f"gradient checkpointing {'on' if s.checkpointing else 'off'}; GiB = 2^30 bytes",
+             f"gradient checkpointing {'on' if s.checkpointing else 'off'}; GiB = 2^30 bytes, GB = 10^9",
              "",
-             f"{'role':<14} {'parameters':>11} {'trainable':>10} {'weights GiB':<22} {'grads':>7} {'optim':>7}  on GPU"]
+             f"{'role':<14} {'parameters':>11} {'trainable':>10} {'weights':<26} {'grads':>10} {'optimizer':>10}"
+             "  on GPU"]
     for r in plan.roles:
         weights = ", ".join(f"{_gib(b)} {d}" for d, b in sorted(r.params.items())) or "-"
         lines.append(f"{r.name:<14} {_count(r.numel):>11} {_count(r.trainable) if r.trainable else '-':>10} "
-                     f"{weights:<22} {_gib(r.grad):>7} {_gib(r.optim):>7}  {'yes' if r.on_gpu else 'no'}")
+                     f"{weights:<26} {_gib(r.grad):>10} {_gib(r.optim):>10}  {'yes' if r.on_gpu else 'no'}")
     lines.append("")
     for name, peak in plan.phases.items():
         grads = plan.phase_grads.get(name, 0)
-        lines.append(f"phase {name:<10} activations {_gib(max(0, peak - grads)):>7} GiB + its gradients "
-                     f"{_gib(grads):>7} GiB (counted peak of one forward/backward)")
+        lines.append(f"phase {name:<10} activations {_gib(max(0, peak - grads)):>10} + its gradients "
+                     f"{_gib(grads):>10} (counted peak of one forward/backward)")
     before = plan.resident + max(plan.phase_grads.values(), default=0)
     lines += ["",
-              f"resident (weights + optimizer states): {plan.resident / GiB:.2f} GiB; with the largest phase's "
-              f"gradients, before activations: {before / GiB:.2f} GiB ({before / GB:.1f} GB)",
-              f"peak: {plan.peak / GiB:.2f} GiB ({plan.peak / GB:.1f} GB) of {gpu_gib:.1f} GiB ({gpu_name}): "
-              + ("fits" if plan.peak <= gpu_gib * GiB else f"does not fit (over by {(plan.peak / GiB - gpu_gib):.2f} GiB)"),
+              f"resident (weights + optimizer states): {_gib(plan.resident)}; with the largest phase's gradients, "
+              f"before activations: {_gib(before)} ({before / GB:.1f} GB)",
+              f"peak: {_gib(plan.peak)} ({plan.peak / GB:.1f} GB) of {gpu_gib:g} GiB ({gpu_name}): "
+              + ("fits" if plan.peak <= gpu_gib * GiB
+                 else f"does not fit (over by {_gib(plan.peak - int(gpu_gib * GiB))})"),
               "  (fragmentation and kernel workspaces come on top: keep a few GiB spare)"]
     if options:
         lines += ["", "to make it fit (each lever alone, then all together):"]
         for label, p in options:
             verdict = "fits" if p.peak <= gpu_gib * GiB else "does not fit"
-            lines.append(f"  {label:<62} peak {p.peak / GiB:7.2f} GiB  {verdict}")
+            lines.append(f"  {label:<62} peak {_gib(p.peak):>10}  {verdict}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,6 @@ phase. The target is a CUDA GPU with bf16 autocast: CPU autocast is used, with C
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 
 import attrs
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 
 from core import memsim, plan_nets
-from core.errors import UsageError
 from core.registry import get_registry
 from core.runconfig import RunConfig
 
@@ -198,8 +196,7 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
     if s.shared_base:
         base = plan_nets.to_fake(shared, fake)
         teacher = student = critic = base.unet
-        nets = {"teacher": lambda *a, **k: shared("teacher", *a, **k), "student": lambda *a, **k: shared("student", *a, **k),
-                "critic": lambda *a, **k: shared("critic", *a, **k)}
+        nets = {r: (lambda *a, _r=r, **k: shared(_r, *a, **k)) for r in ("teacher", "student", "critic")}
         roles = [role("teacher", [teacher], opt, s.teacher_on_gpu, only=lambda n: "lora_" not in n),
                  role("student", [teacher], opt, only=lambda n: "lora_" in n and ".student." in n, adapter=True),
                  role("critic", [teacher], opt, only=lambda n: "lora_" in n and ".critic." in n, adapter=True)]
@@ -242,7 +239,8 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
     peaks = {p.name: 0 for p in phases}
     if simulate:
         with fake:
-            peaks = {p.name: phase_peak(Iteration(call, has, [teacher, student, critic]), p.trains, s, guidance, cuda_norms) for p in phases}
+            it = Iteration(call, has, [teacher, student, critic])
+            peaks = {p.name: phase_peak(it, p.trains, s, guidance, cuda_norms) for p in phases}
     grads = {p.name: sum(r.grad for r in roles if r.name in p.trains) for p in phases}
     return Plan(s, roles, peaks, components["reference"] + f"; latent {side}x{side} ({side * vae_scale} px)", grads,
                 components)
@@ -279,7 +277,8 @@ def plan_generic(cfg: RunConfig, s: Setting, phases, guidance: bool, simulate=Tr
     peaks = {p.name: 0 for p in phases}
     if simulate:
         with fake:
-            peaks = {p.name: phase_peak(Iteration(call, set(nets), [m for m in nets.values() if isinstance(m, nn.Module)]), p.trains, s, guidance) for p in phases}
+            it = Iteration(call, set(nets), [m for m in nets.values() if isinstance(m, nn.Module)])
+            peaks = {p.name: phase_peak(it, p.trains, s, guidance) for p in phases}
     grads = {p.name: sum(r.grad for r in roles if r.name in p.trains) for p in phases}
     return Plan(s, roles, peaks, f"teacher={cfg.teacher.name} built by its plugin", grads)
 
@@ -312,5 +311,11 @@ def make_plan(cfg: RunConfig, setting: Setting | None = None, components: dict |
     guidance = getattr(cfg.objective.config, "guidance", None) != 1
     if cfg.teacher.name in plan_nets.DIFFUSERS_TEACHERS:
         components = components or plan_nets.diffusers_components(cfg.teacher.name, cfg.teacher.config.path)
-        return plan_diffusers(cfg, s, components, phases, guidance, cuda_norms, simulate)
-    return plan_generic(cfg, s, phases, guidance, simulate)
+        plan = plan_diffusers(cfg, s, components, phases, guidance, cuda_norms, simulate)
+    else:
+        plan = plan_generic(cfg, s, phases, guidance, simulate)
+    head = next((r for r in plan.roles if r.name == "gan_head"), None)
+    for p in phases:  # the GAN head is not run in the phases (its activations are small): its gradients only
+        if simulate and head is not None and "gan_head" in p.trains:
+            plan.phases[p.name] += head.grad
+    return plan
