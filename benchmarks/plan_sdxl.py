@@ -63,8 +63,8 @@ def compare(results: Path, batch: int) -> list[str]:
     rows = ["| mode | batch | checkpointing | measured peak GiB | planned peak GiB | error |",
             "|---|---|---|---|---|---|"]
     for m in measured:
-        if m.get("status") != "ok" or m["batch"] != batch:
-            continue
+        if m.get("status") != "ok" or m["batch"] != batch or any((m.get("options") or {}).values()):
+            continue  # only the plain modes (the options are speed experiments)
         s = Setting(batch=m["batch"], checkpointing=m["checkpointing"], gan=False, **BENCHMARK[m["mode"]])
         planned = make_plan(cfg, s, comps).peak / GiB
         got = m["peak_memory_gib"]
