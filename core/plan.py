@@ -9,7 +9,9 @@ the peak under each memory lever. Nothing is trained, downloaded or written.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 
 import attrs
 import torch
@@ -66,11 +68,13 @@ ACTIVATION_KEYS = ("batch", "side", "autocast", "teacher_dtype", "student_lora",
                    "checkpointing", "shared_base", "cfg_passes", "gan")
 
 
-def replan(cfg: RunConfig, base: Plan, s: Setting, components) -> Plan:
+def replan(cfg: RunConfig, base: Plan, s: Setting, components, label: str = "", log=None) -> Plan:
     """The plan under setting ``s``; phases are re-run only when ``s`` changes what they hold."""
     if all(getattr(s, k) == getattr(base.setting, k) for k in ACTIVATION_KEYS):
         fresh = make_plan(cfg, s, components, simulate=False)
         return attrs.evolve(fresh, phases=base.phases)
+    if log is not None:
+        log(f"fewstep: plan: counting the activations of: {label}")
     return make_plan(cfg, s, components)
 
 
@@ -159,13 +163,14 @@ def main(argv: list[str]) -> int:
     if with_levers and plan.peak > gpu_gib * GiB:
         components = plan.components
         chosen = levers(cfg, setting)
-        options = [(label, replan(cfg, plan, s, components)) for label, s in chosen]
-        if chosen:
+        log = functools.partial(print, file=sys.stderr, flush=True)  # full-size networks take a minute each
+        options = [(label, replan(cfg, plan, s, components, label, log)) for label, s in chosen]
+        if len(chosen) > 1:
             combined = setting
             for _, s in chosen:
                 combined = attrs.evolve(combined, **{f.name: getattr(s, f.name) for f in attrs.fields(Setting)
                                                      if getattr(s, f.name) != getattr(setting, f.name)})
-            options.append(("all of the above", replan(cfg, plan, combined, components)))
+            options.append(("all of the above", replan(cfg, plan, combined, components, "all of the above", log)))
     if as_json:
         print(json.dumps({**plan.to_dict(), "gpu_memory_gib": gpu_gib, "gpu": gpu_name,
                           "fits": plan.peak <= gpu_gib * GiB,
