@@ -90,8 +90,9 @@ def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "co
 def _data(ctx) -> Tensor:
     x = ctx.batch.get("x")
     if x is None:
-        raise UsageError("moment matching forward-diffuses real data, but this run has no dataset; "
-                         "set data=NAME (e.g. data=gmm, or data=teacher-samples for a checkpoint teacher)")
+        hint = getattr(ctx.teacher, "real_data_hint", "data=NAME (e.g. data=gmm, or data=teacher-samples for a "
+                                                       "checkpoint teacher)")
+        raise UsageError(f"moment matching forward-diffuses real data, but this run has none; set {hint}")
     return x
 
 
