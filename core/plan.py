@@ -20,6 +20,7 @@ from core.cli import load_tree
 from core.config import converter
 from core.errors import UsageError
 from core.plan_model import GiB, Plan, Setting, make_plan, setting_of
+from core.plan_nets import DIFFUSERS_TEACHERS
 from core.runconfig import RunConfig, resolve
 
 GB = 1e9
@@ -39,7 +40,7 @@ def levers(cfg: RunConfig, s: Setting) -> list[tuple[str, Setting]]:
     """(what to set, the setting it gives) for every memory lever the run does not use yet; "planned" ones
     have no run option yet (fewstep issue 15)."""
     out = []
-    diffusers = s.side is not None or cfg.teacher.name in ("sdxl", "sd15", "sd3", "flow")
+    diffusers = cfg.teacher.name in DIFFUSERS_TEACHERS
     if diffusers and not s.shared_base:
         if not s.student_lora:
             out.append(("student.lora_rank=64", attrs.evolve(s, student_lora=64)))
@@ -64,7 +65,7 @@ def levers(cfg: RunConfig, s: Setting) -> list[tuple[str, Setting]]:
     return out
 
 
-ACTIVATION_KEYS = ("batch", "side", "autocast", "teacher_dtype", "student_lora", "critic_lora", "lora_base_dtype",
+ACTIVATION_KEYS = ("batch", "latent", "autocast", "teacher_dtype", "student_lora", "critic_lora", "lora_base_dtype",
                    "checkpointing", "shared_base", "cfg_passes", "gan")
 
 

@@ -31,7 +31,7 @@ class Setting:
     """One memory configuration of a run (what the levers change)."""
 
     batch: int                                  # micro-batch per optimizer step
-    side: int | None = None                     # latent side (diffusers; None: the model's native size)
+    latent: tuple[int, int] | None = None       # latent (H, W) (diffusers; None: the model's native size)
     autocast: bool = True                       # bf16 autocast (CUDA's op lists)
     teacher_dtype: torch.dtype = torch.bfloat16  # frozen teacher, text encoders and VAE
     student_lora: int = 0                       # LoRA rank of the student (0: full fine-tune)
@@ -206,7 +206,7 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
         roles = [role("teacher", [teacher], opt, s.teacher_on_gpu), role("student", [student], opt),
                  role("critic", [critic], opt)]
     cfg_net = teacher.config
-    side = s.side or int(cfg_net.sample_size)
+    latent = s.latent or (int(cfg_net.sample_size),) * 2
     text_len = sum(int(getattr(e.config, "max_position_embeddings", 77)) for e in encoders[:1]) or 77
     if net_name == "transformer":
         text_len += int(getattr(cfg.teacher.config, "max_sequence_length", 256))
@@ -220,7 +220,7 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
     if s.gan and "gan_head" in {n for p in phases for n in p.trains}:
         from core.gan import GANHead
 
-        head = plan_nets.to_fake(plan_nets.on_meta(lambda: GANHead(plan_nets.gan_feature_shape(teacher, side))), fake)
+        head = plan_nets.to_fake(plan_nets.on_meta(lambda: GANHead(plan_nets.gan_feature_shape(teacher, latent))), fake)
         roles.append(role("gan_head", [head], opt))
     if encoders:
         roles.append(role("text_encoders", encoders, opt, s.encoders_on_gpu))
@@ -231,7 +231,7 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
         roles.append(attrs.evolve(role("ema", [student], opt, only=only), grad=0, optim=0, trainable=0))
 
     def call(name, batch, grad):
-        args, kwargs = plan_nets.denoiser_inputs(teacher, batch, side, text_len)
+        args, kwargs = plan_nets.denoiser_inputs(teacher, batch, latent, text_len)
         with torch.set_grad_enabled(grad):
             out = nets[name](*args, **kwargs)
         return out.sample if hasattr(out, "sample") else out[0]
@@ -242,7 +242,8 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
             it = Iteration(call, has, [teacher, student, critic])
             peaks = {p.name: phase_peak(it, p.trains, s, guidance, cuda_norms) for p in phases}
     grads = {p.name: sum(r.grad for r in roles if r.name in p.trains) for p in phases}
-    return Plan(s, roles, peaks, components["reference"] + f"; latent {side}x{side} ({side * vae_scale} px)", grads,
+    return Plan(s, roles, peaks, components["reference"] + f"; latent {latent[0]}x{latent[1]} "
+                f"({latent[0] * vae_scale}x{latent[1] * vae_scale} px)", grads,
                 components)
 
 
@@ -292,9 +293,10 @@ def setting_of(cfg: RunConfig) -> Setting:
                   gan=getattr(cfg.objective.config, "gan", "off") != "off")
     if cfg.teacher.name in plan_nets.DIFFUSERS_TEACHERS:
         tc = cfg.teacher.config
-        vae_scale = 8
+        res = tc.resolution  # pixels: N or (H, W); the VAE's factor is 8 in every supported family
+        hw = (res, res) if isinstance(res, int) else tuple(res) if res else None
         fields.update(teacher_dtype=DTYPES.get(tc.dtype, torch.bfloat16), checkpointing=tc.gradient_checkpointing,
-                      side=tc.resolution // vae_scale if tc.resolution else None,
+                      latent=(hw[0] // 8, hw[1] // 8) if hw else None,
                       student_lora=getattr(cfg.student.config, "lora_rank", 0) or 0,
                       critic_lora=getattr(cfg.critic.config, "lora_rank", 0) if cfg.critic is not None else 0)
     return Setting(**fields)

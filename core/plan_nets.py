@@ -112,11 +112,11 @@ def add_adapter(net: nn.Module, rank: int, alpha: float, name: str = "default", 
             p.requires_grad_(True)
 
 
-def denoiser_inputs(net: nn.Module, batch: int, side: int, text_len: int) -> tuple[tuple, dict]:
-    """Arguments of one call of a diffusers UNet / SD3 transformer at ``batch`` x latent ``side``² (random
-    conditioning of the pipeline's shapes)."""
+def denoiser_inputs(net: nn.Module, batch: int, latent: tuple[int, int], text_len: int) -> tuple[tuple, dict]:
+    """Arguments of one call of a diffusers UNet / SD3 transformer at ``batch`` x ``latent`` (H, W), with random
+    conditioning of the pipeline's shapes."""
     cfg = net.config
-    x = torch.randn(batch, cfg.in_channels, side, side)
+    x = torch.randn(batch, cfg.in_channels, *latent)
     t = torch.full((batch,), 500.0)
     if hasattr(cfg, "joint_attention_dim"):  # SD3 MMDiT
         return (), dict(hidden_states=x, timestep=t,
@@ -129,12 +129,12 @@ def denoiser_inputs(net: nn.Module, batch: int, side: int, text_len: int) -> tup
     return (x, t), kwargs
 
 
-def gan_feature_shape(net: nn.Module, side: int) -> tuple[int, ...]:
+def gan_feature_shape(net: nn.Module, latent: tuple[int, int]) -> tuple[int, ...]:
     """The critic's bottleneck features read by DMD2's GAN head (plugins.diffusers.denoiser): a UNet's mid block
-    output [C, H, W]; an SD3 transformer's middle block tokens as a map [C, side / patch, side / patch]."""
+    output [C, H, W]; an SD3 transformer's middle block tokens as a map [C, H / patch, W / patch]."""
     cfg = net.config
+    h, w = latent
     if hasattr(cfg, "joint_attention_dim"):
-        h = side // cfg.patch_size
-        return (cfg.num_attention_heads * cfg.attention_head_dim, h, h)
+        return (cfg.num_attention_heads * cfg.attention_head_dim, h // cfg.patch_size, w // cfg.patch_size)
     down = 2 ** (len(cfg.block_out_channels) - 1)
-    return (cfg.block_out_channels[-1], side // down, side // down)
+    return (cfg.block_out_channels[-1], h // down, w // down)

@@ -145,14 +145,14 @@ def test_activations_match_the_saved_tensors_of_a_real_forward(sdxl_dir, autocas
     unet_fake = plan_nets.to_fake(plan_nets.on_meta(lambda: UNet2DConditionModel.from_config(unet_real.config)),
                                   fake).train()
     torch.manual_seed(0)
-    args, kwargs = plan_nets.denoiser_inputs(unet_real, 4, 16, 16)
+    args, kwargs = plan_nets.denoiser_inputs(unet_real, 4, (16, 16), 16)
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     with bf16:
         inputs = [*args, kwargs["encoder_hidden_states"], *kwargs["added_cond_kwargs"].values()]
         measured = saved_tensor_bytes(lambda: unet_real(*args, **kwargs).sample,
                                       [*unet_real.parameters(), *unet_real.buffers(), *inputs])
     with fake:
-        args, kwargs = plan_nets.denoiser_inputs(unet_fake, 4, 16, 16)
+        args, kwargs = plan_nets.denoiser_inputs(unet_fake, 4, (16, 16), 16)
         with memsim.counting() as live, bf16:
             out = unet_fake(*args, **kwargs).sample
         counted = live.now
@@ -179,10 +179,10 @@ def test_sdxl_reference_architecture_has_the_published_parameter_counts():
 def test_setting_reads_the_run_config(sdxl_dir):
     cfg = run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "student.lora_rank=8",
                      "teacher.gradient_checkpointing=true", "train.batch=8", "train.grad_accum=2", "train.ema=0.9",
-                     "teacher.resolution=32")
+                     "teacher.resolution=[32,48]")
     s = setting_of(cfg)
-    assert (s.batch, s.student_lora, s.critic_lora, s.checkpointing, s.ema, s.side) == (4, 8, 0, True, True, 4)
-    assert s == Setting(batch=4, side=4, student_lora=8, checkpointing=True, ema=True, gan=True)
+    assert (s.batch, s.student_lora, s.critic_lora, s.checkpointing, s.ema, s.latent) == (4, 8, 0, True, True, (4, 6))
+    assert s == Setting(batch=4, latent=(4, 6), student_lora=8, checkpointing=True, ema=True, gan=True)
 
 
 # -- command line ----------------------------------------------------------------------------------------
