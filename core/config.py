@@ -8,6 +8,7 @@ A run's config has one group per plugin kind (``objective``, ``teacher``, ``stud
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import typing
 from typing import Any, Literal
@@ -55,6 +56,13 @@ def in_range(lo: float, hi: float):
     return check
 
 
+def importable_optimizer(instance, attribute, value):
+    """Checked when the config is read, so a missing optional package stops a run before it touches disk."""
+    if value == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise FieldError(attribute.name, "adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                                         "(or use train.optimizer=adamw)")
+
+
 def _prompts_or_path(value):
     """None, a list of prompts, or one path (a string that is not a [...] list)."""
     if isinstance(value, str) and value.strip().startswith("["):
@@ -100,6 +108,9 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = attrs.field(
         default="stop", metadata={"doc": "a non-finite loss or gradient: stop (error naming phase and step; the last "
                                          "checkpoint stays) or skip that optimizer step"})
+    optimizer: Literal["adamw", "adamw8bit"] = attrs.field(
+        default="adamw", validator=importable_optimizer,
+        metadata={"doc": "adamw8bit: bitsandbytes' 8-bit AdamW (~2 bytes of state per parameter)"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
     parallel: Literal["auto", "none", "ddp", "fsdp"] = attrs.field(
         default="auto", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block); "

@@ -18,6 +18,10 @@ def main(argv: list[str]) -> int:
                               "for a plugin's options use python -m core.run help objective=NAME")
         print(get_registry().describe())
         return 0
+    if argv and argv[0] == "plan":
+        from core import plan
+
+        return plan.main(argv[1:])
     if argv and argv[0] in ("help", "--help", "-h"):
         print(help_text(load_tree(argv[1:])))
         return 0

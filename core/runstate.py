@@ -28,6 +28,19 @@ def lr_factor(iteration: int, warmup: int, total: int, decay: str) -> float:
     return max(0.0, 1 - frac) if decay == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+def make_optimizer(kind: str, params, device: torch.device, **hyper) -> torch.optim.Optimizer:
+    """``train.optimizer``: torch's AdamW (fused on CUDA), or bitsandbytes' AdamW8bit (optional dependency)."""
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UsageError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                             "(or use train.optimizer=adamw)") from None
+        return bitsandbytes.optim.AdamW8bit(params, **hyper)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, **hyper, **fused)
+
+
 class RunState:
     def __init__(self, cfg, networks, phases, parallel, log):
         self.cfg, self.networks, self.parallel, self.log = cfg, networks, parallel, log
@@ -43,9 +56,9 @@ class RunState:
                 raise UsageError(f"objective phase '{phase.name}' trains {missing}, which this run does not have "
                                  f"(it has {sorted(self.params)})")
             params = [p for n in phase.trains for p in self.params[n]]
-            fused = {"fused": True} if parallel.device.type == "cuda" else {}
-            self.optimizers[phase.name] = torch.optim.AdamW(params, lr=tr.lr or phase.lr, betas=phase.betas,
-                                                            eps=phase.eps, weight_decay=phase.weight_decay, **fused)
+            self.optimizers[phase.name] = make_optimizer(tr.optimizer, params, parallel.device, lr=tr.lr or phase.lr,
+                                                         betas=phase.betas, eps=phase.eps,
+                                                         weight_decay=phase.weight_decay)
         factor = functools.partial(lr_factor, warmup=tr.warmup, total=tr.steps, decay=tr.lr_decay)
         self.schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, factor) for name, opt in self.optimizers.items()}
         self.store = ckpt.CheckpointStore(cfg.out.rstrip("/"), keep=tr.keep)
