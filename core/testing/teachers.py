@@ -87,6 +87,16 @@ def _check_teacher_guidance(t, x0, cond) -> None:
             fail(f"{what} changes the conditional denoise (max {diff:.3g})", "scale 1 (or None) means no guidance")
     if _close(three, plain, 1e-6)[0]:
         fail("guidance=3 gives the same x0 as no guidance", "apply classifier-free guidance with the given scale")
+    # the exact formula (Ho & Salimans 2022), from two separate calls: x0_u + w (x0_c - x0_u), with cond=None the
+    # unconditional model; it is linear, so guiding eps / v / flow outputs before converting gives the same x0
+    with torch.no_grad():
+        uncond = t.denoise(x_t, tv.float(), None)
+    want = uncond.double() + 3.0 * (plain.double() - uncond.double())
+    ok, diff = _close(three, want, 1e-3)
+    if not ok:
+        fail(f"guidance=3 is {diff:.3g} (max) away from x0_u + 3 (x0_c - x0_u) of the separate conditional and "
+             "unconditional calls", "combine as uncond + w * (cond - uncond), with cond=None as the unconditional "
+             "input (not cond + w * (cond - uncond), and not the scale applied to x_t)")
 
 
 def _check_trainable_copy(t, x0, cond) -> None:
