@@ -142,6 +142,6 @@ def check_teacher(setup: Setup, rep: Report) -> None:
     rep.run("x0 at small t", _check_teacher_small_t, t, x0, cond)
     if exact:
         rep.run("x0 vs data (MMSE, Tweedie)", _check_teacher_mmse, t, x0, cond)
-    if getattr(t, "num_classes", 0):
+    if cond is not None:  # class labels or prompts: classifier-free guidance applies
         rep.run("guidance", _check_teacher_guidance, t, x0, cond)
     rep.run("trainable_copy", _check_trainable_copy, t, x0[:32], _rows(cond, slice(0, 32)))
