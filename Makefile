@@ -44,3 +44,8 @@ mutation: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks mutants
+
+# the GPU suite (issue 15): installs the wheels in .whl when present, writes benchmarks/results/gpu-<device>.*
+.PHONY: gpu-check
+gpu-check:
+	PY=$(PY) bash benchmarks/gpu_check.sh

@@ -21,7 +21,6 @@ import torch
 from torch.nn import functional as F
 
 from core.config import parse_overrides
-from core.protocols import Context
 from core.runconfig import resolve
 from core.runner import Trainer
 
@@ -39,10 +38,7 @@ def trainer(tmp_path_factory):
 
 def framework_iteration(tr: Trainer, it: int) -> None:
     """What ``Trainer.train`` does for iteration ``it``: draw the batch, run every phase due."""
-    ctxs = [Context(tr.nets, batch, it, tr.micro, tr.device) for batch in tr._micro_batches()]
-    for phase in tr.phases:
-        if it % phase.every == phase.offset:
-            tr._run_phase(phase, ctxs, it, 10**6)
+    tr.step(it)
 
 
 class Bare:

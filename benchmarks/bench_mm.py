@@ -20,8 +20,9 @@ from core import ops
 from core.networks import DenoiserNet, ResidualMLP
 from core.protocols import Context
 from core.schedules import make_schedule
+from core.timesteps import fraction_grid
 from plugins.moment_matching import MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam
-from plugins.samplers.ancestral import ancestral, fraction_grid
+from plugins.samplers.ancestral import ancestral
 from plugins.samplers.basic import euler
 
 BATCH = 512

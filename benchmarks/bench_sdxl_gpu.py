@@ -9,23 +9,21 @@ CFG 8, a LoRA generator (r=64, alpha=8), a full fine-tuned fake-score critic wit
 mid block, batch 1, one generator step (K=1) and one critic update per iteration, bf16 autocast, gradient
 checkpointing on the trainable UNets, fused AdamW. Reported in extra_info: latency (median), peak CUDA
 memory, model FLOPs per iteration from ``torch.utils.flop_counter`` and MFU against the device's dense bf16
-peak. Skipped without CUDA.
+peak. Skipped without CUDA. Its FLOP count is of a whole step, so it includes checkpointing's recomputation;
+benchmarks/gpu_check.py reports model FLOPs (MFU) and the baseline comparison.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32)
+SDXL_UNET = {k: v for k, v in json.loads(Path(__file__).with_name("sdxl_unet.json").read_text()).items()
+             if not k.startswith("_")}  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_TEXT = {"text": (77, 2048), "pooled": (1280,)}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense
 

@@ -7,7 +7,7 @@ weights barely trained, which does not change the cost), SFD's defaults: NFE 2 w
 teacher takes 12 steps and the student 2 Euler steps with one Adam update each; batch 256.
 Rows of group ``sfd-iteration``:
 - ``bare``: the same arithmetic written inline (teacher loop, two student steps, two Adam steps), the baseline;
-- ``framework``: ``Trainer._run_phase`` with the ``sfd`` objective (what ``core.run`` does per iteration);
+- ``framework``: ``Trainer.step`` with the ``sfd`` objective (what ``core.run`` does per iteration);
 - ``teacher-only``: the no-grad teacher trajectory alone, to show where the time goes.
 """
 
@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from core.config import parse_overrides
-from core.protocols import Context
 from core.runconfig import resolve
 from core.runner import Trainer
 from plugins.samplers.ode import dpmpp_3m
@@ -43,9 +42,7 @@ def trainer(tmp_path_factory):
 
 
 def framework_iteration(tr: Trainer, it: int) -> None:
-    ctxs = [Context(tr.nets, batch, it, tr.micro, tr.device) for batch in tr._micro_batches()]
-    for phase in tr.phases:
-        tr._run_phase(phase, ctxs, it, 10**6)
+    tr.step(it)
 
 
 class Bare:

@@ -1,4 +1,5 @@
-"""Checkpoints over fsspec: safetensors for tensors, JSON for the rest, never pickle.
+"""Checkpoints: the layout of a run's checkpoints and optimizer state as tensors + JSON (files through
+core.files: safetensors and JSON, never pickle).
 
 Layout under a run dir (any fsspec URL):
     checkpoints/step-00000500/{weights.safetensors, state.safetensors, state.json}
@@ -16,58 +17,11 @@ loads on M ranks, or in one process.
 
 from __future__ import annotations
 
-import json
 import posixpath
 
-import fsspec
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-
-def _fs(url: str):
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    fs, path = _fs(url)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
-def save_tensors(url: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    clean = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    write_bytes_atomic(url, st_save(clean, metadata=meta or None))
-
-
-def load_tensors(url: str, device="cpu") -> dict[str, torch.Tensor]:
-    fs, path = _fs(url)
-    with fs.open(path, "rb") as f:
-        tensors = st_load(f.read())
-    return {k: v.to(device) for k, v in tensors.items()}
-
-
-def read_json(url: str):
-    fs, path = _fs(url)
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def write_json(url: str, obj) -> None:
-    write_bytes_atomic(url, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def exists(url: str) -> bool:
-    fs, path = _fs(url)
-    return fs.exists(path)
-
-
-def join(url: str, *parts: str) -> str:
-    return posixpath.join(url, *parts) if "://" in url else __import__("os").path.join(url, *parts)
+from core.files import exists, join, load_tensors, read_json, save_tensors, url_to_fs, write_json
 
 
 # -- optimizer state <-> (tensors, json) -----------------------------------------------------------
@@ -106,7 +60,7 @@ class CheckpointStore:
     def save(self, step: int, weights: dict, state_tensors: dict, state: dict) -> str:
         name = f"step-{step:08d}"
         d = join(self.root, name)
-        fs, path = _fs(d)
+        fs, path = url_to_fs(d)
         fs.makedirs(path, exist_ok=True)
         save_tensors(join(d, "weights.safetensors"), weights)
         save_tensors(join(d, "state.safetensors"), state_tensors)
@@ -124,7 +78,7 @@ class CheckpointStore:
         name = f"step-{step:08d}"
         d = join(self.root, name)
         if main:
-            fs, path = _fs(d)
+            fs, path = url_to_fs(d)
             fs.makedirs(path, exist_ok=True)
         if dist.is_initialized():
             dist.barrier()
@@ -164,7 +118,7 @@ class CheckpointStore:
                 read_json(join(d, "state.json")))
 
     def _prune(self, current: str) -> None:
-        fs, root = _fs(self.root)
+        fs, root = url_to_fs(self.root)
         dirs = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p.rstrip("/")).startswith("step-"))
         for old in dirs[: max(0, len(dirs) - self.keep)]:
             if posixpath.basename(old.rstrip("/")) != current:

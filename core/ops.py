@@ -5,7 +5,8 @@ the fused Triton kernels in ``core.kernels`` (CUDA tensors, or anywhere with ``F
 under TRITON_INTERPRET=1) or the torch reference beside each kernel (everything else, float64 included).
 See ``core/kernels/dispatch.py`` for the rule and docs/kernels.md for the layout. On the Triton path,
 calls under torch.compile go through the registered custom ops (``torch.ops.fewstep.*``); eager calls
-skip the dispatcher (``dispatch.entry``).
+skip the dispatcher. Each op is one ``KernelOp`` entry point (``core/kernels/_triton.py``) behind one
+``_fused`` check.
 All per-sample factors (alpha, sigma, weights) have shape [B] or are scalars.
 """
 
@@ -21,10 +22,10 @@ def add_noise(x0: Tensor, eps: Tensor, alpha, sigma) -> Tensor:
     """Forward noising x_t = alpha x0 + sigma eps."""
     from core.kernels import add_noise as k
 
-    if dispatch.use_triton((x0, eps), (alpha, sigma)):
-        a, s = _factors(x0, alpha, sigma)
-        return dispatch.entry(k.noised, k.AddNoise, k.add_noise, x0, eps)(x0, eps, a, s)
-    return k.add_noise_reference(x0, eps, alpha, sigma)
+    fused = _fused((x0, eps), (alpha, sigma))
+    if fused is None:
+        return k.add_noise_reference(x0, eps, alpha, sigma)
+    return k.ADD_NOISE(x0, eps, *fused)
 
 
 def add_fresh_noise(x0: Tensor, alpha, sigma, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -35,12 +36,12 @@ def add_fresh_noise(x0: Tensor, alpha, sigma, generator: torch.Generator | None 
     """
     from core.kernels import add_noise as k
 
-    if dispatch.use_triton((x0,), (alpha, sigma)):
-        gen_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=gen_device))
-        a, s = _factors(x0, alpha, sigma)
-        return dispatch.entry(k.fresh, k.AddFreshNoise, k.add_fresh_noise, x0)(x0, a, s, seed)
-    return k.add_fresh_noise_reference(x0, alpha, sigma, generator)
+    fused = _fused((x0,), (alpha, sigma))
+    if fused is None:
+        return k.add_fresh_noise_reference(x0, alpha, sigma, generator)
+    gen_device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator, device=gen_device))
+    return k.ADD_FRESH_NOISE(x0, *fused, seed)
 
 
 def guided_x0(pred_cond: Tensor, pred_uncond: Tensor | None, x_t: Tensor, alpha, sigma, scale: float,
@@ -61,35 +62,35 @@ def guided_score(pred_cond: Tensor, pred_uncond: Tensor | None, x_t: Tensor, alp
 def _guided(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output):
     from core.kernels import guided_x0 as k
 
-    if dispatch.use_triton((pred_cond, pred_uncond, x_t), (alpha, sigma)):
-        a, s = _factors(x_t, alpha, sigma)
-        fn = dispatch.entry(k.launch, k.GuidedX0, k.guided_x0, pred_cond, pred_uncond, x_t)
-        return fn(pred_cond, pred_uncond, x_t, a, s, float(scale), prediction, output)
-    return k.guided_x0_reference(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output)
+    fused = _fused((pred_cond, pred_uncond, x_t), (alpha, sigma))
+    if fused is None:
+        return k.guided_x0_reference(pred_cond, pred_uncond, x_t, alpha, sigma, scale, prediction, output)
+    return k.GUIDED_X0(pred_cond, pred_uncond, x_t, *fused, float(scale), prediction, output)
 
 
 def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     """DMD2's normalised distribution-matching gradient (Yin et al. 2024, eq. 8 as in their code).
 
-    g = (x0_fake - x0_real) / mean_{non-batch}|x - x0_real|, non-finite entries set to 0, in x's dtype.
-    The torch reference computes in float64 (as the reference code converts); the kernel in fp32.
+    g = (x0_fake - x0_real) / mean_{non-batch}|x - x0_real|, non-finite entries set to 0, in x's dtype
+    promoted to at least float32 (fp16 inputs would overflow). The torch reference computes in float64 (as
+    the reference code converts); the kernel in fp32.
     """
     from core.kernels import dmd as k
 
-    if dispatch.use_triton((x, x0_real, x0_fake)):
-        fn = dispatch.entry(k.launch, k.DmdGradientLoss, k.dmd_gradient_loss)
-        return fn(x.detach(), x0_real.detach(), x0_fake.detach())[0]
-    return k.dmd_gradient_reference(x, x0_real, x0_fake)
+    if _fused((x, x0_real, x0_fake)) is None:
+        return k.dmd_gradient_reference(x, x0_real, x0_fake)
+    return k.DMD_GRADIENT_LOSS(x.detach(), x0_real.detach(), x0_fake.detach())[0]
 
 
 def dmd_loss(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """0.5 * mean((x - sg(x - g))^2) = 0.5 mean(g^2): a loss whose gradient w.r.t. x is g / x.numel()."""
+    """0.5 * mean((x - sg(x - g))^2) = 0.5 mean(g^2): a loss whose gradient w.r.t. x is g / x.numel().
+
+    The value is in x's dtype promoted to at least float32; the gradient reaches x in x's dtype."""
     from core.kernels import dmd as k
 
-    if dispatch.use_triton((x, x0_real, x0_fake)):
-        fn = dispatch.entry(k.launch, k.DmdGradientLoss, k.dmd_gradient_loss, x)
-        return fn(x, x0_real.detach(), x0_fake.detach())[1]
-    return k.dmd_loss_reference(x, x0_real, x0_fake)
+    if _fused((x, x0_real, x0_fake)) is None:
+        return k.dmd_loss_reference(x, x0_real, x0_fake)
+    return k.DMD_GRADIENT_LOSS(x, x0_real.detach(), x0_fake.detach())[1]
 
 
 def posterior_sample(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_s, sigma_s, noise: Tensor | None,
@@ -102,22 +103,20 @@ def posterior_sample(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_s, sigma_s
     """
     from core.kernels import posterior as k
 
-    factors = (alpha_t, sigma_t, alpha_s, sigma_s)
-    if dispatch.use_triton((z_t, x0, noise), factors):
-        fn = dispatch.entry(k.launch, k.PosteriorSample, k.posterior_sample, z_t, x0, noise)
-        return fn(z_t, x0, *_factors(z_t, *factors), noise, float(eta))
-    return k.posterior_sample_reference(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s, noise, eta)
+    fused = _fused((z_t, x0, noise), (alpha_t, sigma_t, alpha_s, sigma_s))
+    if fused is None:
+        return k.posterior_sample_reference(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s, noise, eta)
+    return k.POSTERIOR_SAMPLE(z_t, x0, *fused, noise, float(eta))
 
 
 def weighted_loss(pred: Tensor, target: Tensor, weight=None, kind: str = "l2") -> Tensor:
     """mean_b w_b * mean_{non-batch} loss(pred - target), with kind 'l2' (squared) or 'l1'."""
     from core.kernels import weighted_loss as k
 
-    if dispatch.use_triton((pred, target), () if weight is None else (weight,)):
-        w = None if weight is None else _factors(pred, weight)[0]
-        fn = dispatch.entry(k.launch, k.WeightedLoss, k.weighted_loss, pred, target)
-        return fn(pred, target, w, kind)
-    return k.weighted_loss_reference(pred, target, weight, kind)
+    fused = _fused((pred, target), (weight,))
+    if fused is None:
+        return k.weighted_loss_reference(pred, target, weight, kind)
+    return k.WEIGHTED_LOSS(pred, target, *fused, kind)
 
 
 def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight=None) -> Tensor:
@@ -128,16 +127,15 @@ def mm_generator_loss(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weigh
     """
     from core.kernels import mm_loss as k
 
-    if dispatch.use_triton((x_tilde, aux_x0, teacher_x0), () if weight is None else (weight,)):
-        w = None if weight is None else _factors(x_tilde, weight)[0]
-        fn = dispatch.entry(k.launch, k.MMGeneratorLoss, k.mm_generator_loss, x_tilde)
-        return fn(x_tilde, aux_x0.detach(), teacher_x0.detach(), w)
-    return k.mm_generator_loss_reference(x_tilde, aux_x0, teacher_x0, weight)
+    fused = _fused((x_tilde, aux_x0, teacher_x0), (weight,))
+    if fused is None:
+        return k.mm_generator_loss_reference(x_tilde, aux_x0, teacher_x0, weight)
+    return k.MM_GENERATOR_LOSS(x_tilde, aux_x0.detach(), teacher_x0.detach(), *fused)
 
 
-def _factors(like: Tensor, *values) -> list[Tensor]:
-    """Per-sample factors as 1-D tensors on like's device; all 1 value or all B values (kernels share a stride)."""
-    out = [dispatch.factor(v, like) for v in values]
-    if len({t.numel() for t in out}) > 1:
-        out = [t.expand(like.shape[0]).contiguous() for t in out]
-    return out
+def _fused(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> list[Tensor | None] | None:
+    """None when the torch reference takes this call; else the per-sample factors as the kernels read them
+    (``dispatch.factors``: contiguous 1-D tensors, None kept), for the op's ``KernelOp``."""
+    if not dispatch.use_triton(tensors, tuple(f for f in factors if f is not None)):
+        return None
+    return dispatch.factors(next(t for t in tensors if t is not None), factors)

@@ -49,10 +49,6 @@ def from_x0(x0: Tensor, x_t: Tensor, alpha, sigma, prediction: str) -> Tensor:
     raise ValueError(f"unknown prediction type '{prediction}'; choose one of {PREDICTIONS}")
 
 
-def x0_to_eps(x0: Tensor, x_t: Tensor, alpha, sigma) -> Tensor:
-    return (x_t - bcast(alpha, x_t) * x0) / bcast(sigma, x_t)
-
-
 def x0_to_score(x0: Tensor, x_t: Tensor, alpha, sigma) -> Tensor:
     """grad_x log p_t(x_t) = (alpha x0 - x_t) / sigma^2 (Tweedie)."""
     s = bcast(sigma, x_t)

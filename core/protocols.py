@@ -8,7 +8,7 @@ an SDXL UNet.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -37,6 +37,14 @@ class Teacher(Denoiser, Protocol):
     - ``to_model_space`` / ``to_data_space``: VAE encode/decode (identity without a VAE).
     - ``trainable_copy()``: a fresh trainable ``torch.nn.Module`` denoiser initialised from the
       teacher's network, or None when the teacher has no network (exact teachers).
+
+    Optional attributes, with what the framework assumes when one is absent:
+    ``num_classes`` (0: unconditional), ``sigma_data`` (0.5; ``sigma_data_of``, also on students and
+    critics), ``guidance`` (None: the default CFG scale of objectives and ``core.sample``),
+    ``preview_samples`` (16: the preview size when there is nothing to score against),
+    ``gan_feature_module`` / ``gan_feature_shape`` (None: DMD2's GAN head reads the critic's MLP trunk and
+    probes the shape), ``sample_exact(n, labels=None)`` (absent: no quality metrics during training),
+    ``export(model, spec, out)`` (absent: only ``student.safetensors``).
     """
 
     data_shape: tuple[int, ...]
@@ -72,6 +80,23 @@ class Dataset(Protocol):
     def sample(self, n: int) -> dict: ...
 
 
+def time_batch(t: float | Tensor, x: Tensor) -> Tensor:
+    """``t`` (a scalar or [B]) as the [B] time tensor ``denoise`` takes for the batch ``x``: float32, or
+    float64 for a float64 batch."""
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0]).to(dtype)
+
+
+def sigma_data_of(*models, default: float = 0.5) -> float:
+    """The data standard deviation of the first of ``models`` that declares one (``sigma_data``, optional on
+    teachers, students and critics), else ``default``; preconditioning and EDM weighting read it."""
+    for model in models:
+        value = getattr(model, "sigma_data", None)
+        if value:
+            return value
+    return default
+
+
 # A sampler is a plain function (k-diffusion style):
 #   sampler(model, noise, times, cond=None, *, return_trajectory=False, **options) -> x  (or (x, [x_i]))
 # ``model`` is a Denoiser, ``noise`` is unit Gaussian, ``times`` a decreasing 1-D tensor in the
@@ -85,7 +110,8 @@ class Phase:
 
     ``trains`` names the networks whose parameters this phase's optimizer steps (``student``,
     ``critic`` or an objective's own module). The phase runs on iterations where
-    ``iteration % every == offset`` and then ``repeats`` times (each repeat one optimizer step).
+    ``iteration % every == offset``, ``repeats`` times in a row (e.g. several critic updates per generator
+    update); each run makes one optimizer step per loss the objective gives (see ``DistillObjective.loss``).
     """
 
     name: str
@@ -111,7 +137,7 @@ class SamplingSpec:
 
 class Context:
     """What an objective sees in one phase call: networks, real data batch, iteration and a
-    per-iteration cache (shared by the phases and repeats of one iteration, cleared after it)."""
+    per-iteration cache (shared by the phases of one iteration, cleared after it)."""
 
     def __init__(self, nets: dict, batch: dict, iteration: int, batch_size: int, device, cache=None):
         self.nets = nets
@@ -120,7 +146,6 @@ class Context:
         self.batch_size = batch_size
         self.device = device
         self.cache = {} if cache is None else cache
-        self.repeat = 0
 
     @property
     def teacher(self):
@@ -145,7 +170,8 @@ class DistillObjective(Protocol):
       (e.g. a GAN head); called once after the networks exist.
     - ``phases() -> list[Phase]``
     - ``loss(phase, ctx) -> (loss, metrics)``: the scalar to minimise for that phase and a dict of floats
-      or 0-d tensors to log.
+      or 0-d tensors to log; or a generator of such pairs when the method's algorithm updates several
+      times in one iteration (SFD's Algorithm 1): the runner makes one optimizer step after each.
     - ``sampling(student) -> SamplingSpec``: how the trained student generates (times in the
       student schedule's units).
     """
@@ -156,6 +182,20 @@ class DistillObjective(Protocol):
 
     def phases(self) -> list[Phase]: ...
 
-    def loss(self, phase: str, ctx: Context) -> tuple[Tensor, dict]: ...
+    def loss(self, phase: str, ctx: Context) -> tuple[Tensor, dict] | Iterator[tuple[Tensor, dict]]: ...
 
     def sampling(self, student) -> SamplingSpec: ...
+
+    def with_steps(self, spec: SamplingSpec, steps: int, student) -> SamplingSpec:
+        """Optional: the spec for ``python -m core.sample run=... steps=K``. Without it the trained sampler
+        runs on a K-step grid of the same kind."""
+        ...
+
+
+def phase_losses(objective, phase: str, ctx: Context) -> Iterator[tuple[Tensor, dict]]:
+    """The (loss, metrics) pairs of one phase call, whichever form the objective returns."""
+    out = objective.loss(phase, ctx)
+    if isinstance(out, tuple):
+        yield out
+    else:
+        yield from out

@@ -29,12 +29,18 @@ class DuplicatePluginError(UsageError):
 
 @attrs.define
 class PluginInfo:
+    """One registered plugin: what ``register(name, factory, config=None, **defaults)`` was given."""
+
     kind: str
     name: str
     factory: Callable
     config: type | None
     plugin: str  # the pluggy plugin (entry point) name that registered it
     dist: str  # the distribution it came from
+    default_student: str | None = None  # teacher or objective: the student for student=auto
+    default_critic: str | None = None  # objective with needs_critic: the critic for critic=auto
+    default_data: str | None = None  # teacher: the dataset for data=auto
+    train_defaults: dict = attrs.Factory(dict)  # objective: suggested train.* settings (the user's win)
 
     @property
     def doc(self) -> str:
@@ -49,7 +55,6 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, dict[str, PluginInfo]] = {k: {} for k in KINDS}
         self.failed: dict[str, str] = {}  # entry point name -> error line
-        self._dists: dict[str, str] = {}
         if load_entry_points:
             self.load_entry_points()
 
@@ -80,7 +85,6 @@ class Registry:
         except pluggy.PluginValidationError:
             self.pm.unregister(name=name)
             raise
-        self._dists[name] = dist
         for kind, hook in _HOOKS.items():
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 if impl.plugin_name == name:
@@ -93,7 +97,9 @@ class Registry:
                 del self.plugins[kind][pname]
 
     def _registrar(self, kind: str, plugin: str, dist: str):
-        def register(name: str, factory: Callable, config: type | None = None) -> None:
+        def register(name: str, factory: Callable, config: type | None = None, *, default_student: str | None = None,
+                     default_critic: str | None = None, default_data: str | None = None,
+                     train_defaults: dict | None = None) -> None:
             existing = self.plugins[kind].get(name)
             if existing is not None:
                 raise DuplicatePluginError(
@@ -102,7 +108,13 @@ class Registry:
                     f"FEWSTEP_DISABLE_PLUGINS={plugin}")
             if config is not None and not attrs.has(config):
                 raise TypeError(f"{kind} '{name}': config must be an attrs class, got {config!r}")
-            self.plugins[kind][name] = PluginInfo(kind, name, factory, config, plugin, dist)
+            # defaults set as attributes of the factory (the older form) still count
+            self.plugins[kind][name] = PluginInfo(
+                kind, name, factory, config, plugin, dist,
+                default_student or getattr(factory, "default_student", None),
+                default_critic or getattr(factory, "default_critic", None),
+                default_data or getattr(factory, "default_data", None),
+                dict(train_defaults if train_defaults is not None else getattr(factory, "train_defaults", {}) or {}))
 
         return register
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from core.cli import guard, help_text, load_tree
+from core.errors import UsageError
 from core.registry import get_registry
 from core.runconfig import resolve
 
@@ -19,6 +20,9 @@ def main(argv: list[str]) -> int:
         return 0
     from core.runner import Trainer
 
+    if any(arg.split("=", 1)[0].split(".", 1)[0] == "sampler" for arg in argv):
+        raise UsageError("sampler= is not a training setting (a run previews and exports with its objective's "
+                         "sampler); use it with python -m core.sample teacher=NAME sampler=NAME")
     cfg = resolve(load_tree(argv))
     trainer = Trainer(cfg)
     result = trainer.train()

@@ -83,21 +83,21 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
 
     teacher_name, teacher_fields = group("teacher", DEFAULTS["teacher"])
     teacher = build("teacher", teacher_name, teacher_fields)
-    teacher_factory = registry.get("teacher", teacher_name).factory
+    teacher_info = registry.get("teacher", teacher_name)
     obj_name, obj_fields = group("objective", _default_objective(registry))
     objective = build("objective", obj_name, obj_fields)
-    obj_factory = registry.get("objective", obj_name).factory
+    obj_info = registry.get("objective", obj_name)
 
     student_name, student_fields = group("student", DEFAULTS["student"])
     if student_name == "auto":  # the objective's need (e.g. SFD-v's NFE-conditioned copy), else the teacher's
-        student_name = getattr(obj_factory, "default_student", None) or getattr(teacher_factory, "default_student", "copy")
+        student_name = obj_info.default_student or teacher_info.default_student or "copy"
     student = build("student", student_name, student_fields)
 
     critic = None
     critic_name, critic_fields = group("critic", DEFAULTS["critic"])
-    if getattr(obj_factory, "needs_critic", False):
+    if getattr(obj_info.factory, "needs_critic", False):
         if critic_name == "auto":
-            critic_name = getattr(obj_factory, "default_critic", "fake-score")
+            critic_name = obj_info.default_critic or "fake-score"
         critic = build("critic", critic_name, critic_fields)
     elif critic_fields or critic_name != "auto":
         raise UsageError(f"objective '{obj_name}' uses no critic; drop critic={critic_name}")
@@ -108,12 +108,12 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     data = None
     data_name, data_fields = group("data", DEFAULTS["data"])
     if data_name == "auto":
-        data_name = getattr(teacher_factory, "default_data", None)
+        data_name = teacher_info.default_data
     if data_name not in (None, "none"):
         data = build("data", data_name, data_fields)
 
     # an objective may suggest runner defaults (e.g. steps that fit its default budget); the user's win
-    train_tree = {**getattr(obj_factory, "train_defaults", {}), **(tree.get("train") or {})}
+    train_tree = {**obj_info.train_defaults, **(tree.get("train") or {})}
     train = structure(train_tree, TrainConfig, "train")
     from core.config import converter
 

@@ -15,11 +15,10 @@ import io
 import sys
 
 import attrs
-import fsspec
 import numpy as np
 import torch
 
-from core import checkpoint as ckpt
+from core import files
 from core.cli import guard, load_tree
 from core.config import converter
 from core.errors import UsageError
@@ -48,9 +47,10 @@ def respaced(spec: SamplingSpec, schedule, steps: int, grid: str | None) -> Samp
 
 @guard
 def main(argv: list[str]) -> int:
+    from core.generation import generate
+    from core.roles import resolve_device, set_seed
     from core.runconfig import resolve
-    from core.runner import Networks, load_run, resolve_device, set_seed
-    from core.sampling import generate
+    from core.rundir import load_run
 
     tree = load_tree(argv)
     sample_args = {k: tree.pop(k) for k in list(tree) if k in SAMPLE_KEYS}
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
         if not images:
             raise UsageError(f"out={out}: a PNG grid needs image samples; this teacher's data has shape "
                              f"{tuple(teacher.data_shape)} (use out=FILE.npz)")
-        ckpt.write_bytes_atomic(out, preview_png(samples))
+        files.write_bytes_atomic(out, preview_png(samples))
         print(f"wrote a grid of {num} images to {out} with {spec.sampler}, {len(spec.times) - 1} steps")
         return 0
     buf = io.BytesIO()
@@ -117,10 +117,10 @@ def main(argv: list[str]) -> int:
     if cond is not None and prompt is None:
         arrays["labels"] = cond.cpu().numpy()
     np.savez(buf, **arrays)
-    ckpt.write_bytes_atomic(out, buf.getvalue())
+    files.write_bytes_atomic(out, buf.getvalue())
     png = out[:-4] + ".png"
     reference = teacher.sample_exact(min(num, 2000)) if hasattr(teacher, "sample_exact") else None
-    ckpt.write_bytes_atomic(png, preview_png(samples[:2000], reference))
+    files.write_bytes_atomic(png, preview_png(samples[:2000], reference))
     print(f"wrote {num} samples to {out} (preview {png}) with {spec.sampler}, {len(spec.times) - 1} steps")
     return 0
 

@@ -52,11 +52,6 @@ class NoiseSchedule:
         u = _as_tensor(u)
         return self.t_min + u * (self.t_max - self.t_min)
 
-    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        from core import ops
-
-        return ops.add_noise(x0, eps, self.alpha(t).to(x0.dtype), self.sigma(t).to(x0.dtype))
-
     def config(self) -> dict:
         """JSON-able description; ``schedule_from_config`` inverts it."""
         raise NotImplementedError

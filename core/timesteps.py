@@ -13,6 +13,7 @@ same spacing for an EDM, VP or flow model. Kinds (Zhou et al. 2024, sec. 3 and t
   rho = 1 by default, then rounded;
 - ``explicit``: the given ``times``, used as they are.
 
+``fraction_grid`` is moment matching's grid t = i/k (Salimans et al. 2024), mapped through the schedule.
 ``TimeGrid`` bundles a kind and its settings into one first-class object; ``nested_grids`` builds the
 coarse/fine pair of trajectory distillation (SFD's student grid and its M-times refined teacher grid).
 """
@@ -160,3 +161,17 @@ class TimeGrid:
 
     def nested(self, schedule: NoiseSchedule, points: int, substeps: int) -> tuple[Tensor, Tensor]:
         return nested_grids(schedule, points, substeps, self.kind, self.rho, self.t_min, self.t_max, self.times)
+
+
+def fraction_grid(schedule, steps: int) -> Tensor:
+    """The paper's grid t = i/k, i = k..1 (plus the clean sentinel 0.0), in the schedule's units.
+
+    The paper's time runs over [0, 1]; other schedules map the fraction i/k through
+    ``schedule.t_from_fraction`` (Karras rho-spacing on EDM, linear in t on VP/flow, the timestep on
+    vp-discrete), so i/k = 1 is the schedule's noisiest trained time.
+    """
+    if steps < 1:
+        raise UsageError(f"a fraction grid needs at least 1 step, got {steps}")
+    u = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    times = torch.as_tensor(schedule.t_from_fraction(u), dtype=torch.float64)
+    return torch.cat([times, times.new_zeros(1)])

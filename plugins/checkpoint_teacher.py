@@ -10,6 +10,7 @@ import torch
 from core import hookimpl
 from core.errors import UsageError
 from core.networks import guided
+from core.protocols import sigma_data_of
 
 
 @attrs.define(kw_only=True)
@@ -25,11 +26,8 @@ class CheckpointTeacherConfig:
 class CheckpointTeacher:
     """The student network of a finished run, frozen, served as a teacher (CFG via null label -1)."""
 
-    default_student = "copy"
-    default_data = "auto"
-
     def __init__(self, config: CheckpointTeacherConfig, device="cpu"):
-        from core.runner import load_run
+        from core.rundir import load_run
 
         networks, _, run_cfg = load_run(config.path, device=device)
         self.source = networks.teacher
@@ -37,7 +35,7 @@ class CheckpointTeacher:
         self.schedule = self.net.schedule
         self.data_shape = tuple(self.source.data_shape)
         self.num_classes = getattr(self.source, "num_classes", 0)
-        self.sigma_data = getattr(self.net, "sigma_data", 0.5)
+        self.sigma_data = sigma_data_of(self.net)
         self.guidance = config.guidance
         self.run_config = run_cfg
         self.device = torch.device(device)
@@ -71,12 +69,10 @@ def _make(config, device="cpu"):
         raise UsageError(f"teacher.path={config.path}: {exc}") from None
 
 
-_make.default_student = "copy"
-
-
 @hookimpl
 def register_teachers(register):
-    register("checkpoint", _make, config=CheckpointTeacherConfig)
+    register("checkpoint", _make, config=CheckpointTeacherConfig, default_student="copy",
+             default_data="teacher-samples")
 
 
 @hookimpl
@@ -103,5 +99,3 @@ class TeacherSamples:
             labels = torch.randint(0, self.teacher.num_classes, (n,))
         return {"x": self.teacher.sample_exact(n, labels), "cond": labels}
 
-
-_make.default_data = "teacher-samples"

@@ -17,13 +17,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from core import distributed, hookimpl, ops
+from core import distributed, gan, hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
 from core.networks import ResidualMLP
-from core.protocols import Phase, SamplingSpec
-from plugins import gan
-from plugins.samplers.basic import multistep
+from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
+from core.generation import multistep
 
 
 def _fraction_range(instance, attribute, value):
@@ -99,20 +98,10 @@ def backward_simulate(generator, noise: Tensor, times: list[float], k: int, cond
     return multistep(generator, noise, grid, cond)
 
 
-def _time_batch(t: float | Tensor, x: Tensor) -> Tensor:
-    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
-    return torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0]).to(dtype)
-
-
 class DMD2:
     """DMD2: distribution matching with a fake-score critic (TTUR), GAN head, K-step backward simulation."""
 
     needs_critic = True
-    default_critic = "fake-score"
-    # the default demo (python -m core.run: dmd2 on ring8, 1 step) takes about a minute on 2 CPU cores;
-    # the cosine decay settles the generator's last updates
-    train_defaults = {"steps": 2000, "batch": 128, "lr_decay": "cosine", "eval_every": 1000, "preview_every": 0,
-                      "ckpt_every": 1000, "log_every": 100}
 
     def __init__(self, config: DMD2Config):
         self.config = config
@@ -146,7 +135,7 @@ class DMD2:
     def _probe_features(self, teacher, critic) -> tuple[int, ...]:
         device = next(critic.parameters()).device
         x = torch.zeros(2, *teacher.data_shape, device=device)
-        f = gan.critic_features(critic, self.feature_module, x, _time_batch(teacher.schedule.t_max, x))
+        f = gan.critic_features(critic, self.feature_module, x, time_batch(teacher.schedule.t_max, x))
         return tuple(f.shape[1:])
 
     def phases(self) -> list[Phase]:
@@ -174,7 +163,7 @@ class DMD2:
                 x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
             else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
                 x_in = self._noised_real(ctx, self.times[k], noise)
-            ctx.cache["dmd2.input"] = (x_in, _time_batch(self.times[k], x_in))
+            ctx.cache["dmd2.input"] = (x_in, time_batch(self.times[k], x_in))
         return ctx.cache["dmd2.input"]
 
     def _noised_real(self, ctx, t: float, noise: Tensor) -> Tensor:
@@ -241,7 +230,7 @@ class DMD2:
         guidance = self.config.guidance if self.config.guidance is not None else getattr(teacher, "guidance", None)
         with torch.no_grad():
             x_t = ops.add_noise(x.detach(), torch.randn_like(x), sched.alpha(t).to(x.dtype), sched.sigma(t).to(x.dtype))
-            tt = _time_batch(t, x_t)
+            tt = time_batch(t, x_t)
             x0_real = teacher.denoise(x_t, tt, cond, guidance=guidance)
             x0_fake = critic.denoise(x_t, tt, cond)
         return ops.dmd_loss(x, x0_real, x0_fake)
@@ -254,9 +243,9 @@ class DMD2:
         t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
         alpha, sigma = sched.alpha(t), sched.sigma(t)
         x_t = ops.add_noise(x, torch.randn_like(x), alpha.to(x.dtype), sigma.to(x.dtype))
-        sd = getattr(critic, "sigma_data", None) or getattr(teacher, "sigma_data", None) or 0.5
+        sd = sigma_data_of(critic, teacher)
         weight = (alpha / sigma) ** 2 + 1 / sd**2
-        return ops.weighted_loss(critic.denoise(x_t, _time_batch(t, x_t), cond), x, weight.to(x.dtype), "l2")
+        return ops.weighted_loss(critic.denoise(x_t, time_batch(t, x_t), cond), x, weight.to(x.dtype), "l2")
 
     def discriminate(self, ctx, xs: list[Tensor], cond) -> list[Tensor]:
         """h(F_features(x_t, t)) for each batch in ``xs`` (all with condition ``cond``): each noised at its own
@@ -266,7 +255,7 @@ class DMD2:
         for x in xs:
             t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
             noised.append(ops.add_noise(x, torch.randn_like(x), sched.alpha(t).to(x.dtype), sched.sigma(t).to(x.dtype)))
-            times.append(_time_batch(t, x))
+            times.append(time_batch(t, x))
         head = ctx.nets["gan_head"]
         if len(xs) == 1 or not (cond is None or torch.is_tensor(cond)):  # conditions we cannot concatenate
             return [head(gan.critic_features(ctx.critic, self.feature_module, x_t, t, cond))
@@ -289,4 +278,8 @@ class DMD2:
 
 @hookimpl
 def register_objectives(register):
-    register("dmd2", DMD2, config=DMD2Config)
+    # the default demo (python -m core.run: dmd2 on ring8, 1 step) takes about a minute on 2 CPU cores;
+    # the cosine decay settles the generator's last updates
+    register("dmd2", DMD2, config=DMD2Config, default_critic="fake-score",
+             train_defaults={"steps": 2000, "batch": 128, "lr_decay": "cosine", "eval_every": 1000,
+                             "preview_every": 0, "ckpt_every": 1000, "log_every": 100})

@@ -95,9 +95,6 @@ class GMMConfig:
 class GaussianMixtureTeacher:
     """Exact teacher: closed-form denoiser of a diagonal Gaussian mixture (float64 inside)."""
 
-    default_student = "mlp"
-    default_data = "gmm"
-
     def __init__(self, config: GMMConfig, device="cpu"):
         spec = load_spec(config.spec) if config.spec else preset(config.preset)
         self.config = config
@@ -205,7 +202,7 @@ class GaussianMixtureData:
 
 @hookimpl
 def register_teachers(register):
-    register("gmm", GaussianMixtureTeacher, config=GMMConfig)
+    register("gmm", GaussianMixtureTeacher, config=GMMConfig, default_student="mlp", default_data="gmm")
 
 
 @hookimpl

@@ -24,8 +24,8 @@ from torch import Tensor
 from core import hookimpl, ops
 from core.config import non_negative, positive, unit_interval
 from core.errors import UsageError
-from core.protocols import Phase, SamplingSpec
-from plugins.samplers.ancestral import fraction_grid
+from core.protocols import Phase, SamplingSpec, sigma_data_of
+from core.timesteps import fraction_grid
 
 WEIGHTINGS = ("edm", "flat", "snr", "snr+1")
 
@@ -95,10 +95,6 @@ def _data(ctx) -> Tensor:
     return x
 
 
-def _sigma_data(nets) -> float:
-    return float(getattr(nets["teacher"], "sigma_data", None) or getattr(nets["student"], "sigma_data", 0.5))
-
-
 def _steps_spec(student, steps: int, eta: float) -> SamplingSpec:
     return SamplingSpec("ancestral", fraction_grid(student.schedule, steps).tolist(), {"eta": eta})
 
@@ -137,8 +133,6 @@ class MomentMatching:
     generator g_eta; generator gradient w(s) (dx~/deta)^T (g_phi(z_s) - g_theta(z_s))."""
 
     needs_critic = True
-    default_critic = "fake-score"
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMConfig):
         self.config = config
@@ -164,7 +158,7 @@ class MomentMatching:
         c, nets = self.config, ctx.nets
         x, cond = _data(ctx), ctx.batch["cond"]
         student, aux = nets["student"], nets["critic"]
-        w_kind, sd = c.weighting, _sigma_data(nets)
+        w_kind, sd = c.weighting, float(sigma_data_of(nets["teacher"], nets["student"]))
         if phase == "auxiliary":
             with torch.no_grad():
                 d = draw(student, x, cond, c.steps, c.eta, c.time_sampling)
@@ -256,7 +250,6 @@ class MomentMatchingParam:
     differentiated through x~_B only, via the JVP J_theta(z_s) nu."""
 
     needs_critic = False
-    train_defaults = TRAIN_DEFAULTS
 
     def __init__(self, config: MMParamConfig):
         self.config = config
@@ -323,7 +316,7 @@ class MomentMatchingParam:
             raise UsageError("objective=mm-param splits each batch into two independent halves; use train.batch >= 2")
         half = x.shape[0] // 2
         cond_a, cond_b = (None, None) if cond is None else (cond[:half], cond[half:])
-        sched, sd = student.schedule, _sigma_data(ctx.nets)
+        sched, sd = student.schedule, float(sigma_data_of(ctx.teacher, ctx.student))
         with torch.no_grad():  # batch A: only the teacher's parameter gradient, no student graph
             a = draw(student, x[:half], cond_a, c.steps, c.eta, c.time_sampling)
         nu = self.parameter_direction(a, loss_weight(sched, a.s, c.weighting, sd).to(x.dtype), cond_a)
@@ -346,5 +339,5 @@ class MomentMatchingParam:
 
 @hookimpl
 def register_objectives(register):
-    register("mm", MomentMatching, config=MMConfig)
-    register("mm-param", MomentMatchingParam, config=MMParamConfig)
+    register("mm", MomentMatching, config=MMConfig, default_critic="fake-score", train_defaults=TRAIN_DEFAULTS)
+    register("mm-param", MomentMatchingParam, config=MMParamConfig, train_defaults=TRAIN_DEFAULTS)

@@ -7,8 +7,7 @@ an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/
    grid of M extra timestamps per student interval; its states at every (M+1)-th timestamp are the
    targets y_1 .. y_{N-1};
 2. for each student step i in order: x~_{i+1} = EulerStep_student(sg(x~_i), t_i -> t_{i+1}) and
-   L_i = ||x~_{i+1} - y_{i+1}||_1, one optimizer step per L_i (``Phase.repeats``; the teacher trajectory
-   is computed once per iteration and kept in ``ctx.cache``);
+   L_i = ||x~_{i+1} - y_{i+1}||_1, one optimizer step per L_i (``loss`` yields each L_i in turn);
 3. with AFS the first step is analytic: no network call, no loss, no update.
 
 ``sfd-v`` draws the NFE per iteration from [nfe_min, nfe_max] and feeds it to the student through
@@ -29,10 +28,10 @@ from torch import nn
 from core import hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
-from core.protocols import Phase, SamplingSpec
-from core.registry import warn
+from core.pfode import PFODE
+from core.protocols import Phase, SamplingSpec, sigma_data_of
+from core.registry import get_registry, warn
 from core.timesteps import nested_grids, ve_sigma
-from plugins.samplers.ode import PFODE, SAMPLERS
 
 
 
@@ -73,44 +72,32 @@ class SFDVConfig(SFDConfig):
                              f"[{self.nfe_min}, {self.nfe_max}]")
 
 
-@attrs.define
-class _Iteration:
-    """What the repeats of one iteration share: the student grid, the teacher targets and the student's state."""
-
-    nfe: int
-    noise: torch.Tensor
-    times: torch.Tensor
-    targets: list
-    cond: object
-    x: torch.Tensor
-    first: int  # first student step with a network call (1 with AFS)
-    losses: list = attrs.Factory(list)
-
-
 class SFD:
-    """SFD: Euler steps of a teacher copy regressed onto the teacher's DPM-Solver++(3M) trajectory."""
+    """SFD: Euler steps of a teacher copy regressed onto the teacher's DPM-Solver++(3M) trajectory. With an
+    ``SFDVConfig`` (``sfd-v``) the NFE is drawn per iteration from [nfe_min, nfe_max] and fed to the student."""
 
     needs_critic = False
-    # cosine decay stands in for the paper's "lr / 10 at half the run" (the runner's schedules)
-    train_defaults = {"steps": 150, "batch": 128, "lr_decay": "cosine"}
 
     def __init__(self, config: SFDConfig):
         self.config = config
+        self.conditioned = isinstance(config, SFDVConfig)
+        self.nfe_range = (config.nfe_min, config.nfe_max) if self.conditioned else (config.nfe, config.nfe)
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self, nets):
         teacher, student = nets["teacher"], nets["student"]
+        if self.conditioned and not isinstance(student, NFEConditioned):
+            raise UsageError("objective=sfd-v needs a step-conditioned student; pass student=copy-nfe")
         if teacher.schedule.config() != student.schedule.config():
             raise UsageError("objective=sfd needs the student on the teacher's schedule; use student=copy")
-        self._grids(student.schedule, self.nfe_range()[0])  # validates sigma_min / sigma_max early
+        self._grids(student.schedule, self.nfe_range[0])  # validates sigma_min / sigma_max early
+        # the teacher's solver is a sampler plugin (plugins/samplers/ode.py registers them)
+        self.teacher_solver = get_registry().get("sampler", self.config.teacher_solver).factory
         return {}
 
-    def nfe_range(self) -> tuple[int, int]:
-        return self.config.nfe, self.config.nfe
-
     def phases(self):
-        # one Adam step per student step (paper sec. 3.2); with AFS the NFE counts exactly the trained steps
-        return [Phase("student", trains=("student",), repeats=self.nfe_range()[1], lr=self.config.lr)]
+        # one Adam step per student step (paper sec. 3.2): loss() yields one loss per student step
+        return [Phase("student", trains=("student",), lr=self.config.lr)]
 
     def _grids(self, schedule, nfe: int):
         """Student grid (N = nfe + 1 timestamps, + 1 with AFS) and the teacher's refined grid, both ending
@@ -126,90 +113,46 @@ class SFD:
         return nested_grids(schedule, nfe + 1 + int(c.afs), c.substeps, c.grid, c.rho, t_min, t_max)
 
     # -- sampling --------------------------------------------------------------------------------------
-    def _options(self, nfe: int) -> dict:
-        return {"afs": self.config.afs}
-
     def sampling(self, student):
         return self.with_steps(None, self.config.nfe, student)
 
     def with_steps(self, spec, steps, student):
         """Euler (+ AFS) on the student grid for ``steps`` network calls, no final denoise (paper sec. 3.4)."""
-        lo, hi = self.nfe_range()
+        lo, hi = self.nfe_range
         if spec is not None and not lo <= steps <= hi:
             warn(f"this student was distilled for NFE {lo}-{hi}; steps={steps} runs it off its training grid")
         coarse, _ = self._grids(student.schedule, steps)
-        return SamplingSpec("euler-afs", coarse.tolist(), self._options(steps))
+        options = {"afs": self.config.afs, **({"model_kwargs": {"nfe": steps}} if self.conditioned else {})}
+        return SamplingSpec("euler-afs", coarse.tolist(), options)
 
-    # -- one iteration ---------------------------------------------------------------------------------
-    def _draw_nfe(self) -> int:
-        return self.config.nfe
-
-    def _student_kwargs(self, nfe: int) -> dict:
-        return {}
-
-    @torch.no_grad()
-    def _start(self, ctx) -> _Iteration:
-        """Fresh noise, the teacher trajectory on the fine grid, and the student's first (AFS) step."""
-        c, teacher = self.config, ctx.teacher
-        nfe = self._draw_nfe()
-        coarse, fine = self._grids(teacher.schedule, nfe)
-        cond = ctx.batch.get("cond")
-        if cond is None and getattr(teacher, "num_classes", 0):
-            cond = teacher.encode_condition(torch.randint(0, teacher.num_classes, (ctx.batch_size,)))
-        z = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
-        solver = SAMPLERS[c.teacher_solver][0]
-        opts = {"afs": False} if c.teacher_solver == "euler-afs" else {}
-        _, traj = solver(teacher, z, fine, cond, return_trajectory=True, **opts)
-        k = c.substeps + 1
-        targets = traj[::k]
-        x = targets[0]
-        first = 0
-        if c.afs:  # step 0 needs no network: take it analytically
-            ode = PFODE(ctx.student, coarse, afs=True)
-            x = ode.x(ode.euler(x / ode.alpha[0], ode.denoised(x / ode.alpha[0], 0), 0), 1)
-            first = 1
-        return _Iteration(nfe, z, coarse, targets, cond, x, first)
-
+    # -- one iteration: paper Algorithm 1 ----------------------------------------------------------------
     def loss(self, phase, ctx):
-        if ctx.repeat == 0:
-            ctx.cache["sfd"] = self._start(ctx)
-        it: _Iteration = ctx.cache["sfd"]
-        i = it.first + ctx.repeat
-        if i >= len(it.times) - 1:  # sfd-v drew fewer steps than the phase's repeats: no update
-            mean = torch.stack(it.losses).mean() if it.losses else torch.zeros(())
-            return mean, {"nfe": it.nfe}
-        ode = PFODE(ctx.student, it.times[i:i + 2], it.cond, None, self._student_kwargs(it.nfe))
-        y = it.x.detach() / ode.alpha[0]  # the student's own previous output, detached (paper sec. 3.2)
-        x_next = ode.x(ode.euler(y, ode.denoised(y, 0), 0), 1)
-        loss = ops.weighted_loss(x_next, it.targets[i + 1], None, self.config.loss)
-        it.x = x_next.detach()
-        it.losses.append(loss.detach())
-        return loss, {"nfe": it.nfe, f"step{i}": loss.detach()}
-
-
-class SFDV(SFD):
-    """SFD-v: one student for a range of NFEs, the NFE fed to the network (student=copy-nfe)."""
-
-    default_student = "copy-nfe"
-    train_defaults = {"steps": 300, "batch": 128, "lr_decay": "cosine"}
-
-    def build(self, nets):
-        if not isinstance(nets["student"], NFEConditioned):
-            raise UsageError("objective=sfd-v needs a step-conditioned student; pass student=copy-nfe")
-        return super().build(nets)
-
-    def nfe_range(self):
-        return self.config.nfe_min, self.config.nfe_max
-
-    def _draw_nfe(self):
-        lo, hi = self.nfe_range()
-        return int(torch.randint(lo, hi + 1, ()))
-
-    def _student_kwargs(self, nfe):
-        return {"nfe": nfe}
-
-    def _options(self, nfe):
-        return {"afs": self.config.afs, "model_kwargs": {"nfe": nfe}}
+        """The teacher's trajectory from fresh noise, then the student's own Euler chain: one loss per student
+        step, each followed by an optimizer step (the runner's)."""
+        c, teacher = self.config, ctx.teacher
+        lo, hi = self.nfe_range
+        nfe = lo if lo == hi else int(torch.randint(lo, hi + 1, ()))
+        times, fine = self._grids(teacher.schedule, nfe)
+        kwargs = {"nfe": nfe} if self.conditioned else {}
+        with torch.no_grad():
+            cond = ctx.batch.get("cond")
+            if cond is None and getattr(teacher, "num_classes", 0):
+                cond = teacher.encode_condition(torch.randint(0, teacher.num_classes, (ctx.batch_size,)))
+            z = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+            _, trajectory = self.teacher_solver(teacher, z, fine, cond, return_trajectory=True,
+                                   **({"afs": False} if c.teacher_solver == "euler-afs" else {}))
+            targets = trajectory[::c.substeps + 1]  # y_0 .. y_N on the student grid
+            x, first = targets[0], 0
+            if c.afs:  # step 0 needs no network: take it analytically
+                ode = PFODE(ctx.student, times, afs=True)
+                x = ode.x(ode.euler(x / ode.alpha[0], ode.denoised(x / ode.alpha[0], 0), 0), 1)
+                first = 1
+        for i in range(first, len(times) - 1):
+            ode = PFODE(ctx.student, times[i:i + 2], cond, None, kwargs)
+            y = x.detach() / ode.alpha[0]  # the student's own previous output, detached (paper sec. 3.2)
+            x = ode.x(ode.euler(y, ode.denoised(y, 0), 0), 1)
+            loss = ops.weighted_loss(x, targets[i + 1], None, c.loss)
+            yield loss, {"nfe": nfe, f"step{i}": loss.detach()}
 
 
 # -- SFD-v's student -----------------------------------------------------------------------------------
@@ -229,7 +172,7 @@ class NFEConditioned(nn.Module):
                              "(core.networks.ResidualMLP); this teacher's does not")
         width = backbone.time[-1].out_features
         self.net, self.schedule = net, net.schedule
-        self.sigma_data = getattr(net, "sigma_data", 0.5)
+        self.sigma_data = sigma_data_of(net)
         self.register_buffer("freqs", torch.exp(-math.log(100.0) * torch.arange(emb_dim // 2) / (emb_dim // 2)))
         self.nfe_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
         nn.init.zeros_(self.nfe_embed[-1].weight)
@@ -262,8 +205,10 @@ def copy_nfe_student(config: CopyNFEConfig, teacher, device="cpu"):
 
 @hookimpl
 def register_objectives(register):
-    register("sfd", SFD, config=SFDConfig)
-    register("sfd-v", SFDV, config=SFDVConfig)
+    # cosine decay stands in for the paper's "lr / 10 at half the run" (the runner's schedules)
+    register("sfd", SFD, config=SFDConfig, train_defaults={"steps": 150, "batch": 128, "lr_decay": "cosine"})
+    register("sfd-v", SFD, config=SFDVConfig, default_student="copy-nfe",
+             train_defaults={"steps": 300, "batch": 128, "lr_decay": "cosine"})
 
 
 @hookimpl

@@ -8,6 +8,7 @@ from core import hookimpl
 from core.config import positive
 from core.errors import UsageError
 from core.networks import DenoiserNet, ResidualMLP
+from core.protocols import sigma_data_of
 
 
 @attrs.define(kw_only=True)
@@ -25,7 +26,7 @@ def mlp_student(config: MLPConfig, teacher, device="cpu"):
         raise UsageError(f"student=mlp is for vector data; the teacher's data has shape {tuple(teacher.data_shape)}")
     backbone = ResidualMLP(teacher.data_shape[0], config.hidden, config.depth, config.emb_dim,
                            getattr(teacher, "num_classes", 0))
-    sigma_data = config.sigma_data or getattr(teacher, "sigma_data", 0.5)
+    sigma_data = config.sigma_data or sigma_data_of(teacher)
     return DenoiserNet(backbone, teacher.schedule, "edm", sigma_data).to(device)
 
 

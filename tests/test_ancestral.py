@@ -17,7 +17,8 @@ from core.errors import UsageError
 from core.metrics import energy_distance
 from core.schedules import make_schedule
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-from plugins.samplers.ancestral import ancestral, fraction_grid
+from core.timesteps import fraction_grid
+from plugins.samplers.ancestral import ancestral
 from plugins.samplers.basic import euler
 
 SCHEDULES = {"vp-cosine": (0.7, 0.4), "edm": (5.0, 0.8), "flow": (0.8, 0.3)}  # (t, s) pairs

@@ -47,6 +47,8 @@ BAD_RUN_INPUTS = [
     (["objective=denoise", "critic=fake-score"], "uses no critic"),
     (["student=nope"], "unknown student 'nope'"),
     (["objective=denoise", "seed=x"], "seed: expected an integer"),
+    (["sampler=ancestral"], "sampler= is not a training setting"),
+    (["sampler.eta=0.5"], "sampler= is not a training setting"),
 ]
 
 

@@ -211,7 +211,7 @@ def test_ddp_equals_one_process_with_the_global_batch(ranks, tmp_path):
 
 
 def _student_at_init() -> dict:
-    from core.runner import Networks, set_seed
+    from core.roles import Networks, set_seed
 
     cfg = run_config(*BASE)
     set_seed(cfg.seed)
@@ -257,8 +257,8 @@ def test_sharded_checkpoint_serves_load_run(ranks, tmp_path):
     """A run still going (no export yet) is sampled from its latest sharded checkpoint."""
     import shutil
 
-    from core import checkpoint as ckpt
-    from core.runner import load_run
+    from core import files
+    from core.rundir import load_run
 
     _job(ranks, "_job_ddp")
     _, tmp = ranks
@@ -267,7 +267,7 @@ def test_sharded_checkpoint_serves_load_run(ranks, tmp_path):
     (running / "student.safetensors").unlink()
     networks, spec, cfg = load_run(str(running))
     assert cfg.train.parallel == "ddp" and spec.sampler == "euler"
-    _close(networks.student.state_dict(), ckpt.load_tensors(str(tmp / "ddp" / "student.safetensors")), atol=0, rtol=0)
+    _close(networks.student.state_dict(), files.load_tensors(str(tmp / "ddp" / "student.safetensors")), atol=0, rtol=0)
 
 
 def test_fsdp2_on_gloo_equals_one_process(ranks, tmp_path):

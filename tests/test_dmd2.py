@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_config, train
 
+from core import gan
 from core.errors import UsageError
 from core.protocols import Context
 from core.schedules import make_schedule
-from plugins import gan
 from plugins.dmd2 import DMD2, DMD2Config, default_times, generator_times
 
 TINY = ("student.hidden=32", "student.depth=2", "student.emb_dim=16", "train.batch=32", "train.eval_every=0",
@@ -125,7 +125,7 @@ def test_ttur_phase_counts_are_exact(tmp_path, ratio, steps):
     assert {id(p) for g in gen.param_groups for p in g["params"]} == {id(p) for p in tr.student.parameters()}
     critic_params = [*tr.nets["critic"].parameters(), *tr.nets["gan_head"].parameters()]
     assert {id(p) for g in crit.param_groups for p in g["params"]} == {id(p) for p in critic_params}
-    assert tr.base_lr == {"generator": 2e-4, "critic": 7e-4}
+    assert {name: s.base_lrs for name, s in tr.state.schedules.items()} == {"generator": [2e-4], "critic": [7e-4]}
     # generator on iterations n % r == 0, critic (and GAN head) on every iteration
     assert {int(s["step"]) for s in gen.state.values()} == {len(range(0, steps, ratio))}
     assert {int(s["step"]) for s in crit.state.values()} == {steps}
@@ -137,9 +137,9 @@ def test_generator_phase_leaves_critic_and_head_untouched(tmp_path):
     tr = Trainer(run_config(*TINY, "train.steps=1", f"out={tmp_path}"))
     tr.build()
     before = {n: [p.detach().clone() for p in tr.nets[n].parameters()] for n in ("student", "critic", "gan_head")}
-    batch = tr._micro_batches()
+    batch = tr.parallel.micro_batches(tr.networks.dataset, tr.teacher)
     ctx = Context(tr.nets, batch[0], 0, tr.micro, tr.device)
-    metrics = tr._run_phase(tr.phases[0], [ctx], 0, 1)
+    metrics = tr.run_phase(tr.phases[0], [ctx], 0)
     assert tr.phases[0].name == "generator" and {"dm", "gan"} <= set(metrics)
     for n, old in before.items():
         same = all(torch.equal(a, b) for a, b in zip(old, tr.nets[n].parameters()))
@@ -314,7 +314,7 @@ def tiny_teacher_run(tmp_path_factory):
 
 
 def test_network_teacher_initialises_generator_and_critic_from_its_weights(tiny_teacher_run, tmp_path):
-    from core.runner import Networks
+    from core.roles import Networks
 
     cfg = run_config("teacher=checkpoint", f"teacher.path={tiny_teacher_run}", "objective.guidance=2",
                      f"out={tmp_path}/run")

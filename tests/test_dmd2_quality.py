@@ -9,7 +9,7 @@ from conftest import train
 
 from core.metrics import energy_distance, gmm_report, mode_masses
 from core.protocols import SamplingSpec
-from core.sampling import generate
+from core.generation import generate
 from core.timesteps import make_grid
 
 pytestmark = pytest.mark.slow

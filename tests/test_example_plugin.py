@@ -63,7 +63,7 @@ def test_runs_end_to_end_and_distils(installed, tmp_path):
     student = float(re.search(r"energy_distance=([0-9.e-]+)", out.stdout).group(1))
 
     from core.metrics import energy_distance
-    from core.sampling import generate
+    from core.generation import generate
     from plugins.gmm import GaussianMixtureTeacher, GMMConfig
 
     teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))

@@ -75,12 +75,13 @@ def make(shape, dtype, *, lo=-2.0, hi=2.0):
     return (torch.rand(shape, dtype=torch.float64) * (hi - lo) + lo).to(dtype).to(DEVICE)
 
 
-def grads_match(run_kernel, run_ref, inputs, dtype, differentiable, grad_ulps=1.0):
-    """Forward and every gradient of run_kernel (on inputs) vs run_ref on float64 copies, one shared upstream grad."""
+def grads_match(run_kernel, run_ref, inputs, dtype, differentiable, grad_ulps=1.0, out_dtype=None):
+    """Forward (in out_dtype, default dtype) and every gradient of run_kernel (on inputs) vs run_ref on float64
+    copies, one shared upstream grad."""
     ins = [t.clone().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
     ins64 = [t.detach().double().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
     out, ref = run_kernel(*ins), run_ref(*ins64)
-    assert_close(out, ref, dtype, "forward")
+    assert_close(out, ref, out_dtype or dtype, "forward")
     up = make(ref.shape, out.dtype)
     out.backward(up)
     ref.backward(up.double())
@@ -199,10 +200,10 @@ def test_guided_x0_shapes_dtypes(shape, dtype, block):
 def test_dmd_gradient_and_loss(shape, dtype, block):
     x, real, fake = (make(shape, dtype) for _ in range(3))
     ref_g = k_dmd.dmd_gradient_reference(x.double(), real.double(), fake.double())
-    assert_close(ops.dmd_gradient(x, real, fake), ref_g, dtype, "g")
+    assert_close(ops.dmd_gradient(x, real, fake), ref_g, torch.float32, "g")  # g is fp32 for every input dtype
     grads_match(lambda x_: ops.dmd_loss(x_, real, fake),
                 lambda x_: k_dmd.dmd_loss_reference(x_, real.double(), fake.double()), [x], dtype,
-                differentiable=(0,), grad_ulps=2)  # g is kept in x's dtype (one rounding), then scaled (another)
+                differentiable=(0,), out_dtype=torch.float32)
 
 
 @kernels
@@ -231,6 +232,30 @@ def test_dmd_loss_backward_is_g_over_numel():
     assert torch.equal(x.grad, g * (1.0 / x.numel()))
 
 
+@kernels
+def test_dmd_fp16_does_not_overflow(block):
+    """fp16 inputs with x close to x0_real: g = (x0_fake - x0_real) / N_b is ~1e5, beyond fp16's 65504, and
+    0.5 mean(g^2) ~ 1e9. g and the loss stay finite in fp32 and match float64; the gradient reaching x,
+    g / numel, is representable in fp16 and matches too."""
+    shape = (2, 3, 5, 7)
+    real = make(shape, torch.float16)
+    x = (real.double() + 1e-3).to(torch.float16)  # |x - x0_real| ~ 1e-3 (fp16 rounding of real + 1e-3)
+    fake = (real.double() + 100.0).to(torch.float16)
+    g = ops.dmd_gradient(x, real, fake)
+    ref = k_dmd.dmd_gradient_reference(x.double(), real.double(), fake.double())
+    assert ref.abs().max() > 65504  # the case would overflow an fp16 g
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert_close(g, ref, torch.float32)
+    assert_close(ops.dmd_loss(x, real, fake), k_dmd.dmd_loss_reference(x.double(), real.double(),
+                                                                        fake.double()), torch.float32, "loss")
+    xg = x.clone().requires_grad_()
+    loss = ops.dmd_loss(xg, real, fake)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert xg.grad.dtype == torch.float16 and torch.isfinite(xg.grad).all()
+    assert_close(xg.grad, ref / x.numel(), torch.float16)
+
+
 # --------------------------------------------------------------------------- posterior sample
 
 
@@ -248,6 +273,39 @@ def test_posterior_sample(shape, dtype, eta, block):
     grads_match(lambda z, x0, n: ops.posterior_sample(z, x0, at, st, as_, ss, n, eta),
                 lambda z, x0, n: k_post.posterior_sample_reference(z, x0, *f64, n, eta),
                 [make(shape, dtype) for _ in range(3)], dtype, differentiable=(0, 1, 2) if eta else (0, 1))
+
+
+@kernels
+@pytest.mark.parametrize("layout", ["expanded 0-d", "strided column", "[B, 1, 1] view"])
+def test_factors_with_any_stride(layout, block):
+    """Per-sample factors as views: an expanded 0-d tensor (stride 0, one element in memory), a column of a
+    [B, K] tensor (stride K) and a [B, 1, 1] view, for every op that takes factors, against float64."""
+    shape = (3, 4, 5, 7)
+    table = factors(3 * 4, 0.2, 0.9).reshape(3, 4).float()  # columns: alpha, sigma, alpha_s, sigma_s
+    if layout == "expanded 0-d":
+        cols = [torch.tensor(v, device=DEVICE).expand(3) for v in (0.7, 0.6, 0.9, 0.3)]
+    elif layout == "strided column":
+        cols = [table[:, i] for i in range(4)]
+        assert cols[0].stride(0) == 4
+    else:
+        cols = [table[:, i:i + 1, None] for i in range(4)]
+    ref_cols = [c.double().reshape(-1).expand(3).contiguous() for c in cols]
+    x, y, z = (make(shape, torch.float32) for _ in range(3))
+    x64, y64, z64 = x.double(), y.double(), z.double()
+    a, s, a_s, s_s = cols
+    ra, rs, ras, rss = ref_cols
+    assert_close(ops.add_noise(x, y, a, s), k_noise.add_noise_reference(x64, y64, ra, rs), torch.float32, "add")
+    assert_close(ops.guided_x0(x, y, z, a, s, 2.0, "v"),
+                 k_guided.guided_x0_reference(x64, y64, z64, ra, rs, 2.0, "v"), torch.float32, "guided")
+    ref = k_post.posterior_sample_reference(x64, y64, ra * 0.5, rs, ras, rss * 0.5, z64, 1.0)
+    assert_close(ops.posterior_sample(x, y, a * 0.5, s, a_s, s_s * 0.5, z), ref, torch.float32, "posterior")
+    assert_close(ops.weighted_loss(x, y, s, "l2"), k_wl.weighted_loss_reference(x64, y64, rs, "l2"),
+                 torch.float32, "weighted_loss")
+    assert_close(ops.mm_generator_loss(x, y, z, a), k_mm.mm_generator_loss_reference(x64, y64, z64, ra),
+                 torch.float32, "mm")
+    torch.manual_seed(0)
+    x_t, eps = ops.add_fresh_noise(x, a, s)
+    assert_close(x_t, k_noise.add_noise_reference(x64, eps.double(), ra, rs), torch.float32, "fresh")
 
 
 @kernels

@@ -31,10 +31,10 @@ class Recorder:
 
 def launches():
     """(kernel, args, kwargs) for every launch path, recorded on small CPU tensors (fp32 and bf16)."""
-    from core.kernels import add_noise, dmd, guided_x0, mm_loss, posterior, weighted_loss
+    from core.kernels import add_noise, dmd, guided_x0, mm_loss, posterior, reduction, weighted_loss
 
     calls = []
-    modules = [add_noise, dmd, guided_x0, mm_loss, posterior, weighted_loss]
+    modules = [add_noise, dmd, guided_x0, mm_loss, posterior, reduction, weighted_loss]
     for m in modules:
         for name in [n for n in vars(m) if n.startswith("_") and n.endswith("_kernel")]:
             setattr(m, name, Recorder(getattr(m, name), calls))

@@ -1,7 +1,7 @@
 """On a CUDA machine: tests/test_kernels.py again, with compiled kernels on GPU tensors.
 
 Triton fixes interpreter-or-compiler per process when kernels are decorated, and the CPU kernel tests
-need the interpreter, so the GPU run is a separate process with TRITON_INTERPRET unset.
+need the interpreter, so the GPU run is a separate process with TRITON_INTERPRET=0.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU kernel tests need one")
 def test_kernel_suite_on_gpu():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FEWSTEP_KERNELS")}
-    env["FEWSTEP_TEST_DEVICE"] = "cuda"
+    env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
+    env.update(FEWSTEP_TEST_DEVICE="cuda", TRITON_INTERPRET="0")  # tests/conftest.py sets 1 when it is unset
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "test_kernels.py"), "-q",
                            "-p", "no:cacheprovider", "-p", "no:xdist"], env=env, capture_output=True, text=True,

@@ -173,7 +173,7 @@ def test_configs_resolve_with_paper_defaults():
 
 
 def test_sampling_spec_is_ancestral_on_the_i_over_k_grid():
-    from plugins.samplers.ancestral import fraction_grid
+    from core.timesteps import fraction_grid
 
     sched = make_schedule("vp-cosine")
     obj = MomentMatching(MMConfig(steps=3))
@@ -200,7 +200,8 @@ def test_mm_run_end_to_end_and_sample_cli(tmp_path):
 def ancestral_energy(model, teacher, steps, n=3000, seed=0):
     """Energy distance of ``steps``-step ancestral samples (grid i/k) to exact mixture samples."""
     from core.metrics import energy_distance
-    from plugins.samplers.ancestral import ancestral, fraction_grid
+    from core.timesteps import fraction_grid
+    from plugins.samplers.ancestral import ancestral
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -141,6 +141,37 @@ def test_mm_generator_loss_value_and_gradient():
 # --------------------------------------------------------------------------- dispatch
 
 
+def test_factors_reach_the_kernels_contiguous():
+    """What the kernels index as b * stride (stride 0 or 1): expanded 0-d and strided views are copied,
+    numbers and 0-d tensors become one value, a mix of 1 and B values is expanded to B, None stays."""
+    like = torch.zeros(3, 2)
+    table = torch.arange(12.0).reshape(3, 4)
+    expanded = torch.tensor(0.5).expand(3)
+    a, s, w, none = dispatch.factors(like, (expanded, table[:, 1], 2, None))
+    assert none is None
+    for f, values in ((a, [0.5] * 3), (s, [1.0, 5.0, 9.0]), (w, [2.0] * 3)):
+        assert f.shape == (3,) and f.stride() == (1,) and f.tolist() == values
+    one, = dispatch.factors(like, (torch.tensor(7),))
+    assert one.shape == (1,) and one.dtype == torch.float32 and one.item() == 7.0
+    four_d, = dispatch.factors(like, (table[:, 2:3, None, None],))
+    assert four_d.tolist() == [2.0, 6.0, 10.0] and four_d.is_contiguous()
+
+
+def test_dmd_gradient_of_fp16_inputs_is_fp32_and_finite():
+    """|g| ~ 1e5 overflows fp16; g and the loss are fp32, the gradient reaching x is g / numel in fp16."""
+    real = torch.zeros(2, 3, 4, dtype=torch.float16)
+    x = torch.full_like(real, 1e-3).requires_grad_()
+    fake = torch.full_like(real, 100.0)
+    g = ops.dmd_gradient(x, real, fake)
+    ref = (fake.double() - real.double()) / (x.detach().double() - real.double()).abs().mean()
+    assert g.dtype == torch.float32 and torch.allclose(g.double(), ref, rtol=1e-6)
+    loss = ops.dmd_loss(x, real, fake)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.allclose(loss.double(), 0.5 * ref.square().mean(), rtol=1e-5)
+    loss.backward()
+    assert x.grad.dtype == torch.float16 and torch.allclose(x.grad.double(), ref / x.numel(), rtol=2e-3)
+
+
 def test_unknown_backend_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("FEWSTEP_KERNELS", "cuda")
     with pytest.raises(UsageError, match="FEWSTEP_KERNELS='cuda'.*auto, torch, triton"):

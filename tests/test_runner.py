@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import train
 from core import checkpoint as ckpt
+from core import files
 from core.sample import main as sample_main
 
 FAST = ["objective=denoise", "train.batch=64", "train.eval_every=0", "train.preview_every=0", "student.hidden=64",
@@ -20,7 +21,7 @@ FAST = ["objective=denoise", "train.batch=64", "train.eval_every=0", "train.prev
 
 
 def _final_weights(out):
-    latest = ckpt.read_json(os.path.join(out, "checkpoints", "latest.json"))
+    latest = files.read_json(os.path.join(out, "checkpoints", "latest.json"))
     return load_file(os.path.join(out, "checkpoints", latest["dir"], "weights.safetensors"))
 
 
@@ -40,7 +41,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed["start"] == 20
     _assert_identical(_final_weights(tmp_path / "full"), _final_weights(tmp_path / "split"))
     # optimizer moments and RNG state too
-    latest = ckpt.read_json(tmp_path / "full" / "checkpoints" / "latest.json")["dir"]
+    latest = files.read_json(tmp_path / "full" / "checkpoints" / "latest.json")["dir"]
     _assert_identical(load_file(tmp_path / "full" / "checkpoints" / latest / "state.safetensors"),
                       load_file(tmp_path / "split" / "checkpoints" / latest / "state.safetensors"))
     # metrics.jsonl has each step once
@@ -75,14 +76,14 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     latest = out / "checkpoints" / "latest.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and ckpt.read_json(latest)["step"] >= 40:
+        if latest.exists() and files.read_json(latest)["step"] >= 40:
             break
         time.sleep(0.02)
     if proc.poll() is not None:
         pytest.skip("the run finished before it could be killed (machine too fast)")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = ckpt.read_json(latest)["step"]
+    killed_at = files.read_json(latest)["step"]
     assert killed_at < 200
     res = train(*args, f"out={out}")
     assert res["start"] == killed_at
@@ -91,8 +92,8 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
 
 def test_memory_filesystem_output():
     res = train(*FAST, "train.steps=10", "train.ckpt_every=5", "out=memory://fewstep-test/run")
-    assert ckpt.exists("memory://fewstep-test/run/checkpoints/latest.json")
-    assert ckpt.exists("memory://fewstep-test/run/preview.png")
+    assert files.exists("memory://fewstep-test/run/checkpoints/latest.json")
+    assert files.exists("memory://fewstep-test/run/preview.png")
     again = train(*FAST, "train.steps=12", "train.ckpt_every=5", "out=memory://fewstep-test/run")
     assert again["start"] == 10 and res["start"] == 0
 
@@ -115,7 +116,7 @@ def test_sample_cli_for_run_and_teacher(tmp_path, capsys):
 
 def test_checkpoint_teacher_serves_a_trained_network(tmp_path):
     from conftest import run_config
-    from core.runner import Networks
+    from core.roles import Networks
 
     train(*FAST, "train.steps=10", f"out={tmp_path / 'teacher'}")
     cfg = run_config("objective=denoise", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}",

@@ -64,8 +64,16 @@ def rows(x: torch.Tensor) -> tuple[int, int]:
 
 
 def stride_of(factor: torch.Tensor) -> int:
-    """Per-sample factors are 1 value (stride 0, broadcast) or B values (stride 1)."""
-    return 0 if factor.numel() == 1 else 1
+    """Per-sample factors are 1 value (stride 0, broadcast) or B contiguous values (stride 1).
+
+    ``core.kernels.dispatch.factors`` makes them so; an expanded or strided view would be read wrongly
+    (an expanded 0-d factor has stride 0 and one element in memory), so it is refused here."""
+    if factor.numel() == 1:
+        return 0
+    if factor.ndim != 1 or factor.stride(0) != 1:
+        raise ValueError(f"per-sample factors must be contiguous 1-D tensors, got shape {tuple(factor.shape)} "
+                         f"stride {factor.stride()}; pass factor.contiguous()")
+    return 1
 
 
 def elementwise(n: int) -> tuple[tuple[int], int]:
@@ -81,16 +89,29 @@ def chunking(d: int) -> tuple[int, int, int]:
     return triton.cdiv(d, chunk), chunk, BLOCK
 
 
-def eager_autograd(name: str, forward, setup_context, backward) -> type:
-    """A ``torch.autograd.Function`` running ``forward`` with a custom op's setup_context and backward.
+class KernelOp:
+    """One fused op's entry points, all running the same launcher and backward.
 
-    Eager calls that need autograd use it instead of the registered custom op: the same launcher and
-    backward, without the dispatcher round trips (tens of microseconds of Python per call). Under
-    torch.compile the custom op is used, so graphs stay whole."""
+    - under torch.compile: the registered custom op (opaque, so graphs stay whole);
+    - eager with autograd (a tensor argument requires grad): a plain ``torch.autograd.Function`` built from
+      the custom op's ``setup_context`` and an eager ``backward`` (no dispatcher round trips);
+    - eager without autograd: the launcher itself.
+    The custom-op dispatcher costs tens of microseconds of Python per call on a CPU host, comparable to a
+    whole SDXL-latent-sized kernel, hence the eager shortcuts."""
 
-    def fwd(ctx, *args):
-        out = forward(*args)
-        setup_context(ctx, args, out)
-        return out
+    def __init__(self, name: str, launch, custom_op, setup_context, backward):
+        def forward(ctx, *args):
+            out = launch(*args)
+            setup_context(ctx, args, out)
+            return out
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+        self.launch, self.custom_op = launch, custom_op
+        self.autograd = type(name, (torch.autograd.Function,),
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.custom_op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self.autograd.apply(*args)
+        return self.launch(*args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -101,7 +101,7 @@ def _backward(ctx, grad):
 
 
 add_noise.register_autograd(_backward, setup_context=_setup)
-AddNoise = eager_autograd("AddNoise", noised, _setup, _backward)
+ADD_NOISE = KernelOp("AddNoise", noised, add_noise, _setup, _backward)
 
 
 def fresh(x0: Tensor, alpha: Tensor, sigma: Tensor, seed: int) -> tuple[Tensor, Tensor]:
@@ -130,4 +130,4 @@ def _backward_fresh(ctx, grad, _grad_eps):
 
 
 add_fresh_noise.register_autograd(_backward_fresh, setup_context=_setup_fresh)
-AddFreshNoise = eager_autograd("AddFreshNoise", fresh, _setup_fresh, _backward_fresh)
+ADD_FRESH_NOISE = KernelOp("AddFreshNoise", fresh, add_fresh_noise, _setup_fresh, _backward_fresh)

@@ -5,7 +5,8 @@
 tests run the kernels). Inputs the kernels do not cover always take the torch reference: mismatched
 shapes, float64, per-sample factors that need gradients, empty tensors or ones of 2^31 elements or more
 (the kernels index with int32), and tensors inside torch.func transforms (jvp, vmap), which opaque
-custom ops do not support. The kernels compute in fp32.
+custom ops do not support. The kernels compute in fp32. Each kernel op is a ``_triton.KernelOp`` (one
+entry point; it picks custom op, autograd.Function or bare launcher per call).
 """
 
 from __future__ import annotations
@@ -83,21 +84,18 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
     return True
 
 
-def entry(launcher, eager_function, custom_op, *tensors: Tensor | None):
-    """Which Triton entry point a call uses. Under torch.compile: the registered custom op (opaque, so
-    graphs stay whole). Eager with autograd: the same launcher and backward in a plain autograd.Function.
-    Eager without autograd: the launcher itself. The custom-op dispatcher costs tens of microseconds of
-    Python per call on a CPU host, comparable to a whole SDXL-latent-sized kernel."""
-    if torch.compiler.is_compiling():
-        return custom_op
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return eager_function.apply
-    return launcher
+def factors(like: Tensor, values: tuple) -> list[Tensor | None]:
+    """Per-sample factors (Python numbers, 0-d or [B] tensors, None) as the kernels read them: contiguous 1-D
+    tensors on like's device, all with 1 value or all with B values (the kernels share one stride).
 
-
-def factor(v, like: Tensor) -> Tensor:
-    """A per-sample factor (Python number, 0-d or [B] tensor) as a 1-D tensor on like's device."""
-    t = torch.as_tensor(v, device=like.device)
-    if not t.is_floating_point():
-        t = t.to(torch.float32)
-    return t.reshape(-1)
+    Contiguity matters: an expanded 0-d factor has B values but one element in memory (stride 0), and a
+    column of a [B, K] tensor has stride K; both are copied here rather than read wrongly."""
+    out = []
+    for v in values:
+        if v is not None:
+            v = torch.as_tensor(v, device=like.device)
+            v = (v if v.is_floating_point() else v.to(torch.float32)).reshape(-1)
+        out.append(v)
+    if len({t.numel() for t in out if t is not None}) > 1:
+        out = [None if t is None else t.expand(like.shape[0]) for t in out]
+    return [None if t is None else t.contiguous() for t in out]

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import PREDICTIONS, to_x0, x0_to_score
 
 OUTPUTS = ("x0", "score")
@@ -204,4 +204,4 @@ def _backward(ctx, grad, backward_op=guided_x0_backward):
 
 
 guided_x0.register_autograd(_backward, setup_context=_setup)
-GuidedX0 = eager_autograd("GuidedX0", launch, _setup, partial(_backward, backward_op=launch_backward))
+GUIDED_X0 = KernelOp("GuidedX0", launch, guided_x0, _setup, partial(_backward, backward_op=launch_backward))

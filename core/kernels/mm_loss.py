@@ -2,8 +2,8 @@
 
     L = mean_b w_b <x~_b, sg(aux_b - teacher_b)> / D,      dL/dx~ = w_b (aux - teacher) / (B D)
 
-Descent moves x~ toward the teacher's first moment and away from the auxiliary model's. Forward: one pass
-of per-(chunk, sample) partial sums; backward: one pass that forms the direction and scales it.
+Descent moves x~ toward the teacher's first moment and away from the auxiliary model's. Forward: the shared
+reduction's per-(chunk, sample) partial sums; backward: one pass that forms the direction and scales it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels import reduction
+from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
 
 # --------------------------------------------------------------------------- torch reference
 
@@ -27,26 +28,6 @@ def mm_generator_loss_reference(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Ten
 
 
 # --------------------------------------------------------------------------- Triton kernels
-
-
-@triton.jit
-def _mm_generator_loss_kernel(x_ptr, aux_ptr, teacher_ptr, weight_ptr, partial_ptr, inv_bd, D, C, CHUNK,
-                              w_stride, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (chunk c, sample b): w_b / (B D) * sum over the chunk of x~ (aux - teacher)."""
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, CHUNK, BLOCK):
-        cols = c * CHUNK + start + tl.arange(0, BLOCK)
-        mask = cols < D
-        x = tl.load(x_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(aux_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(teacher_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += x * (a - t)
-    scale = inv_bd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + b * w_stride).to(tl.float32)
-    tl.store(partial_ptr + b * C + c, tl.sum(acc, axis=0) * scale)
 
 
 @triton.jit
@@ -70,14 +51,9 @@ def _out_dtype(x: Tensor, aux: Tensor, teacher: Tensor) -> torch.dtype:
 
 
 def launch(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight: Tensor | None) -> Tensor:
-    x, aux, teacher = flat(x_tilde), flat(aux_x0), flat(teacher_x0)
-    b, d = rows(x)
-    c, chunk, block = chunking(d)
-    partial = torch.empty(b * c, dtype=torch.float32, device=x.device)
-    _mm_generator_loss_kernel[(c, b)](x, aux, teacher, x if weight is None else weight, partial, 1.0 / (b * d),
-                                      d, c, chunk, 0 if weight is None else stride_of(weight),
-                                      HAS_WEIGHT=weight is not None, BLOCK=block, num_warps=NUM_WARPS)
-    return partial.sum().to(_out_dtype(x, aux, teacher))
+    b, d = rows(x_tilde)
+    partial = reduction.partial_sums("dot", x_tilde, aux_x0, teacher_x0, weight, inv_bd=1.0 / (b * d))
+    return partial.sum().to(_out_dtype(x_tilde, aux_x0, teacher_x0))
 
 
 def launch_backward(grad: Tensor, aux_x0: Tensor, teacher_x0: Tensor, weight: Tensor | None,
@@ -132,5 +108,5 @@ def _backward(ctx, grad, backward_op=mm_generator_loss_backward):
 
 
 mm_generator_loss.register_autograd(_backward, setup_context=_setup)
-MMGeneratorLoss = eager_autograd("MMGeneratorLoss", launch, _setup,
-                                 partial(_backward, backward_op=launch_backward))
+MM_GENERATOR_LOSS = KernelOp("MMGeneratorLoss", launch, mm_generator_loss, _setup,
+                             partial(_backward, backward_op=launch_backward))

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -163,5 +163,5 @@ def _backward(ctx, grad, backward_op=posterior_sample_backward):
 
 
 posterior_sample.register_autograd(_backward, setup_context=_setup)
-PosteriorSample = eager_autograd("PosteriorSample", launch, _setup,
-                                 partial(_backward, backward_op=launch_backward))
+POSTERIOR_SAMPLE = KernelOp("PosteriorSample", launch, posterior_sample, _setup,
+                            partial(_backward, backward_op=launch_backward))

@@ -1,9 +1,9 @@
 """Per-sample weighted regression loss, mean_b w_b mean_{non-batch} l(pred - target), l = (.)^2 or |.|.
 
 Used by the denoise objective (EDM's lambda(sigma)-weighted L2, Karras et al. 2022 eq. 2), the critics'
-denoising losses and SFD. Forward: one pass writing a partial sum per (chunk, sample), already scaled by
-w_b / (B D), then one small sum. Backward: one pass, dL/dpred = g w_b / (B D) l'(pred - target),
-and dL/dtarget is its negative.
+denoising losses and SFD. Forward: the shared reduction (``reduction.partial_sums``) writes a partial sum
+per (chunk, sample), already scaled by w_b / (B D), then one small sum. Backward: one pass,
+dL/dpred = g w_b / (B D) l'(pred - target), and dL/dtarget is its negative.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, eager_autograd, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels import reduction
+from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
 
 KINDS = ("l2", "l1")
 
@@ -30,29 +31,6 @@ def weighted_loss_reference(pred: Tensor, target: Tensor, weight=None, kind: str
 
 
 # --------------------------------------------------------------------------- Triton kernels
-
-
-@triton.jit
-def _weighted_loss_kernel(pred_ptr, target_ptr, weight_ptr, partial_ptr, inv_bd, D, C, CHUNK,
-                          w_stride, HAS_WEIGHT: tl.constexpr, L1: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (chunk c, sample b): w_b / (B D) * sum over the chunk of l(pred - target)."""
-    c = tl.program_id(0)
-    b = tl.program_id(1)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, CHUNK, BLOCK):
-        cols = c * CHUNK + start + tl.arange(0, BLOCK)
-        mask = cols < D
-        p = tl.load(pred_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(target_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
-        diff = p - t
-        if L1:
-            acc += tl.abs(diff)
-        else:
-            acc += diff * diff
-    scale = inv_bd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + b * w_stride).to(tl.float32)
-    tl.store(partial_ptr + b * C + c, tl.sum(acc, axis=0) * scale)
 
 
 @triton.jit
@@ -83,14 +61,9 @@ def _check_kind(kind: str) -> bool:
 
 
 def launch(pred: Tensor, target: Tensor, weight: Tensor | None, kind: str) -> Tensor:
-    l1 = _check_kind(kind)
-    pred, target = flat(pred), flat(target)
+    term = "abs" if _check_kind(kind) else "square"
     b, d = rows(pred)
-    c, chunk, block = chunking(d)
-    partial = torch.empty(b * c, dtype=torch.float32, device=pred.device)
-    _weighted_loss_kernel[(c, b)](pred, target, pred if weight is None else weight, partial, 1.0 / (b * d),
-                                  d, c, chunk, 0 if weight is None else stride_of(weight),
-                                  HAS_WEIGHT=weight is not None, L1=l1, BLOCK=block, num_warps=NUM_WARPS)
+    partial = reduction.partial_sums(term, pred, target, weight=weight, inv_bd=1.0 / (b * d))
     return partial.sum().to(torch.promote_types(pred.dtype, target.dtype))
 
 
@@ -146,4 +119,5 @@ def _backward(ctx, grad, backward_op=weighted_loss_backward):
 
 
 weighted_loss.register_autograd(_backward, setup_context=_setup)
-WeightedLoss = eager_autograd("WeightedLoss", launch, _setup, partial(_backward, backward_op=launch_backward))
+WEIGHTED_LOSS = KernelOp("WeightedLoss", launch, weighted_loss, _setup,
+                         partial(_backward, backward_op=launch_backward))

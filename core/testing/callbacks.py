@@ -1,24 +1,31 @@
-"""Callbacks: built as the runner builds them (factory(None)); hook methods take the runner's arguments."""
+"""Callbacks: built as the runner builds them (``factory(config)``); they implement lifecycle hooks
+(core.hookspecs ``fewstep_*``) whose argument names the run's plugin manager accepts."""
 
 from __future__ import annotations
 
-from ._report import Report, _accepts, fail
+import pluggy
+
+from core import hookspecs
+
+from ._report import Report, fail
 from ._setup import Setup
-
-
-_CALLBACK_HOOKS = {"on_start": 1, "on_log": 2, "on_checkpoint": 2, "on_end": 1}
 
 
 def check_callback(setup: Setup, rep: Report) -> None:
     def hooks():
-        cb = setup.info.factory(None)
-        found = [h for h in _CALLBACK_HOOKS if callable(getattr(cb, h, None))]
-        if not found:
-            fail("callback has none of on_start, on_log, on_checkpoint, on_end", "define at least one")
-        for h in found:
-            sig = _accepts(getattr(cb, h), *[None] * _CALLBACK_HOOKS[h])
-            if sig:
-                args = "trainer" if _CALLBACK_HOOKS[h] == 1 else ("trainer, record" if h == "on_log" else "trainer, path")
-                fail(f"callback.{sig} cannot be called as {h}({args})", f"define {h}(self, {args})")
+        info = setup.info
+        cb = info.factory(info.config() if info.config is not None else None)
+        pm = pluggy.PluginManager("fewstep")
+        pm.add_hookspecs(hookspecs)
+        try:
+            pm.register(cb, name="callback-under-test")
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            fail(f"callback's hooks do not match core.hookspecs: {exc}",
+                 "name the methods fewstep_run_start, fewstep_log, ... with the spec's argument names")
+        found = [impl.name for impl in pm.get_hookcallers(cb) or []]
+        if not any(name.startswith("fewstep_") for name in found):
+            fail("callback implements no lifecycle hook", "decorate a method such as fewstep_log(self, trainer, "
+                 "record) with @core.hookimpl")
 
     rep.run("hooks", hooks)

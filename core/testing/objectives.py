@@ -9,7 +9,8 @@ import attrs
 import torch
 
 from core.config import TrainConfig
-from core.protocols import Context, Phase, SamplingSpec
+from core import hookimpl
+from core.protocols import Context, Phase, SamplingSpec, phase_losses
 
 from ._report import Report, _accepts, fail
 from ._setup import Setup
@@ -35,9 +36,9 @@ def _check_objective_protocol(setup: Setup, obj) -> None:
         if sig:
             fail(f"objective.{sig} cannot be called as {meth}({', '.join(args)})",
                  f"define {meth}(self{''.join(', ' + a for a in args)})")
-    if needs and getattr(factory, "default_critic", None) is not None:
-        setup.registry.get("critic", factory.default_critic)
-    extra = set(getattr(factory, "train_defaults", {}) or {}) - {f.name for f in attrs.fields(TrainConfig)}
+    if needs and setup.info.default_critic is not None:
+        setup.registry.get("critic", setup.info.default_critic)
+    extra = set(setup.info.train_defaults) - {f.name for f in attrs.fields(TrainConfig)}
     if extra:
         fail(f"train_defaults has unknown keys {sorted(extra)}", "use TrainConfig fields (python -m core.run help train=1)")
 
@@ -92,7 +93,7 @@ def _check_spec(setup: Setup, obj, student) -> None:
         other = obj.with_steps(spec, 2, student)
         if not isinstance(other, SamplingSpec):
             fail(f"with_steps() returned {type(other).__name__}", "return a SamplingSpec")
-    from core.sampling import generate
+    from core.generation import generate
 
     x = generate(student, spec, 8, None if not getattr(setup.teacher, "num_classes", 0) else
                  setup.teacher.encode_condition(torch.arange(8) % setup.teacher.num_classes),
@@ -120,7 +121,7 @@ def _check_loss_output(phase: str, out) -> None:
 
 def _reach(setup: Setup, phase: str) -> list[str]:
     """Which networks the phase's loss reaches with every network trainable (for messages)."""
-    from core.runner import Networks
+    from core.roles import Networks
 
     try:
         torch.manual_seed(0)
@@ -132,7 +133,7 @@ def _reach(setup: Setup, phase: str) -> list[str]:
         ctx = Context(networks.nets, {"x": x, "cond": cond}, 0, 16, setup.device)
         for p in networks.objective.phases():
             ctx.iteration = p.offset
-            loss, _ = networks.objective.loss(p.name, ctx)
+            loss, _ = next(phase_losses(networks.objective, p.name, ctx))
             if p.name == phase:
                 if loss.requires_grad:
                     loss.backward()
@@ -142,33 +143,29 @@ def _reach(setup: Setup, phase: str) -> list[str]:
     return []
 
 
-def _probe_trainer(Trainer):
-    class ProbeTrainer(Trainer):
-        """The real runner, watching each phase: its loss output, and which networks hold gradients
-        when its optimizer steps."""
+class _Probe:
+    """Watches each phase of a real run through the lifecycle hooks: its losses, and which networks hold
+    gradients when its optimizer steps."""
 
-        def build(self):
-            super().build()
-            self.probe = {p.name: {"calls": 0, "steps": 0, "reached": set()} for p in self.phases}
-            modules = {**self.networks.trainable, **_teacher_modules(self.teacher)}
-            loss_fn = self.objective.loss
+    def __init__(self):
+        self.probe: dict = {}
+        self.modules: dict = {}
 
-            def loss(phase, ctx):
-                out = loss_fn(phase, ctx)
-                _check_loss_output(phase, out)
-                self.probe[phase]["calls"] += 1
-                return out
+    @hookimpl
+    def fewstep_run_start(self, trainer, start):
+        self.probe = {p.name: {"calls": 0, "steps": 0, "reached": set()} for p in trainer.phases}
+        self.modules = {**trainer.networks.trainable, **_teacher_modules(trainer.teacher)}
 
-            self.objective.loss = loss
-            for name, opt in self.optimizers.items():
-                def step(*args, _step=opt.step, _rec=self.probe[name], **kwargs):
-                    _rec["steps"] += 1
-                    _rec["reached"] |= {n for n, m in modules.items() if any(q.grad is not None for q in _params(m))}
-                    return _step(*args, **kwargs)
+    @hookimpl
+    def fewstep_phase_loss(self, trainer, phase, loss, metrics):
+        _check_loss_output(phase.name, (loss, metrics))
+        self.probe[phase.name]["calls"] += 1
 
-                opt.step = step
-
-    return ProbeTrainer
+    @hookimpl
+    def fewstep_before_optimizer_step(self, trainer, phase, optimizer):
+        rec = self.probe[phase.name]
+        rec["steps"] += 1
+        rec["reached"] |= {n for n, m in self.modules.items() if any(q.grad is not None for q in _params(m))}
 
 
 def _state(trainer) -> dict:
@@ -183,15 +180,17 @@ def _state(trainer) -> dict:
 def _check_runs(setup: Setup, phases: list[Phase]) -> None:
     """A fresh run of T iterations under the probe, then the same run interrupted at T/2 and resumed:
     the two must end with identical weights."""
-    from core.runner import Trainer, load_run
+    from core.rundir import load_run
+    from core.runner import Trainer
 
     total = 2 * max(2, *[p.every for p in phases])
     cfg = setup.cfg
     fresh_cfg = attrs.evolve(cfg, train=attrs.evolve(cfg.train, steps=total), out=os.path.join(setup.env.tmp, "fresh"))
-    fresh = _probe_trainer(Trainer)(fresh_cfg, setup.registry, log=lambda m: None)
+    probe = _Probe()
+    fresh = Trainer(fresh_cfg, setup.registry, log=lambda m: None, plugins=[probe])
     fresh.train()
     by_name = {p.name: p for p in phases}
-    for name, rec in fresh.probe.items():
+    for name, rec in probe.probe.items():
         trains = set(by_name[name].trains)
         if rec["calls"] == 0:
             fail(f"phase '{name}' never ran in {total} iterations", "check every/offset")
@@ -234,7 +233,7 @@ def _check_runs(setup: Setup, phases: list[Phase]) -> None:
 
 
 def check_objective(setup: Setup, rep: Report) -> None:
-    from core.runner import Networks
+    from core.roles import Networks
 
     obj = setup.info.factory(setup.config_of("objective"))
     if rep.run("protocol", _check_objective_protocol, setup, obj) is Report.FAILED:

@@ -2,7 +2,8 @@
 **options)``; see ``core.protocols.Sampler``."""
 
 from core import hookimpl
-from plugins.samplers.basic import euler, multistep
+from core.generation import multistep
+from plugins.samplers.basic import euler
 
 
 @hookimpl

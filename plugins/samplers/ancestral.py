@@ -11,32 +11,16 @@ from __future__ import annotations
 
 import attrs
 import torch
-from torch import Tensor
 
 from core import hookimpl, ops
 from core.config import unit_interval
-from core.errors import UsageError
-from plugins.samplers.basic import one_call_per_step
+from core.generation import one_call_per_step
 
 
 @attrs.define(kw_only=True)
 class AncestralConfig:
     eta: float = attrs.field(default=1.0, validator=unit_interval,
                              metadata={"doc": "posterior noise: 1 ancestral (Alg. 1), 0 DDIM"})
-
-
-def fraction_grid(schedule, steps: int) -> Tensor:
-    """The paper's grid t = i/k, i = k..1 (plus the clean sentinel 0.0), in the schedule's units.
-
-    The paper's time runs over [0, 1]; other schedules map the fraction i/k through
-    ``schedule.t_from_fraction`` (Karras rho-spacing on EDM, linear in t on VP/flow, the timestep on
-    vp-discrete), so i/k = 1 is the schedule's noisiest trained time.
-    """
-    if steps < 1:
-        raise UsageError(f"ancestral sampling needs at least 1 step, got {steps}")
-    u = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
-    times = torch.as_tensor(schedule.t_from_fraction(u), dtype=torch.float64)
-    return torch.cat([times, times.new_zeros(1)])
 
 
 @torch.no_grad()

@@ -23,67 +23,7 @@ from torch import Tensor
 
 from core import hookimpl
 from core.errors import UsageError
-
-
-# -- shared pieces -----------------------------------------------------------------------------------
-def afs_x0(y: Tensor, s: float) -> Tensor:
-    """The x0 implied by AFS at VE level s: D = y - s * d with d = y / sqrt(1 + s^2) (AMED, SFD sec. 4)."""
-    return y * (1 - s / math.sqrt(1 + s * s))
-
-
-class PFODE:
-    """One solve's view of the ODE: per-timestamp alpha, VE sigma and lambda = -log s, and counted
-    denoiser calls in VE coordinates."""
-
-    def __init__(self, model, times, cond=None, guidance=None, model_kwargs=None, afs=False):
-        times = torch.as_tensor(times, dtype=torch.float64).flatten().cpu()
-        if times.numel() < 2 or not bool((times[:-1] > times[1:]).all()):
-            raise UsageError(f"sampler times must be a strictly decreasing grid of >= 2 values, got {times.tolist()}")
-        sched = model.schedule
-        self.model, self.cond, self.guidance, self.kwargs, self.afs = model, cond, guidance, model_kwargs or {}, afs
-        self.times = [float(t) for t in times]
-        self.alpha = [1.0 if t == 0 else float(sched.alpha(torch.tensor(t, dtype=torch.float64))) for t in self.times]
-        self.s = [0.0 if t == 0 else float(sched.sigma(torch.tensor(t, dtype=torch.float64))) / a
-                  for t, a in zip(self.times, self.alpha)]
-        self.lam = [math.inf if s == 0 else -math.log(s) for s in self.s]
-        self.n = len(self.times) - 1  # steps
-        self.nfe = 0
-
-    def start(self, noise: Tensor) -> Tensor:
-        """y at times[0]: s_0 * noise (x = sigma_0 * noise; the data term is neglected, as in ``basic.start``)."""
-        return noise * self.s[0]
-
-    def x(self, y: Tensor, i: int) -> Tensor:
-        return y * self.alpha[i]
-
-    def denoised(self, y: Tensor, i: int) -> Tensor:
-        """D at timestamp i (AFS's analytic estimate at i = 0 when on)."""
-        if i == 0 and self.afs:
-            return afs_x0(y, self.s[0])
-        self.nfe += 1
-        x = self.x(y, i)
-        tt = torch.full((x.shape[0],), self.times[i], dtype=torch.float64, device=x.device).to(
-            x.dtype if x.dtype == torch.float64 else torch.float32)
-        extra = {"guidance": self.guidance} if self.guidance is not None else {}
-        return self.model.denoise(x, tt, self.cond, **extra, **self.kwargs).to(y.dtype)
-
-    def euler(self, y: Tensor, d0: Tensor, i: int) -> Tensor:
-        """First-order step i -> i+1 (DDIM): y' = r y + (1 - r) D with r = s_{i+1} / s_i."""
-        r = self.s[i + 1] / self.s[i]
-        return r * y + (1 - r) * d0
-
-
-def _run(ode: PFODE, noise: Tensor, step, return_trajectory: bool, callback):
-    """The loop every solver shares: ``step(y, i) -> (y_next, denoised)``; the trajectory is in x space."""
-    y = ode.start(noise)
-    traj = [ode.x(y, 0)]
-    for i in range(ode.n):
-        y, d = step(y, i)
-        x = ode.x(y, i + 1)
-        if callback is not None:
-            callback({"x": x, "i": i, "t": ode.times[i], "denoised": d, "nfe": ode.nfe})
-        traj.append(x)
-    return (traj[-1], traj) if return_trajectory else traj[-1]
+from core.pfode import PFODE, integrate
 
 
 # -- solvers -------------------------------------------------------------------------------------------
@@ -92,7 +32,7 @@ def euler_afs(model, noise, times, cond=None, *, return_trajectory=False, guidan
               afs: bool = True, model_kwargs=None):
     """Euler (DDIM) whose first step is analytical (AFS; SFD's student sampler): NFE = steps - 1."""
     ode = PFODE(model, times, cond, guidance, model_kwargs, afs)
-    return _run(ode, noise, lambda y, i: (ode.euler(y, d := ode.denoised(y, i), i), d), return_trajectory, callback)
+    return integrate(ode, noise, lambda y, i: (ode.euler(y, d := ode.denoised(y, i), i), d), return_trajectory, callback)
 
 
 @torch.no_grad()
@@ -111,7 +51,7 @@ def heun(model, noise, times, cond=None, *, return_trajectory=False, guidance=No
         slope0, slope1 = (y - d0) / s0, (y1 - ode.denoised(y1, i + 1)) / s1
         return y + (s1 - s0) * 0.5 * (slope0 + slope1), d0
 
-    return _run(ode, noise, step, return_trajectory, callback)
+    return integrate(ode, noise, step, return_trajectory, callback)
 
 
 def _dpm_order(i: int, n: int, order: int, lower_order_final: bool, final_zero: bool) -> int:
@@ -166,7 +106,7 @@ def _dpmpp(model, noise, times, cond, return_trajectory, guidance, callback, afs
         phi3 = 0.5 * h * h - phi2
         return eh * y + phi1 * d0 + phi2 * a + (2 * phi3) * c, d
 
-    return _run(ode, noise, step, return_trajectory, callback)
+    return integrate(ode, noise, step, return_trajectory, callback)
 
 
 @torch.no_grad()
@@ -210,7 +150,7 @@ def ipndm(model, noise, times, cond=None, *, return_trajectory=False, guidance=N
         direction = sum(c * g for c, g in zip(coef, reversed(slopes)))
         return y + (ode.s[i + 1] - ode.s[i]) * direction, d
 
-    return _run(ode, noise, step, return_trajectory, callback)
+    return integrate(ode, noise, step, return_trajectory, callback)
 
 
 # -- registration ----------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""The one-command GPU suite (issue 15): kernel tests, fused ops vs eager vs torch.compile, and the full-size
+SDXL-architecture DMD2 iteration in each memory mode, with a baseline timed in the same run.
+
+Device command (the lent machine; ``.whl`` holds the wheels the image lacks, see docs/benchmarks.md)::
+
+    run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
+
+``make gpu-check`` does the same (``PY=python3`` by default). Output: ``benchmarks/results/gpu-<device>.json``
+and ``.md`` (a markdown table), copied into ``$OUT`` when that is set; both are rewritten after every
+section, so a run cut short still leaves what it measured. Each section has a time budget (total about
+6 minutes on one H100); a section that fails records its error and the next one runs.
+
+    python3 benchmarks/gpu_check.py [--tiny] [--out DIR] [--budget SECONDS]
+
+``--tiny`` runs the same script end to end on CPU at tiny sizes, the kernels under TRITON_INTERPRET=1
+(tests/test_gpu_check.py runs it). The repo need not be pip-installed: everything is imported directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "--tiny" in sys.argv
+if TINY:  # the interpreter must be chosen before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["FEWSTEP_KERNELS"] = "triton"
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80}  # seconds per section, in the order they run
+TOTAL = 345  # seconds for all three (the lent machine's start and the wheel install come on top)
+OP_SIZES = {"sdxl-b1": (1, 4, 128, 128), "sdxl-b4": (4, 4, 128, 128), "large": (32, 16, 256, 256)}
+TINY_OP_SIZES = {"tiny-b4": (4, 4, 8, 8)}
+TINY_OPS = ("guided_x0", "add_fresh_noise", "dmd_loss")  # forward, one that cannot compile dynamic, a loss
+KERNEL_TEST_FILTER_TINY = "block1024 and (dmd_fp16 or factors_with_any_stride and strided)"
+
+
+class Clock:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+# --------------------------------------------------------------------------- a. kernel tests
+
+
+def kernel_tests(clock: Clock) -> dict:
+    """tests/test_kernels.py with compiled kernels on the GPU (interpreted on CPU with --tiny), in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider",
+           "-p", "no:xdist", "-rfE"]
+    if TINY:
+        env.update(TRITON_INTERPRET="1", FEWSTEP_TEST_DEVICE="cpu")
+        cmd += ["-k", KERNEL_TEST_FILTER_TINY]
+    else:  # tests/conftest.py sets TRITON_INTERPRET=1 unless it is set: "0" keeps the compiler
+        env.update(TRITON_INTERPRET="0", FEWSTEP_TEST_DEVICE="cuda")
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=max(clock.left(), 5))
+        out, status = proc.stdout + proc.stderr, ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        status = "timeout (counts are of the tests that finished)"
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", out)}
+    if "passed" not in counts:  # no summary line (timeout): count the progress characters
+        progress = "".join(line for line in out.splitlines() if re.fullmatch(r"[.FEsx]+( +\[ *\d+%\])?", line))
+        counts = {"passed": progress.count("."), "failed": progress.count("F"), "errors": progress.count("E")}
+    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
+    return {"status": status, "counts": counts, "failures": failures, "tail": out[-1500:]}
+
+
+# --------------------------------------------------------------------------- b. fused ops
+
+
+def _timer(device, warmup: int, reps: int):
+    def time_it(fn) -> float:
+        """Median seconds of one call, after warm-up (compilation, allocator)."""
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+        return sorted(samples)[len(samples) // 2]
+
+    return time_it
+
+
+def ops_bench(clock: Clock, device) -> dict:
+    """Each case of benchmarks/bench_kernels.py: eager reference, torch.compile of it, core.ops (fused), and
+    torch.compile around core.ops (the custom ops are opaque to Inductor: does compiling around them pay?)."""
+    import bench_kernels
+
+    bench_kernels.DEVICE = device.type
+    backend = "aot_eager" if TINY else "inductor"  # Inductor's C++ build is minutes on a small CPU
+    time_it = _timer(device, *((1, 1) if TINY else (3, 20)))
+    rows, dynamic = [], {}
+
+    def measure(case, shape, fn) -> float:
+        torch.manual_seed(0)
+        inputs = case.inputs(shape)
+        leaf = inputs.get(case.backward) if case.backward else None
+
+        def call():
+            out = fn(**inputs)
+            if leaf is not None:
+                out.backward()
+                leaf.grad = None
+
+        return time_it(call)
+
+    for size, shape in (TINY_OP_SIZES if TINY else OP_SIZES).items():
+        for case in [c for c in bench_kernels.CASES if not TINY or c.name in TINY_OPS]:
+            variants = {"eager": case.eager, "compiled": case.eager, "fused": case.fused, "fused+compiled": case.fused}
+            row = {"op": case.name, "size": size, "shape": list(shape),
+                   "mode": "forward+backward" if case.backward else "forward", "ms": {}, "gb_per_s": {}}
+            for variant, fn in variants.items():
+                if clock.left() < 2:
+                    row["ms"][variant] = "skipped: time budget"
+                    continue
+                key = (case.name, variant)
+                try:
+                    if "compiled" in variant:
+                        # dynamic shapes: one compile serves every size (compiles dominate this section)
+                        if dynamic.get(key, True):
+                            dynamic.setdefault(key, torch.compile(fn, backend=backend, dynamic=True))
+                            try:
+                                seconds = measure(case, shape, dynamic[key])
+                            except Exception:  # e.g. randn of a symbolic shape: one static compile per size
+                                dynamic[key] = False
+                        if not dynamic[key]:
+                            seconds = measure(case, shape, torch.compile(fn, backend=backend, dynamic=False))
+                    else:
+                        seconds = measure(case, shape, fn)
+                    nbytes = case.tensors_moved * torch.Size(shape).numel() * 4
+                    row["ms"][variant], row["gb_per_s"][variant] = seconds * 1e3, nbytes / seconds / 1e9
+                except Exception as e:  # one failing variant does not stop the table
+                    row["ms"][variant] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            eager, fused = row["ms"].get("eager"), row["ms"].get("fused")
+            if all(isinstance(v, float) for v in (eager, fused)):
+                row["fused_speedup_over_eager"] = eager / fused
+                if isinstance(row["ms"].get("compiled"), float):
+                    row["fused_speedup_over_compiled"] = row["ms"]["compiled"] / fused
+            rows.append(row)
+    return {"status": "ok", "dtype": "float32", "backend": backend, "rows": rows}
+
+
+# --------------------------------------------------------------------------- c. DMD2 iteration
+
+
+def dmd2_bench(clock: Clock, device) -> dict:
+    import dmd2_iteration as it
+
+    config = it.TINY_CONFIG if TINY else it.sdxl_config()
+    plan = [("shared", 1, True), ("baseline-lora", 1, True), ("baseline-full", 1, True), ("shared", 1, False),
+            ("shared", 2, True), ("baseline-lora", 2, True)]
+    if TINY:
+        plan = plan[:3]
+    need = 2 if TINY else 30  # seconds a mode needs at least (build, warm-up, 3 iterations)
+    results, flops = [], {}
+    for name, batch, ckpt in plan:
+        entry = dict(mode=name, batch=batch, checkpointing=ckpt)
+        if clock.left() < need:
+            results.append({**entry, "status": "skipped: time budget"})
+            continue
+        try:
+            results.append(it.run_mode(name, config, batch, device, iterations=1 if TINY else 3, checkpointing=ckpt,
+                                       forward_flops=flops))
+        except torch.cuda.OutOfMemoryError as e:
+            results.append({**entry, "status": "does not fit", "error": str(e).split("\n")[0][:300],
+                            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30})
+        except Exception as e:
+            results.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
+                            "traceback": traceback.format_exc()[-1500:]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    timed = {(r["mode"], r["batch"], r["checkpointing"]): r["seconds_per_iteration"] for r in results
+             if r["status"] == "ok"}
+    speedups = {}
+    for (mode, batch, ckpt), seconds in timed.items():
+        shared = timed.get(("shared", batch, ckpt))
+        if mode != "shared" and shared:
+            speedups[f"{mode} / shared (batch {batch}, checkpointing {ckpt})"] = seconds / shared
+    return {"status": "ok", "resolution": config["sample_size"] * 8,
+            "unet": "tiny" if TINY else "SDXL (random weights)",
+            "guidance": it.GUIDANCE, "lora": it.LORA, "peak_bf16_flops": it.peak_flops(device), "modes": results,
+            "speedup": speedups}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(v, digits=3):
+    """A table cell: floats to 3 significant digits, text on one line without the table's separator."""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return "" if v is None else " ".join(str(v).split()).replace("|", "/")[:160]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, triton {report['triton']}, "
+             f"diffusers {report['diffusers']}, {report['started']}{' (--tiny, CPU)' if TINY else ''}", ""]
+    kt = report["sections"].get("kernel_tests")
+    if kt:
+        lines += ["## Kernel tests (tests/test_kernels.py)", "", f"status: {kt.get('status')}, counts: "
+                  f"{kt.get('counts', {})}", *[f"- {f}" for f in kt.get("failures", [])], ""]
+    ob = report["sections"].get("ops")
+    if ob and ob.get("rows"):
+        lines += ["## Fused ops (fp32; ms and achieved GB/s of compulsory traffic)", "",
+                  "| op | mode | size | eager | compiled | fused | fused+compiled | fused vs eager "
+                  "| fused vs compiled |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in ob["rows"]:
+            ms, rate = r["ms"], r["gb_per_s"]
+            cells = [f"{_fmt(ms[v])} ms ({_fmt(rate[v])} GB/s)" if isinstance(ms.get(v), float) else _fmt(ms.get(v))
+                     for v in ("eager", "compiled", "fused", "fused+compiled")]
+            ratios = [f"{_fmt(r.get(k))}x" for k in ("fused_speedup_over_eager", "fused_speedup_over_compiled")]
+            lines.append(f"| {r['op']} | {r['mode']} | {r['size']} | " + " | ".join(cells + ratios) + " |")
+        lines.append("")
+    dm = report["sections"].get("dmd2")
+    if dm and dm.get("modes"):
+        lines += [f"## DMD2 iteration, {dm['unet']} UNet at {dm['resolution']} px (generator + critic step)", "",
+                  "| mode | batch | checkpointing | status | s / iteration | peak GiB | model TFLOP / it | TFLOP/s "
+                  "| MFU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in dm["modes"]:
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['checkpointing']} | {r['status']} | "
+                         f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('peak_memory_gib'))} | "
+                         f"{_fmt(r.get('model_tflop_per_iteration'))} | {_fmt(r.get('achieved_tflops'))} | "
+                         f"{_fmt(r.get('mfu'))} |")
+        lines += ["", *[f"- speed-up {k}: {v:.2f}x" for k, v in dm.get("speedup", {}).items()],
+                  *[f"- {r['mode']} (batch {r['batch']}): {_fmt(r['error'])}" for r in dm["modes"] if "error" in r], ""]
+    for name, section in report["sections"].items():
+        if section.get("status") not in ("ok", None) and "error" in section:
+            lines += [f"## {name}: {section['status']}", "", "    " + section["error"], ""]
+    return "\n".join(lines)
+
+
+def write(report: dict, out_dir: Path) -> list[Path]:
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-") + ("-tiny" if TINY else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"gpu-{slug}.json", out_dir / f"gpu-{slug}.md"]
+    paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(report) + "\n")
+    if os.environ.get("OUT"):
+        for p in paths:
+            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes, kernels interpreted")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--budget", type=float, default=1.0, help="scale every section's time budget")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        print("fewstep: error: no CUDA device; run with --tiny for the CPU version", file=sys.stderr)
+        return 2
+    if args.tiny:
+        torch.set_num_threads(1)
+
+    def version(name):
+        try:
+            return __import__(name).__version__
+        except Exception:
+            return "not installed"
+
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": version("triton"), "diffusers": version("diffusers"),
+              "peft": version("peft"), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tiny": args.tiny,
+              "sections": {}}
+    # the headline first; the kernel tests run in their own process, so a CUDA fault there harms nothing else
+    sections = [("dmd2", lambda c: dmd2_bench(c, device)), ("ops", lambda c: ops_bench(c, device)),
+                ("kernel_tests", lambda c: kernel_tests(c))]
+    total = Clock(TOTAL * args.budget)
+    for name, run in sections:
+        start = time.monotonic()
+        print(f"gpu-check: {name} ...", flush=True)
+        try:
+            result = run(Clock(min(BUDGET[name] * args.budget, total.left())))
+        except Exception as e:  # record and go on to the next section
+            result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500],
+                      "traceback": traceback.format_exc()[-2000:]}
+        result["seconds"] = time.monotonic() - start
+        report["sections"][name] = result
+        paths = write(report, args.out)
+        print(f"gpu-check: {name} {result['status']} in {result['seconds']:.0f} s", flush=True)
+        gc.collect()
+    print(markdown(report))
+    print("written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
