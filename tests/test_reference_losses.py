@@ -162,3 +162,9 @@ def test_dmd2_fake_score_loss_and_weight(schedule, float64_default):
     lam = 1 / sigma_ve**2 + 1 / sd**2
     want = (lam * (call["out"] - x).square().mean(1)).mean()
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+
+
+def test_denoise_has_one_phase_on_the_student_at_its_lr():
+    """The phase name keys the optimizer state in checkpoints and the logged metrics (denoiser/loss)."""
+    (phase,) = _objective("denoise", lr=3e-3).phases()
+    assert (phase.name, phase.trains, phase.lr, phase.every, phase.repeats) == ("denoiser", ("student",), 3e-3, 1, 1)
