@@ -113,13 +113,19 @@ def test_denoise_draws_reproduce_from_the_seed():
 
 
 def test_denoise_without_labels_or_dropout():
-    obj = _objective("denoise", label_dropout=0.0)
+    """No labels (at any dropout) or no dropout: the labels pass unchanged and no coin is drawn for them."""
     net = RecordingNet(make_schedule("edm"), 2, seed=3)
     x0 = torch.randn(32, 2, dtype=torch.float64)
     labels = torch.randint(0, 4, (32,))
-    obj.loss("denoiser", Context({"student": net}, {"x": x0, "cond": labels}, 0, 32, "cpu"))
-    obj.loss("denoiser", Context({"student": net}, {"x": x0, "cond": None}, 0, 32, "cpu"))
-    assert torch.equal(net.calls[0]["cond"], labels) and net.calls[1]["cond"] is None
+    for dropout, cond in ((0.0, labels), (0.0, None), (0.1, None)):
+        torch.manual_seed(5)
+        _objective("denoise", label_dropout=dropout).loss("denoiser", Context({"student": net}, {"x": x0, "cond": cond},
+                                                                              0, 32, "cpu"))
+        torch.manual_seed(5)
+        sigma = torch.exp(-1.2 + 1.2 * torch.randn(32, dtype=torch.float64))  # the first draw is the sigma draw
+        call = net.calls[-1]
+        assert (call["cond"] is None) if cond is None else torch.equal(call["cond"], labels)
+        torch.testing.assert_close(call["t"], sigma, rtol=1e-14, atol=0)
 
 
 # -- DMD2's fake-score (critic) loss ---------------------------------------------------------------------
