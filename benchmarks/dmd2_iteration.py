@@ -133,12 +133,16 @@ def _adamw(params, device):
 # --------------------------------------------------------------------------- the modes
 
 
-def baseline_step(config: dict, pb: Problem, *, lora_student: bool, checkpointing: bool):
+def baseline_step(config: dict, pb: Problem, *, lora_student: bool, checkpointing: bool,
+                  channels_last: bool = False):
     """The official DMD2 code's shape: three UNets, eager torch, separate CFG passes."""
     dev = pb.device
     teacher = build_unet(config, dev, torch.bfloat16).requires_grad_(False).eval()
     student, critic = build_unet(config, dev, torch.float32), build_unet(config, dev, torch.float32)
     student_params = add_student_lora(student) if lora_student else list(student.parameters())
+    if channels_last:
+        for net in (teacher, student, critic):
+            net.to(memory_format=torch.channels_last)
     for net in (student, critic):
         net.train()
         if checkpointing:
@@ -182,8 +186,13 @@ def baseline_step(config: dict, pb: Problem, *, lora_student: bool, checkpointin
     return step, forward
 
 
-def shared_step(config: dict, pb: Problem, *, checkpointing: bool):
-    """One bf16 UNet, two LoRA adapters, batched CFG, fused ops."""
+def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last: bool = False,
+                lora_input_cast: bool = False):
+    """One bf16 UNet, two LoRA adapters, batched CFG, fused ops.
+
+    lora_input_cast=True keeps peft's cast of each adapted layer's input to the fp32 adapter dtype, which
+    ``SharedBase`` skips under autocast (two launches per adapted layer, 788 in SDXL, that change nothing):
+    the row that measures what skipping it saves."""
     from core import ops
     from plugins.diffusers.shared_base import SharedBase
 
@@ -192,6 +201,10 @@ def shared_step(config: dict, pb: Problem, *, checkpointing: bool):
     shared.unet.train()
     if checkpointing:
         shared.unet.enable_gradient_checkpointing()
+    if channels_last:
+        shared.unet.to(memory_format=torch.channels_last)
+    if lora_input_cast:
+        shared._cast_adapter_inputs = lambda enabled: None  # peft's cast stays on, as before SharedBase skipped it
     opt_g, opt_c = (_adamw(shared.adapter_parameters(r), dev) for r in ("student", "critic"))
     a_T, s_T = pb.alpha[pb.t_gen], pb.sigma[pb.t_gen]
     both = _cat(pb.cond, pb.uncond)
@@ -244,43 +257,96 @@ def _sync(device):
 
 
 def run_mode(name: str, config: dict, batch: int, device: torch.device, *, iterations: int = 3,
-             checkpointing: bool = True, forward_flops: dict | None = None) -> dict:
+             checkpointing: bool = True, forward_flops: dict | None = None, cudnn_benchmark: bool = False,
+             channels_last: bool = False, lora_input_cast: bool = False, profile: bool = False) -> dict:
     """Build, warm up, time ``iterations`` iterations; seconds (median), peak memory, model FLOPs, MFU.
 
-    forward_flops caches the counted forward FLOPs per batch size across modes (same architecture)."""
+    forward_flops caches the counted forward FLOPs per batch size across modes (same architecture).
+    profile: one more iteration under torch.profiler, summarised by ``profile_summary``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    pb = Problem(config, batch, device)
-    start = time.perf_counter()
-    if name == "shared":
-        step, forward = shared_step(config, pb, checkpointing=checkpointing)
-    else:
-        step, forward = baseline_step(config, pb, lora_student=name == "baseline-lora", checkpointing=checkpointing)
-    _sync(device)
-    build_s = time.perf_counter() - start
-    cache = {} if forward_flops is None else forward_flops
-    if batch not in cache:
-        with FlopCounterMode(display=False) as counter:
-            forward()
-        cache[batch] = float(counter.get_total_flops())
-    step()  # warm-up: allocator, kernels' compilation, optimizer state
-    _sync(device)
-    times = []
-    for _ in range(iterations):
+    benchmark_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        pb = Problem(config, batch, device)
         start = time.perf_counter()
-        step()
+        if name == "shared":
+            step, forward = shared_step(config, pb, checkpointing=checkpointing, channels_last=channels_last,
+                                        lora_input_cast=lora_input_cast)
+        else:
+            step, forward = baseline_step(config, pb, lora_student=name == "baseline-lora",
+                                          checkpointing=checkpointing, channels_last=channels_last)
         _sync(device)
-        times.append(time.perf_counter() - start)
+        build_s = time.perf_counter() - start
+        cache = {} if forward_flops is None else forward_flops
+        if batch not in cache:
+            with FlopCounterMode(display=False) as counter:
+                forward()
+            cache[batch] = float(counter.get_total_flops())
+        step()  # warm-up: allocator, kernels' compilation, optimizer state, cuDNN's search when benchmarking
+        _sync(device)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        profiled = None
+        if profile:
+            try:
+                profiled = profile_summary(step, device)
+            except Exception as e:  # the timing above still counts
+                profiled = {"error": f"{type(e).__name__}: {e}"[:300]}
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
     seconds = sorted(times)[len(times) // 2]
     flops = model_flops(cache[batch], student_full=name == "baseline-full", critic_full=name != "shared")
     peak = peak_flops(device)
-    return dict(mode=name, batch=batch, checkpointing=checkpointing, status="ok", seconds_per_iteration=seconds,
-                iteration_times=times, build_seconds=build_s,
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                forward_tflop=cache[batch] / 1e12, model_tflop_per_iteration=flops["total"] / 1e12,
-                passes_in_forwards=flops["passes_in_forwards"],
-                achieved_tflops=flops["total"] / seconds / 1e12,
-                mfu=flops["total"] / seconds / peak if peak else None)
+    result = dict(mode=name, batch=batch, checkpointing=checkpointing, status="ok", seconds_per_iteration=seconds,
+                  options=dict(cudnn_benchmark=cudnn_benchmark, channels_last=channels_last,
+                               lora_input_cast=lora_input_cast),
+                  iteration_times=times, build_seconds=build_s,
+                  peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                  forward_tflop=cache[batch] / 1e12, model_tflop_per_iteration=flops["total"] / 1e12,
+                  passes_in_forwards=flops["passes_in_forwards"],
+                  achieved_tflops=flops["total"] / seconds / 1e12,
+                  mfu=flops["total"] / seconds / peak if peak else None)
+    if profiled:
+        result["profile"] = profiled
+    return result
+
+
+def profile_summary(step, device: torch.device) -> dict:
+    """One iteration under torch.profiler: wall time, summed self CPU and self GPU time, the number of aten
+    calls, and key_averages tables (top 20 by GPU time, top 10 by CPU time). GPU time far below the wall
+    time with CPU time near it means the iteration waits on the host launching kernels, not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def total(attr):
+        return sum(getattr(e, attr, 0) or 0 for e in averages) / 1e6
+
+    def table(sort_by, rows):
+        for key in (sort_by, sort_by.replace("device", "cuda")):
+            try:
+                return averages.table(sort_by=key, row_limit=rows, max_name_column_width=55)
+            except (AttributeError, KeyError, ValueError):
+                continue
+        return "unavailable"
+
+    gpu_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return dict(wall_seconds=wall, self_cpu_seconds=total("self_cpu_time_total"),
+                self_gpu_seconds=(total("self_device_time_total") or total("self_cuda_time_total")) if cuda else None,
+                aten_calls=sum(e.count for e in averages if e.key.startswith("aten::")),
+                top_gpu=table(gpu_key, 20), top_cpu=table("self_cpu_time_total", 10))

@@ -5,12 +5,20 @@ Device command (the lent machine; ``.whl`` holds the wheels the image lacks, see
 
     run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
 
+The short rerun (about 200 s of command time, rows saved as they finish: the kernel tests with each
+failure's message, then the DMD2 rows at batch 1 with one profiled shared iteration and the cuDNN-benchmark
+/ channels-last / peft-input-cast rows), written as ``gpu-<device>-rerun.json`` / ``.md`` so the full
+run's files stay as they are::
+
+    run(command="bash benchmarks/gpu_check.sh --sections kernel_tests,dmd2 --quick", carry=[".whl"],
+        timeout_s=220)
+
 ``make gpu-check`` does the same (``PY=python3`` by default). Output: ``benchmarks/results/gpu-<device>.json``
 and ``.md`` (a markdown table), copied into ``$OUT`` when that is set; both are rewritten after every
 section, so a run cut short still leaves what it measured. Each section has a time budget (total about
 6 minutes on one H100); a section that fails records its error and the next one runs.
 
-    python3 benchmarks/gpu_check.py [--tiny] [--out DIR] [--budget SECONDS]
+    python3 benchmarks/gpu_check.py [--tiny] [--quick] [--sections a,b] [--out DIR] [--budget SCALE]
 
 ``--tiny`` runs the same script end to end on CPU at tiny sizes, the kernels under TRITON_INTERPRET=1
 (tests/test_gpu_check.py runs it). The repo need not be pip-installed: everything is imported directly.
@@ -32,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "--tiny" in sys.argv
+QUICK = "--quick" in sys.argv
 if TINY:  # the interpreter must be chosen before anything imports triton
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["FEWSTEP_KERNELS"] = "triton"
@@ -41,6 +50,8 @@ import torch  # noqa: E402
 
 BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80}  # seconds per section, in the order they run
 TOTAL = 345  # seconds for all three (the lent machine's start and the wheel install come on top)
+QUICK_BUDGET = {"kernel_tests": 65, "dmd2": 110}  # --quick: kernel tests first (their messages), then DMD2
+QUICK_TOTAL = 175  # a row started in time may run ~20 s over; the wheel install and imports come on top
 OP_SIZES = {"sdxl-b1": (1, 4, 128, 128), "sdxl-b4": (4, 4, 128, 128), "large": (32, 16, 256, 256)}
 TINY_OP_SIZES = {"tiny-b4": (4, 4, 8, 8)}
 TINY_OPS = ("guided_x0", "add_fresh_noise", "dmd_loss")  # forward, one that cannot compile dynamic, a loss
@@ -63,7 +74,8 @@ def kernel_tests(clock: Clock) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider",
-           "-p", "no:xdist", "-rfE"]
+           "-p", "no:xdist", "-rfE", "--tb=short"]
+    env["COLUMNS"] = "400"  # the summary line keeps each failure's message
     if TINY:
         env.update(TRITON_INTERPRET="1", FEWSTEP_TEST_DEVICE="cpu")
         cmd += ["-k", KERNEL_TEST_FILTER_TINY]
@@ -79,8 +91,10 @@ def kernel_tests(clock: Clock) -> dict:
     if "passed" not in counts:  # no summary line (timeout): count the progress characters
         progress = "".join(line for line in out.splitlines() if re.fullmatch(r"[.FEsx]+( +\[ *\d+%\])?", line))
         counts = {"passed": progress.count("."), "failed": progress.count("F"), "errors": progress.count("E")}
-    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
-    return {"status": status, "counts": counts, "failures": failures, "tail": out[-1500:]}
+    failures = [line[:400] for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))][:20]
+    tracebacks = re.search(r"^=+ (?:FAILURES|ERRORS) =+$(.*?)^=+ short test summary", out, re.M | re.S)
+    return {"status": status, "counts": counts, "failures": failures, "tail": out[-1500:],
+            "tracebacks": tracebacks.group(1).strip()[:12000] if tracebacks else ""}
 
 
 # --------------------------------------------------------------------------- b. fused ops
@@ -171,24 +185,36 @@ def ops_bench(clock: Clock, device) -> dict:
 # --------------------------------------------------------------------------- c. DMD2 iteration
 
 
-def dmd2_bench(clock: Clock, device) -> dict:
+PLAIN = {"cudnn_benchmark": False, "channels_last": False, "lora_input_cast": False}  # the speed-ups compare these
+QUICK_PLAN = [  # (mode, batch, checkpointing, options): the profiled row first, the cuDNN search last
+    ("shared", 1, False, {"profile": True}), ("baseline-full", 1, True, {}), ("shared", 1, True, {}),
+    ("baseline-lora", 1, True, {}), ("shared", 1, False, {"lora_input_cast": True}),
+    ("shared", 1, False, {"cudnn_benchmark": True, "channels_last": True})]
+
+
+def dmd2_bench(clock: Clock, device, save=lambda partial: None) -> dict:
+    """The plan's rows in order; ``save`` gets the section so far after each row (a cut-short run keeps them)."""
     import dmd2_iteration as it
 
     config = it.TINY_CONFIG if TINY else it.sdxl_config()
-    plan = [("shared", 1, True), ("baseline-lora", 1, True), ("baseline-full", 1, True), ("shared", 1, False),
-            ("shared", 2, True), ("baseline-lora", 2, True)]
+    plan = [("shared", 1, True, {}), ("baseline-lora", 1, True, {}), ("baseline-full", 1, True, {}),
+            ("shared", 1, False, {}), ("shared", 2, True, {}), ("baseline-lora", 2, True, {})]
+    if QUICK:
+        plan = QUICK_PLAN
     if TINY:
-        plan = plan[:3]
-    need = 2 if TINY else 30  # seconds a mode needs at least (build, warm-up, 3 iterations)
+        plan = plan[:3] if not QUICK else [p for p in plan if p[0] == "shared"]
+    need = 2 if TINY else 20 if QUICK else 30  # seconds a mode needs at least (build, warm-up, iterations)
     results, flops = [], {}
-    for name, batch, ckpt in plan:
-        entry = dict(mode=name, batch=batch, checkpointing=ckpt)
+    section = {"status": "running", "resolution": config["sample_size"] * 8,
+               "unet": "tiny" if TINY else "SDXL (random weights)", "modes": results}
+    for name, batch, ckpt, options in plan:
+        entry = dict(mode=name, batch=batch, checkpointing=ckpt, options=options)
         if clock.left() < need:
             results.append({**entry, "status": "skipped: time budget"})
             continue
         try:
-            results.append(it.run_mode(name, config, batch, device, iterations=1 if TINY else 3, checkpointing=ckpt,
-                                       forward_flops=flops))
+            results.append(it.run_mode(name, config, batch, device, iterations=1 if TINY else 2 if QUICK else 3,
+                                       checkpointing=ckpt, forward_flops=flops, **options))
         except torch.cuda.OutOfMemoryError as e:
             results.append({**entry, "status": "does not fit", "error": str(e).split("\n")[0][:300],
                             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30})
@@ -198,8 +224,9 @@ def dmd2_bench(clock: Clock, device) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save(section)
     timed = {(r["mode"], r["batch"], r["checkpointing"]): r["seconds_per_iteration"] for r in results
-             if r["status"] == "ok"}
+             if r["status"] == "ok" and r.get("options") == PLAIN}
     speedups = {}
     for (mode, batch, ckpt), seconds in timed.items():
         shared = timed.get(("shared", batch, ckpt))
@@ -244,16 +271,27 @@ def markdown(report: dict) -> str:
     dm = report["sections"].get("dmd2")
     if dm and dm.get("modes"):
         lines += [f"## DMD2 iteration, {dm['unet']} UNet at {dm['resolution']} px (generator + critic step)", "",
-                  "| mode | batch | checkpointing | status | s / iteration | peak GiB | model TFLOP / it | TFLOP/s "
-                  "| MFU |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| mode | batch | checkpointing | options | status | s / iteration | peak GiB | model TFLOP / it "
+                  "| TFLOP/s | MFU |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in dm["modes"]:
-            lines.append(f"| {r['mode']} | {r['batch']} | {r['checkpointing']} | {r['status']} | "
+            options = ", ".join(k for k, v in r.get("options", {}).items() if v != PLAIN.get(k, False)
+                                ) or "-"
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['checkpointing']} | {options} | {r['status']} | "
                          f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('peak_memory_gib'))} | "
                          f"{_fmt(r.get('model_tflop_per_iteration'))} | {_fmt(r.get('achieved_tflops'))} | "
                          f"{_fmt(r.get('mfu'))} |")
         lines += ["", *[f"- speed-up {k}: {v:.2f}x" for k, v in dm.get("speedup", {}).items()],
                   *[f"- {r['mode']} (batch {r['batch']}): {_fmt(r['error'])}" for r in dm["modes"] if "error" in r], ""]
+        for r in dm["modes"]:
+            if "profile" in r and "error" in r["profile"]:
+                lines += [f"- profile failed: {_fmt(r['profile']['error'])}", ""]
+            elif "profile" in r:
+                p = r["profile"]
+                lines += [f"### Profile: one {r['mode']} iteration, batch {r['batch']}, checkpointing "
+                          f"{r['checkpointing']}", "", f"wall {_fmt(p['wall_seconds'])} s under the profiler, self CPU "
+                          f"{_fmt(p['self_cpu_seconds'])} s, self GPU {_fmt(p['self_gpu_seconds'])} s, "
+                          f"{p['aten_calls']} aten calls", "", "```", p["top_gpu"], p["top_cpu"], "```", ""]
     for name, section in report["sections"].items():
         if section.get("status") not in ("ok", None) and "error" in section:
             lines += [f"## {name}: {section['status']}", "", "    " + section["error"], ""]
@@ -261,7 +299,8 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out_dir: Path) -> list[Path]:
-    slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-") + ("-tiny" if TINY else "")
+    slug = (re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-") + ("-tiny" if TINY else "")
+            + ("-rerun" if QUICK else ""))  # --quick never overwrites a full run's files
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"gpu-{slug}.json", out_dir / f"gpu-{slug}.md"]
     paths[0].write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -277,7 +316,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes, kernels interpreted")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--budget", type=float, default=1.0, help="scale every section's time budget")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short rerun: kernel tests first, DMD2 at batch 1 with a profile (files *-rerun.*)")
+    parser.add_argument("--sections", default="dmd2,ops,kernel_tests",
+                        help="comma-separated subset of dmd2, ops, kernel_tests (run in the mode's order)")
     args = parser.parse_args(argv)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := [s for s in wanted if s not in BUDGET]:
+        print(f"fewstep: error: unknown section {unknown[0]!r}; choose from {', '.join(BUDGET)}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if device.type == "cpu" and not args.tiny:
         print("fewstep: error: no CUDA device; run with --tiny for the CPU version", file=sys.stderr)
@@ -296,19 +343,29 @@ def main(argv=None) -> int:
               "peft": version("peft"), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tiny": args.tiny,
               "sections": {}}
     # the headline first; the kernel tests run in their own process, so a CUDA fault there harms nothing else
-    sections = [("dmd2", lambda c: dmd2_bench(c, device)), ("ops", lambda c: ops_bench(c, device)),
-                ("kernel_tests", lambda c: kernel_tests(c))]
-    total = Clock(TOTAL * args.budget)
-    for name, run in sections:
+    # --quick: the kernel tests' messages first (one minute), then the DMD2 rows, each saved as it finishes
+
+    def save_dmd2(partial):
+        report["sections"]["dmd2"] = partial
+        write(report, args.out)
+
+    runs = {"dmd2": lambda c: dmd2_bench(c, device, save_dmd2), "ops": lambda c: ops_bench(c, device),
+            "kernel_tests": lambda c: kernel_tests(c)}
+    order = ["kernel_tests", "dmd2", "ops"] if args.quick else ["dmd2", "ops", "kernel_tests"]
+    budgets = QUICK_BUDGET if args.quick else BUDGET
+    total = Clock((QUICK_TOTAL if args.quick else TOTAL) * args.budget)
+    paths = []
+    for name in [n for n in order if n in wanted]:
         start = time.monotonic()
         print(f"gpu-check: {name} ...", flush=True)
         try:
-            result = run(Clock(min(BUDGET[name] * args.budget, total.left())))
+            result = runs[name](Clock(min(budgets.get(name, BUDGET[name]) * args.budget, total.left())))
         except Exception as e:  # record and go on to the next section
             result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:500],
                       "traceback": traceback.format_exc()[-2000:]}
         result["seconds"] = time.monotonic() - start
         report["sections"][name] = result
+        report["mode"] = "quick" if args.quick else "full"
         paths = write(report, args.out)
         print(f"gpu-check: {name} {result['status']} in {result['seconds']:.0f} s", flush=True)
         gc.collect()

@@ -21,7 +21,11 @@ import posixpath
 
 import torch
 
-from core.files import exists, join, load_tensors, read_json, save_tensors, url_to_fs, write_json
+from core.errors import CheckpointError
+from core.files import exists, join, load_tensors, makedirs, read_json, save_tensors, url_to_fs, write_json
+
+MISMATCH_FIX = ("resume with the run's own settings (config=RUN/config.yaml), "
+                "or start afresh with another out=")
 
 
 # -- optimizer state <-> (tensors, json) -----------------------------------------------------------
@@ -46,6 +50,43 @@ def unflatten_optimizer(structure: dict, tensors: dict) -> dict:
     return {"state": state, "param_groups": structure["param_groups"]}
 
 
+def _differences(expected: dict[str, tuple], found: dict[str, tuple], limit: int = 3) -> list[str]:
+    diffs = [f"{k}: shape {list(found[k])} in the file, {list(expected[k])} here"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if missing:
+        diffs.append(f"missing {', '.join(missing[:limit])}{' ...' if len(missing) > limit else ''}")
+    if extra:
+        diffs.append(f"unexpected {', '.join(extra[:limit])}{' ...' if len(extra) > limit else ''}")
+    return diffs
+
+
+def load_modules(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor], url: str) -> None:
+    """Load ``NAME.param`` tensors into ``modules[NAME]``, after checking that every name and shape matches
+    (a checkpoint of another objective or network size is an error naming the keys that differ)."""
+    expected = {f"{name}.{k}": tuple(v.shape) for name, m in modules.items() for k, v in m.state_dict().items()}
+    diffs = _differences(expected, {k: tuple(v.shape) for k, v in weights.items()})
+    if diffs:
+        raise CheckpointError(f"{url} was written by another config ({'; '.join(diffs)}); {MISMATCH_FIX}")
+    for name, module in modules.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+
+
+def load_optimizers(optimizers: dict, state: dict, tensors: dict, url: str) -> None:
+    """Restore each phase's optimizer from ``state.json``'s structure and ``state.safetensors``'s tensors."""
+    saved = state.get("optimizers", {})
+    if sorted(saved) != sorted(optimizers):
+        raise CheckpointError(f"{url} holds optimizers for phases {sorted(saved)}, this run has "
+                              f"{sorted(optimizers)} (another objective's checkpoint); {MISMATCH_FIX}")
+    for name, opt in optimizers.items():
+        try:
+            opt.load_state_dict(unflatten_optimizer(saved[name], tensors))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{url}: optimizer state of phase '{name}' does not fit this run ({exc}); "
+                                  f"{MISMATCH_FIX}") from None
+
+
 class CheckpointStore:
     """Saves and restores a run's training state under ``RUN/checkpoints``."""
 
@@ -55,17 +96,30 @@ class CheckpointStore:
 
     def latest(self) -> dict | None:
         url = join(self.root, "latest.json")
-        return read_json(url) if exists(url) else None
+        if not exists(url):
+            return None
+        latest = read_json(url)
+        if not (isinstance(latest, dict) and isinstance(latest.get("dir"), str)
+                and isinstance(latest.get("step"), int)):
+            raise CheckpointError(f"{url} should hold {{\"step\": N, \"dir\": \"step-...\"}}, got {latest!r}; "
+                                  "point it at an existing step-* directory, or start afresh with another out=")
+        return latest
 
     def save(self, step: int, weights: dict, state_tensors: dict, state: dict) -> str:
         name = f"step-{step:08d}"
         d = join(self.root, name)
-        fs, path = url_to_fs(d)
-        fs.makedirs(path, exist_ok=True)
-        save_tensors(join(d, "weights.safetensors"), weights)
-        save_tensors(join(d, "state.safetensors"), state_tensors)
-        write_json(join(d, "state.json"), state)
-        write_json(join(self.root, "latest.json"), {"step": step, "dir": name})
+        existed = exists(d)
+        makedirs(d)
+        try:
+            save_tensors(join(d, "weights.safetensors"), weights)
+            save_tensors(join(d, "state.safetensors"), state_tensors)
+            write_json(join(d, "state.json"), state)
+            write_json(join(self.root, "latest.json"), {"step": step, "dir": name})
+        except BaseException:
+            if not existed:  # a half-written step directory is debris; latest.json still names the last good one
+                fs, path = url_to_fs(d)
+                fs.rm(path, recursive=True)
+            raise
         self._prune(name)
         return d
 
@@ -78,8 +132,7 @@ class CheckpointStore:
         name = f"step-{step:08d}"
         d = join(self.root, name)
         if main:
-            fs, path = url_to_fs(d)
-            fs.makedirs(path, exist_ok=True)
+            makedirs(d)
         if dist.is_initialized():
             dist.barrier()
         save_sharded(join(d, "dcp"), sharded_state(modules, optimizers))
@@ -113,9 +166,16 @@ class CheckpointStore:
         if latest.get("format") == "dcp":
             raise ValueError("sharded checkpoint: use CheckpointStore.load_sharded")
         d = join(self.root, latest["dir"])
+        if not exists(d):
+            raise CheckpointError(f"{join(self.root, 'latest.json')} points at {latest['dir']}, which does not exist; "
+                                  "point it at an existing step-* directory, or start afresh with another out=")
+        state = read_json(join(d, "state.json"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizers" not in state:
+            raise CheckpointError(f"{join(d, 'state.json')} lacks the step or the optimizer state; "
+                                  "point checkpoints/latest.json at an older step-* directory, "
+                                  "or start afresh with another out=")
         return (load_tensors(join(d, "weights.safetensors"), device),
-                load_tensors(join(d, "state.safetensors"), "cpu"),
-                read_json(join(d, "state.json")))
+                load_tensors(join(d, "state.safetensors"), "cpu"), state)
 
     def _prune(self, current: str) -> None:
         fs, root = url_to_fs(self.root)

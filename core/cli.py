@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
-
-import fsspec
-import yaml
+import traceback
 
 from core.config import GROUP_KIND, TrainConfig, field_docs, merge, parse_overrides
-from core.errors import UsageError
+from core.errors import ConfigError, UsageError, storage_error
 from core.registry import get_registry
 
 
@@ -17,17 +16,35 @@ def fail(msg: str) -> int:
     return 2
 
 
+def debug_enabled(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("FEWSTEP_DEBUG", "0") not in ("", "0")
+
+
 def guard(main):
-    """Run ``main(argv)``; a UsageError becomes one line on stderr and exit code 2."""
+    """Run ``main(argv)``; a UsageError (or a full disk / read-only OSError) becomes one line on stderr and
+    exit code 2. Other exceptions are bugs and keep their traceback. ``--debug`` / ``FEWSTEP_DEBUG=1``
+    print the traceback of user errors too."""
     def wrapped(argv=None):
-        argv = sys.argv[1:] if argv is None else argv
+        argv = list(sys.argv[1:] if argv is None else argv)
+        debug = debug_enabled(argv)
+        argv = [a for a in argv if a != "--debug"]
         try:
             return main(argv) or 0
         except UsageError as exc:
+            if debug:
+                traceback.print_exc()
             return fail(str(exc))
+        except OSError as exc:
+            err = storage_error(exc)
+            if err is None:
+                raise
+            if debug:
+                traceback.print_exc()
+            return fail(str(err))
         except KeyboardInterrupt:
             print("fewstep: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
             return 130
+    wrapped.__doc__ = main.__doc__
     return wrapped
 
 
@@ -38,16 +55,18 @@ def load_tree(argv: list[str]) -> dict:
     if cfg_path is None:
         return tree
     if isinstance(cfg_path, dict):
-        raise UsageError("config= takes a path to a config.yaml")
-    try:
-        with fsspec.open(cfg_path, "r") as f:
-            base = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise UsageError(f"config={cfg_path}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"config={cfg_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError("config= takes a path to a config.yaml (got sub-keys config.*); e.g. config=RUN/config.yaml")
+    from core.files import read_yaml
+
+    base = read_yaml(str(cfg_path), what=f"config={cfg_path}", fix="pass the config.yaml of a run, "
+                     "e.g. config=runs/dmd2-gmm/config.yaml")
     if not isinstance(base, dict):
-        raise UsageError(f"config={cfg_path}: expected a mapping of settings")
+        raise ConfigError(f"config={cfg_path} holds a {type(base).__name__}, not a mapping of settings; "
+                          "pass the config.yaml of a run")
+    for group, value in base.items():
+        if group in ("train", *GROUP_KIND) and value is not None and not isinstance(value, (dict, str)):
+            raise ConfigError(f"config={cfg_path}: '{group}' holds {value!r}; it must be a mapping of settings "
+                              f"(or a plugin name)")
     return merge(base, tree)
 
 

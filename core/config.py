@@ -8,6 +8,7 @@ A run's config has one group per plugin kind (``objective``, ``teacher``, ``stud
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Literal
 
@@ -80,9 +81,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = attrs.field(
         default="auto", metadata={"doc": "auto: bf16 autocast on CUDA, fp32 on CPU"})
     progress: bool = attrs.field(default=True, metadata={"doc": "tqdm progress bar"})
+    nan_policy: Literal["stop", "skip"] = attrs.field(
+        default="stop", metadata={"doc": "a non-finite loss or gradient: stop (error naming phase and step; the last "
+                                         "checkpoint stays) or skip that optimizer step"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
-    parallel: Literal["none", "ddp", "fsdp"] = attrs.field(
-        default="none", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block)"})
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = attrs.field(
+        default="auto", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block); "
+                                         "auto: ddp on several ranks, none in one process"})
     grad_accum: int = attrs.field(default=1, validator=positive,
                                   metadata={"doc": "micro-batches per rank accumulated into each optimizer step"})
     batch_scope: Literal["global", "rank"] = attrs.field(
@@ -123,16 +128,22 @@ def _to_int(value, _):
 
 
 def _to_float(value, _):
+    """A finite float: nan and inf are refused here, so no option can smuggle them into training."""
     if isinstance(value, bool):
         _fail(value, "a number")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    _fail(value, "a number")
+    if number is None:
+        _fail(value, "a number")
+    if not math.isfinite(number):
+        _fail(value, "a finite number")
+    return number
 
 
 def _to_bool(value, _):
@@ -220,6 +231,10 @@ def _first_error(exc: BaseException, path: str) -> str:
             return _first_error(sub, f"{path}.{attr}" if attr else path)
     if isinstance(exc, FieldError):
         return f"{path}.{exc.field}: {exc}"
+    if isinstance(exc, ValueError) and len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):
+        _, attribute, options, value = exc.args  # attrs.validators.in_: (message, attribute, options, value)
+        choices = [str(o) for o in options]
+        return f"{path}.{attribute.name}: must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}"
     return f"{path}: {exc}"
 
 

@@ -6,11 +6,14 @@ All computed in float64 on flattened samples; callable on tensors or on ``.npz``
 
 from __future__ import annotations
 
+import io
 import sys
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from core.cli import guard
 
 
 def _flat(x) -> Tensor:
@@ -64,12 +67,47 @@ def gmm_report(teacher, samples: Tensor, reference: Tensor) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m core.metrics SAMPLES.npz REFERENCE.npz", file=sys.stderr)
-        return 2
-    a, b = (np.load(p)["samples"] for p in argv)
+def load_samples(path: str) -> np.ndarray:
+    """The ``samples`` array of an ``.npz`` written by ``core.sample``, checked: at least 2 rows of finite numbers."""
+    from core.errors import ConfigError
+    from core.files import read_bytes
+
+    fix = "pass .npz files written by python -m core.sample"
+    data = read_bytes(path, what="samples file", fix=fix)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            if "samples" not in npz.files:
+                raise ConfigError(f"{path} has no 'samples' array (it has: {', '.join(npz.files) or 'nothing'}); {fix}")
+            x = npz["samples"]
+    except ConfigError:
+        raise
+    except Exception as exc:  # np.load of untrusted bytes: not an npz, truncated, object arrays (never unpickled)
+        raise ConfigError(f"{path} is not a readable .npz ({type(exc).__name__}: {exc}); {fix}") from None
+    if x.dtype.kind not in "fiu" or x.ndim < 2:
+        raise ConfigError(f"{path}: 'samples' must be a numeric N x D array, got {x.dtype} of shape {x.shape}; {fix}")
+    if len(x) < 2:
+        raise ConfigError(f"{path}: 'samples' has {len(x)} row(s); the metrics need at least 2 samples")
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{path}: 'samples' holds NaN or inf ({int((~np.isfinite(x)).sum())} values); "
+                          "regenerate it (the model that wrote it may have diverged)")
+    return x
+
+
+@guard
+def main(argv: list[str]) -> int:
+    """``python -m core.metrics SAMPLES.npz REFERENCE.npz``."""
+    from core.errors import ConfigError
+
+    if argv in (["-h"], ["--help"]):
+        print("usage: python -m core.metrics SAMPLES.npz REFERENCE.npz  (each holding a 'samples' array)")
+        return 0
+    if len(argv) != 2 or any(a.startswith("-") for a in argv):
+        raise ConfigError(f"expected two .npz files, got {len(argv)} argument(s); "
+                          "usage: python -m core.metrics SAMPLES.npz REFERENCE.npz")
+    a, b = (load_samples(p) for p in argv)
+    if a[0].size != b[0].size:
+        raise ConfigError(f"{argv[0]} holds samples of shape {a.shape[1:]} but {argv[1]} holds {b.shape[1:]}; "
+                          "compare samples of the same data")
     print(f"energy_distance={energy_distance(a, b):.6f} sliced_wasserstein={sliced_wasserstein(a, b):.6f}")
     return 0
 

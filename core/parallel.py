@@ -42,10 +42,12 @@ class Parallel:
     def _mode(self) -> str:
         tr = self.cfg.train
         if self.world == 1:
-            if tr.parallel != "none":
+            if tr.parallel not in ("none", "auto"):
                 self.log(f"fewstep: train.parallel={tr.parallel} in a single process (not under torchrun); "
                          "training without it")
             return "none"
+        if tr.parallel == "auto":  # launched on several ranks: they share gradients
+            return "ddp"
         if tr.parallel == "none":
             raise UsageError(f"launched on {self.world} ranks but train.parallel=none; pass train.parallel=ddp "
                              "(or fsdp) so the ranks share gradients")

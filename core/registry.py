@@ -16,15 +16,28 @@ import attrs
 import pluggy
 
 from core import hookspecs
-from core.errors import UsageError, unknown
+from core.errors import PluginError, unknown
 
 KINDS = ("teacher", "student", "critic", "objective", "sampler", "dataset", "callback")
 _HOOKS = {kind: f"register_{kind}s" for kind in KINDS}
 ENTRY_POINT_GROUP = "fewstep"
 
 
-class DuplicatePluginError(UsageError):
+class DuplicatePluginError(PluginError):
     pass
+
+
+def _filter_note(only: str | None, allowed: set | None, blocked: set, available: list[str]) -> str:
+    """What FEWSTEP_PLUGINS / FEWSTEP_DISABLE_PLUGINS filtered, for 'unknown plugin' errors."""
+    notes = []
+    if allowed is not None:
+        typos = sorted(allowed - set(available))
+        notes.append(f"FEWSTEP_PLUGINS={only} loads only those entry points"
+                     + (f" and names unknown ones: {', '.join(typos)}" if typos else "")
+                     + f" (installed: {', '.join(sorted(available)) or 'none'}); unset it or fix the list")
+    if blocked & set(available):
+        notes.append(f"FEWSTEP_DISABLE_PLUGINS skips {', '.join(sorted(blocked & set(available)))}")
+    return "; ".join(notes)
 
 
 @attrs.define
@@ -55,6 +68,8 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, dict[str, PluginInfo]] = {k: {} for k in KINDS}
         self.failed: dict[str, str] = {}  # entry point name -> error line
+        self.filtered: list[str] = []  # entry points skipped by FEWSTEP_PLUGINS / FEWSTEP_DISABLE_PLUGINS
+        self._env_note = ""
         if load_entry_points:
             self.load_entry_points()
 
@@ -63,8 +78,11 @@ class Registry:
         only = os.environ.get("FEWSTEP_PLUGINS")
         allowed = None if only is None else {s.strip() for s in only.split(",") if s.strip()}
         blocked = {s.strip() for s in os.environ.get("FEWSTEP_DISABLE_PLUGINS", "").split(",") if s.strip()}
+        available = []
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            available.append(ep.name)
             if (allowed is not None and ep.name not in allowed) or ep.name in blocked:
+                self.filtered.append(ep.name)
                 continue
             if self.pm.has_plugin(ep.name):
                 continue
@@ -73,11 +91,15 @@ class Registry:
                 self.add(ep.load(), name=ep.name, dist=dist)
             except DuplicatePluginError:
                 raise
-            except Exception as exc:  # a broken plugin is reported, not fatal
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) is reported, not fatal
                 self.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+        self._env_note = _filter_note(only, allowed, blocked, available)
 
     def add(self, plugin: Any, name: str | None = None, dist: str = "local") -> None:
-        """Register a plugin object (module or class) and collect what it registers."""
+        """Register a plugin object (module or class) and collect what it registers; a hook that fails
+        half-way leaves nothing behind (the plugin and everything it registered are removed)."""
         name = name or getattr(plugin, "__name__", repr(plugin))
         self.pm.register(plugin, name=name)
         try:
@@ -85,10 +107,14 @@ class Registry:
         except pluggy.PluginValidationError:
             self.pm.unregister(name=name)
             raise
-        for kind, hook in _HOOKS.items():
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                if impl.plugin_name == name:
-                    impl.function(register=self._registrar(kind, name, dist))
+        try:
+            for kind, hook in _HOOKS.items():
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin_name == name:
+                        impl.function(register=self._registrar(kind, name, dist))
+        except BaseException:
+            self.remove(name)
+            raise
 
     def remove(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -124,11 +150,14 @@ class Registry:
         if name in table:
             return table[name]
         if name in self.failed:
-            raise UsageError(f"{kind} plugin '{name}' failed to import: {self.failed[name]}")
+            raise PluginError(f"{kind} plugin '{name}' failed to import: {self.failed[name]}; fix or reinstall "
+                              f"it, or skip it with FEWSTEP_DISABLE_PLUGINS={name}")
         err = unknown(kind, name, table)
         if self.failed:
             broken = "; ".join(f"{k} ({v})" for k, v in self.failed.items())
-            err = UsageError(f"{err}; plugins that failed to import: {broken}")
+            err = PluginError(f"{err}; plugins that failed to import: {broken}")
+        if self._env_note:
+            err = PluginError(f"{err}; {self._env_note}")
         raise err
 
     def names(self, kind: str) -> list[str]:

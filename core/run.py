@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from core.cli import guard, help_text, load_tree
-from core.errors import UsageError
+from core.errors import ConfigError, UsageError
 from core.registry import get_registry
 from core.runconfig import resolve
 
@@ -13,6 +13,9 @@ from core.runconfig import resolve
 @guard
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "list":
+        if argv[1:]:
+            raise ConfigError(f"list takes no arguments, got {' '.join(argv[1:])}; "
+                              "for a plugin's options use python -m core.run help objective=NAME")
         print(get_registry().describe())
         return 0
     if argv and argv[0] in ("help", "--help", "-h"):

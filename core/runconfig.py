@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from core.config import GROUP_KIND, PLUGIN_GROUPS, TrainConfig, structure, unstructure
-from core.errors import UsageError, suggest
+from core.errors import ConfigError, UsageError, suggest
 from core.registry import Registry, get_registry
 
 DEFAULTS = {"objective": "dmd2", "teacher": "gmm", "student": "auto", "critic": "auto", "sampler": "euler",
@@ -61,6 +61,13 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     for key in tree:
         if key not in TOP_KEYS:
             raise UsageError(f"unknown key '{key}'{suggest(key, TOP_KEYS)}; top-level keys: {', '.join(TOP_KEYS)}")
+
+    for key in ("out", "seed"):
+        if isinstance(tree.get(key), (dict, list)):
+            raise ConfigError(f"{key} takes one value, got {tree[key]!r}; e.g. {key}={'runs/mine' if key == 'out' else 1}")
+    if tree.get("train") is not None and not isinstance(tree["train"], dict):
+        raise ConfigError(f"train takes train.FIELD=VALUE settings, got train={tree['train']!r}; "
+                          "see python -m core.run help train=")
 
     def group(name: str, default: str) -> tuple[str, dict]:
         value = tree.get(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 
@@ -28,11 +29,12 @@ class MetricsLog:
 
     @hookimpl
     def fewstep_run_start(self, trainer, start):
-        """A resumed run drops the records written after its checkpoint, so each step is logged once."""
-        if not start or not files.exists(self.url):
+        """A resumed run drops the records written after its checkpoint (all of them when it had none yet,
+        and a half-written last line), so each step is logged once."""
+        if not files.exists(self.url):
             return
         with fsspec.open(self.url, "r") as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= start]
+            keep = [line for line in f if _logged_step(line) <= start]
         files.write_bytes_atomic(self.url, "".join(keep).encode())
 
     @hookimpl
@@ -48,6 +50,14 @@ class MetricsLog:
     def fewstep_run_end(self, trainer, result):
         if self.tb is not None:
             self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a half-written line (killed mid-write) counts as never logged."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class ProgressBar:

@@ -21,6 +21,7 @@ import torch
 from core import distributed, hookspecs, rundir
 from core.errors import UsageError
 from core.evaluation import Evaluation
+from core.nanguard import NonFiniteGuard
 from core.parallel import Parallel
 from core.protocols import Context, Phase, SamplingSpec, phase_losses
 from core.registry import Registry, get_registry
@@ -73,6 +74,7 @@ class Trainer:
     def _builtins(self):
         """The run's own plugins: the built-in jobs on every rank, the reporting and callbacks on rank 0."""
         yield "evaluation", self.evaluation
+        yield "nan-guard", NonFiniteGuard(self.cfg, self.log)
         for i, plugin in enumerate(self.extra_plugins):
             yield f"extra:{i}", plugin
         if self.ema is not None:
@@ -93,6 +95,11 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """The run, with rank 0 holding the run directory's lock throughout (core.lock)."""
+        with rundir.locked(self.out, self.log, self.main):
+            return self._train()
+
+    def _train(self) -> dict:
         self.build()
         start = self.state.restore()
         total, tr = self.cfg.train.steps, self.cfg.train

@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from core import checkpoint as ckpt
-from core import distributed, hookimpl
+from core import distributed, files, hookimpl
 from core.errors import UsageError
 from core.roles import set_seed
 
@@ -130,10 +130,9 @@ class RunState:
         if loaded is None:
             return 0
         weights, tensors, state = loaded
-        for prefix, module in self.modules.items():
-            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")})
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt.unflatten_optimizer(state["optimizers"][name], tensors))
+        d = files.join(self.store.root, self.store.latest()["dir"])
+        ckpt.load_modules(self.modules, weights, files.join(d, "weights.safetensors"))  # names the keys that differ
+        ckpt.load_optimizers(self.optimizers, state, tensors, files.join(d, "state.json"))
         step = int(state["step"])
         if p.world > 1:
             idx = p.device.index or 0

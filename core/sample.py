@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import Literal
 
 import attrs
 import numpy as np
@@ -39,6 +40,20 @@ def _get(tree, key, tp, default):
         raise UsageError(f"{key}: {exc}") from None
 
 
+def check_parent(url: str) -> None:
+    """Fail before sampling (which can take long) when ``url`` cannot be written: unknown protocol,
+    or a local directory that does not exist."""
+    import os
+
+    from core.files import url_to_fs
+
+    fs, path = url_to_fs(url)
+    parent = os.path.dirname(path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) and parent \
+            and not os.path.isdir(parent):
+        raise UsageError(f"out={url}: the directory {parent} does not exist; create it or choose another out=")
+
+
 def respaced(spec: SamplingSpec, schedule, steps: int, grid: str | None) -> SamplingSpec:
     """The same sampler on a ``steps``-step grid (students may define their own via ``with_steps``)."""
     times = make_grid(schedule, steps, grid or "polynomial")
@@ -60,13 +75,14 @@ def main(argv: list[str]) -> int:
     out = str(sample_args.get("out", "samples.npz"))
     if not out.endswith((".npz", ".png")):
         raise UsageError(f"out={out}: expected a .npz path (or .png for an image grid)")
+    check_parent(out)
     prompt = sample_args.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise UsageError("prompt= takes one string, e.g. prompt=\"a photo of a cat\"")
     steps = _get(sample_args, "steps", int, None)
     if steps is not None and steps <= 0:
         raise UsageError(f"steps must be > 0, got {steps}")
-    device = resolve_device(str(sample_args.get("device", "auto")))
+    device = resolve_device(_get(sample_args, "device", Literal["auto", "cpu", "cuda"], "auto"))
     set_seed(_get(sample_args, "seed", int, 0))
     guidance = _get(sample_args, "guidance", float, None)
     label = _get(sample_args, "label", int, None)
@@ -92,9 +108,17 @@ def main(argv: list[str]) -> int:
         if guidance is None and (getattr(teacher, "num_classes", 0) or prompt is not None):
             guidance = getattr(teacher, "guidance", None)
     cond = None
+    num_classes = getattr(teacher, "num_classes", 0)
+    if label is not None and not 0 <= label < max(num_classes, 0):
+        raise UsageError(f"label={label}: this model has {num_classes or 'no'} classes"
+                         + (f"; use 0..{num_classes - 1}" if num_classes else "; drop label="))
     if prompt is not None:
-        cond = teacher.encode_condition([prompt] * num)
-    elif getattr(teacher, "num_classes", 0):
+        try:
+            cond = teacher.encode_condition([prompt] * num)
+        except (TypeError, ValueError):
+            raise UsageError(f"prompt= needs a text-to-image teacher; {type(teacher).__name__} takes no prompts "
+                             "(drop prompt=)") from None
+    elif num_classes:
         labels = torch.full((num,), label, dtype=torch.long) if label is not None \
             else torch.randint(0, teacher.num_classes, (num,))
         cond = teacher.encode_condition(labels)

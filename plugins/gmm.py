@@ -9,7 +9,6 @@ only the class's components, and CFG combines the exact conditional and uncondit
 
 from __future__ import annotations
 
-import json
 import math
 
 import attrs
@@ -52,27 +51,46 @@ def preset(name: str) -> dict:
 PRESETS = ("ring8", "grid25", "hd16", "cls4")
 
 
-def load_spec(path: str) -> dict:
-    import fsspec
+SPEC_FIX = 'it needs {"weights": [K], "means": [K x D], "stds": [K x D], "classes": [K] (optional)}'
 
+
+def load_spec(path: str) -> dict:
+    """A mixture from JSON, checked: finite numbers, stds > 0, weights >= 0 with a positive sum, K x D
+    means and stds, and (optional) one non-negative integer class label per component."""
+    from core.errors import CheckpointError, ConfigError
+    from core.files import read_json
+
+    where = f"teacher.spec={path}"
     try:
-        with fsspec.open(path, "r") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"teacher.spec: no such file '{path}'") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"teacher.spec: '{path}' is not valid JSON ({exc})") from None
-    try:
-        spec = {k: torch.as_tensor(raw[k], dtype=torch.float64) for k in ("weights", "means", "stds")}
-    except KeyError as exc:
-        raise UsageError(f"teacher.spec: '{path}' lacks {exc}; it needs weights, means, stds (and optional classes)") from None
+        raw = read_json(path, fix=SPEC_FIX)
+    except CheckpointError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not isinstance(raw, dict) or not all(k in raw for k in ("weights", "means", "stds")):
+        have = ", ".join(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ConfigError(f"{where} lacks weights, means or stds (has: {have}); {SPEC_FIX}")
+    spec = {}
+    for key in ("weights", "means", "stds"):
+        try:
+            spec[key] = torch.as_tensor(raw[key], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(f"{where}: '{key}' is not a rectangular array of numbers; {SPEC_FIX}") from None
+        if not torch.isfinite(spec[key]).all():
+            raise ConfigError(f"{where}: '{key}' holds NaN or inf; every value must be finite")
+    w, mu, sd = spec["weights"], spec["means"], spec["stds"]
+    if w.ndim != 1 or w.numel() == 0 or mu.ndim != 2 or mu.shape[0] != w.shape[0] or sd.shape != mu.shape:
+        raise ConfigError(f"{where}: need K weights and K x D means and stds, got shapes {tuple(w.shape)}, "
+                          f"{tuple(mu.shape)}, {tuple(sd.shape)}")
+    if (sd <= 0).any():
+        raise ConfigError(f"{where}: every std must be > 0 (min is {float(sd.min())})")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"{where}: weights must be >= 0 with a positive sum, got {w.tolist()[:8]}")
     if "classes" in raw:
-        spec["classes"] = torch.as_tensor(raw["classes"], dtype=torch.long)
-    K = spec["weights"].shape[0]
-    if spec["means"].shape[0] != K or spec["stds"].shape != spec["means"].shape or (spec["weights"] < 0).any():
-        raise UsageError(f"teacher.spec: need K weights >= 0 and K x D means and stds, got "
-                         f"{tuple(spec['weights'].shape)}, {tuple(spec['means'].shape)}, {tuple(spec['stds'].shape)}")
-    spec["weights"] = spec["weights"] / spec["weights"].sum()
+        labels = raw["classes"]
+        if not (isinstance(labels, list) and len(labels) == len(w)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in labels)):
+            raise ConfigError(f"{where}: 'classes' must list one integer label >= 0 per component ({len(w)})")
+        spec["classes"] = torch.as_tensor(labels, dtype=torch.long)
+    spec["weights"] = w / w.sum()
     return spec
 
 
@@ -189,6 +207,10 @@ class GaussianMixtureData:
     def __init__(self, config: GMMDataConfig, teacher):
         if not isinstance(teacher, GaussianMixtureTeacher):
             raise UsageError("data=gmm needs teacher=gmm (it draws the teacher's exact mixture)")
+        probs, k = config.class_probs, teacher.num_classes
+        if probs is not None and (len(probs) != k or min(probs) < 0 or sum(probs) <= 0):
+            need = f"{k} values >= 0 with a positive sum" if k else "none: this mixture has no classes"
+            raise UsageError(f"data.class_probs={probs}: need {need}")
         self.teacher, self.config = teacher, config
 
     def sample(self, n: int) -> dict:

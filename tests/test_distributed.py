@@ -110,13 +110,18 @@ def _job_no_parallel(rank, tmp):
     from core.runner import Trainer
 
     try:
-        Trainer(run_config(*BASE, f"out={tmp}/none"))
+        Trainer(run_config(*BASE, "train.parallel=none", f"out={tmp}/none"))
     except UsageError as exc:
         return {"error": str(exc)}
     return {"error": None}
 
 
-JOBS = [_job_broadcast, _job_disagree, _job_no_parallel, _job_ddp, _job_ddp_accum, _job_ddp_half, _job_fsdp,
+def _job_auto(rank, tmp):
+    """No train.parallel under torchrun: the default (auto) trains with DDP."""
+    return {"weights": _train(*BASE, f"out={tmp}/auto")[0]}
+
+
+JOBS = [_job_broadcast, _job_disagree, _job_no_parallel, _job_auto, _job_ddp, _job_ddp_accum, _job_ddp_half, _job_fsdp,
         _job_dmd2, _job_per_rank]
 
 
@@ -295,9 +300,16 @@ def test_ranks_disagreeing_on_config_fail_clearly(ranks):
         assert "train.lr" in res["error"] and "rank 1" in res["error"]
 
 
-def test_ranks_without_train_parallel_fail_clearly(ranks):
+def test_ranks_with_train_parallel_none_fail_clearly(ranks):
     for res in _job(ranks, "_job_no_parallel"):
         assert res["error"] is not None and "train.parallel=ddp" in res["error"]
+
+
+def test_torchrun_without_train_parallel_trains_with_ddp(ranks):
+    auto0, auto1 = _job(ranks, "_job_auto")
+    ddp0, _ = _job(ranks, "_job_ddp")
+    _close(auto0["weights"], ddp0["weights"], atol=0, rtol=0)
+    _close(auto0["weights"], auto1["weights"], atol=0, rtol=0)
 
 
 def test_global_batch_must_split_evenly(tmp_path):

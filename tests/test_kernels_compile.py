@@ -125,3 +125,12 @@ def test_every_kernel_variant_compiles_for_sm90():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_the_backend_choice_traces_under_fullgraph_compile():
+    """On CUDA the "auto" choice asks whether triton is installed inside every compiled op call; an
+    importlib lookup there broke torch.compile(fullgraph=True) on an H100 (benchmarks/results/*-rerun.md)."""
+    from core.kernels import dispatch
+
+    probe = torch.compile(lambda x: x + dispatch._triton_installed(), backend="eager", fullgraph=True)
+    assert probe(torch.zeros(1)).item() == float(dispatch.TRITON_INSTALLED)

@@ -127,3 +127,29 @@ def test_third_party_broken_and_restricted(tmp_path):
     assert "third            acme-fewstep (third-party)  A third-party sampler." in res.stdout
     assert "gmm              fewstep (built-in)" in res.stdout
     assert "failed to import: broken: ModuleNotFoundError" in res.stdout
+
+
+def test_plugin_exiting_at_import_is_reported_and_skipped(tmp_path):
+    """A plugin calling sys.exit() at import neither ends the CLI nor hides the other plugins."""
+    _fake_dist(tmp_path, "exit-fewstep", {"exiter": "exiting_plugin"},
+               {"exiting_plugin": "import sys\nsys.exit(3)\n"})
+    res = subprocess.run([sys.executable, "-m", "core.run", "list"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "failed to import: exiter: SystemExit: 3" in res.stdout
+    assert "gmm              fewstep (built-in)" in res.stdout
+
+
+def test_a_hook_failing_half_way_leaves_nothing_registered():
+    class Half:
+        @staticmethod
+        @hookimpl
+        def register_samplers(register):
+            register("half-first", lambda *a, **k: None)
+            raise RuntimeError("broken after one registration")
+
+    reg = Registry(load_entry_points=False)
+    with pytest.raises(RuntimeError, match="broken after one registration"):
+        reg.add(Half, name="half")
+    assert "half-first" not in reg.names("sampler") and not reg.pm.has_plugin("half")
+    reg.add(Half.__class__("Again", (), {}), name="half")  # the name is free again

@@ -66,6 +66,36 @@ def test_teacher_is_bit_identical_to_the_plain_unet(pair):
     assert all(p.dtype == torch.float32 for r in ("student", "critic") for p in shared.adapter_parameters(r))
 
 
+def test_autocast_skips_the_adapter_input_cast_and_changes_nothing(pair):
+    """Under bf16 autocast the adapters' fp32 input cast is skipped (fewer casts) with bit-identical output and
+    gradients; without autocast the cast is back (bf16 inputs meet fp32 adapter weights)."""
+    _, shared = pair
+    perturb(shared, "student", 1)
+    x = inputs()
+
+    def run(casting: bool):
+        with torch.autocast("cpu", dtype=DTYPE), torch.profiler.profile() as prof:
+            if casting:  # the comparison: peft's cast on, the same autocast forward (student is the home role)
+                for layer in shared._adapted:
+                    layer.cast_input_dtype_enabled = True
+                shared._input_cast = True
+                out = shared.unet(**x).sample
+            else:
+                out = shared("student", **x).sample
+        out.float().square().sum().backward()
+        grads = [p.grad.clone() for p in shared.adapter_parameters("student")]
+        shared.unet.zero_grad(set_to_none=True)
+        return out, grads, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    fast, fast_grads, fast_casts = run(False)
+    ref, ref_grads, ref_casts = run(True)
+    assert torch.equal(fast, ref) and all(torch.equal(a, b) for a, b in zip(fast_grads, ref_grads))
+    assert fast_casts < ref_casts
+    with torch.no_grad():
+        shared("student", **x)  # no autocast: the cast must be on again, else bf16 @ fp32 raises
+    assert all(layer.cast_input_dtype_enabled for layer in shared._adapted)
+
+
 @pytest.mark.parametrize("role", ["student", "critic"])
 def test_gradients_reach_only_the_active_adapter(pair, role):
     _, shared = pair

@@ -31,11 +31,20 @@ def mode() -> str:
     return value
 
 
-def _triton_installed() -> bool:
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # a broken or blocked install
         return False
+
+
+# looked up once at import: torch.compile refuses to trace importlib (seen on an H100, where the "auto"
+# path asks this inside every compiled op call)
+TRITON_INSTALLED = _find_triton()
+
+
+def _triton_installed() -> bool:
+    return TRITON_INSTALLED
 
 
 def covered(tensors: tuple[Tensor, ...], factors: tuple = ()) -> bool:

@@ -37,12 +37,20 @@ def posterior_sample_reference(z_t: Tensor, x0: Tensor, alpha_t, sigma_t, alpha_
 
 @triton.jit
 def _coefficients(at, st, as_, ss, eta):
-    """(P, Q, c): z_s = P x0 + Q z_t + c noise."""
-    ratio = at / as_
-    var_ts = tl.maximum(st * st - ratio * ratio * ss * ss, 0.0)
-    c = eta * ss * tl.sqrt(var_ts) / st
-    k = tl.sqrt(tl.maximum(ss * ss - c * c, 0.0))
-    return as_ - k * at / st, k / st, c
+    """(P, Q, c): z_s = P x0 + Q z_t + c noise.
+
+    IEEE-rounded sqrt and division (``tl.sqrt`` and ``/`` are approximate on GPUs), and no difference of
+    squares left to cancel: sigma_{t|s}^2 = (st - r ss)(st + r ss) with r = at / as_, and
+    ss^2 - c^2 = (ss / st)^2 (st^2 (1 - eta^2) + eta^2 (st^2 - sigma_{t|s}^2)), where
+    st^2 - sigma_{t|s}^2 = min(st^2, (r ss)^2).
+    """
+    rs = tl.div_rn(at, as_) * ss
+    var_ts = tl.maximum((st - rs) * (st + rs), 0.0)
+    c = eta * tl.div_rn(ss * tl.sqrt_rn(var_ts), st)
+    kept = tl.maximum(st * st * (1.0 - eta * eta) + eta * eta * tl.minimum(st * st, rs * rs), 0.0)
+    k = tl.div_rn(ss * tl.sqrt_rn(kept), st)
+    q = tl.div_rn(k, st)
+    return as_ - q * at, q, c
 
 
 @triton.jit
