@@ -1,7 +1,8 @@
 """Kill rate per module from mutmut's results, and the survivors with their diffs (``make mutation``).
 
 Reads ``mutmut results --all true``; writes docs/mutation.md (or the path given). A mutant counts as killed when
-a test failed or timed out. "no tests" mutants (code no selected test runs) count against the rate. Survivors
+a test failed; timeouts are listed apart and not counted (on a loaded machine they are often the load, not
+the mutant: rerun them with ``mutmut run NAME``). "no tests" mutants (code no selected test runs) count against the rate. Survivors
 listed in tests/mutation_equivalent.txt (``mutant-name  reason``) are equivalent mutants: reported with their
 reason and left out of the adjusted rate. Modules that mutmut has not run yet are listed as not run.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MUTMUT = [sys.executable, "-m", "mutmut"]
-KILLED = {"killed", "timeout", "caught by type check"}
+KILLED = {"killed", "caught by type check"}
 
 
 def results() -> dict[str, str]:
@@ -59,17 +60,19 @@ def main(out_path: str = "docs/mutation.md") -> int:
     for mod in modules:
         counts = by_module.get(mod)
         if not counts or counts.get("not checked", 0) == sum(counts.values()):
-            rows.append(f"| {mod} | not run | | | | |")
+            rows.append(f"| {mod} | not run | | | | | |")
             continue
         total = sum(counts.values()) - counts.get("not checked", 0)
         killed = sum(counts[s] for s in KILLED)
         n_equiv = sum(1 for name, st in survivors[mod] if st == "survived" and name in equiv)
         rate = 100 * killed / total
         adjusted = 100 * killed / max(total - n_equiv, 1)
-        rows.append(f"| {mod} | {total} | {killed} | {counts['survived']} | {counts['no tests']} | "
-                    f"{rate:.1f}% ({adjusted:.1f}% without {n_equiv} equivalent) |")
+        rows.append(f"| {mod} | {total} | {killed} | {counts['survived']} | {counts['timeout']} | "
+                    f"{counts['no tests']} | {rate:.1f}% ({adjusted:.1f}% without {n_equiv} equivalent) |")
         print(f"{mod:40s} {killed:4d}/{total:<4d} killed  {rate:5.1f}%  ({adjusted:.1f}% without equivalents)")
         for name, st in survivors[mod]:
+            if st == "timeout":
+                continue
             tag = f"equivalent: {equiv[name]}" if name in equiv else st
             lines += [f"#### `{name}` ({tag})", "", "```diff", diff(name), "```", ""]
 
@@ -78,7 +81,8 @@ def main(out_path: str = "docs/mutation.md") -> int:
            "one function of the maths modules; only the tests that ran that function run against it. Functions",
            "with decorators other than staticmethod/classmethod (e.g. `@torch.no_grad()` samplers, Triton kernels)",
            "are not mutated by mutmut 3.", "",
-           "| module | mutants | killed | survived | no tests | kill rate |", "|---|---|---|---|---|---|", *rows,
+           "| module | mutants | killed | survived | timeout | no tests | kill rate |", "|---|---|---|---|---|---|---|",
+           *rows,
            "", "## Survivors and uncovered mutants", "", *lines]
     Path(ROOT / out_path).write_text("\n".join(doc) + "\n")
     print(f"wrote {out_path}")
