@@ -69,9 +69,12 @@ def main(out_path: str = "docs/mutation.md") -> int:
         adjusted = 100 * killed / max(total - n_equiv, 1)
         rows.append(f"| {mod} | {total} | {killed} | {counts['survived']} | {counts['timeout']} | "
                     f"{counts['no tests']} | {rate:.1f}% ({adjusted:.1f}% without {n_equiv} equivalent) |")
-        print(f"{mod:40s} {killed:4d}/{total:<4d} killed  {rate:5.1f}%  ({adjusted:.1f}% without equivalents)")
+        unchecked = f", {counts['not checked']} not run yet" if counts.get("not checked") else ""
+        if unchecked:
+            rows[-1] = rows[-1][:-1] + f"{unchecked} |"
+        print(f"{mod:40s} {killed:4d}/{total:<4d} killed  {rate:5.1f}%  ({adjusted:.1f}% without equivalents){unchecked}")
         for name, st in survivors[mod]:
-            if st == "timeout":
+            if st in ("timeout", "not checked"):
                 continue
             tag = f"equivalent: {equiv[name]}" if name in equiv else st
             lines += [f"#### `{name}` ({tag})", "", "```diff", diff(name), "```", ""]

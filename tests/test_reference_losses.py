@@ -174,3 +174,19 @@ def test_denoise_has_one_phase_on_the_student_at_its_lr():
     """The phase name keys the optimizer state in checkpoints and the logged metrics (denoiser/loss)."""
     (phase,) = _objective("denoise", lr=3e-3).phases()
     assert (phase.name, phase.trains, phase.lr, phase.every, phase.repeats) == ("denoiser", ("student",), 3e-3, 1, 1)
+
+
+@pytest.mark.parametrize("p_mean", [6.0, -9.0])
+def test_denoise_clamps_sigma_to_the_schedule_and_weights_the_clamped_sigma(p_mean):
+    """Draws beyond the schedule's range (EDM: 0.002..80) are clamped to it, and lambda uses the clamped sigma."""
+    obj = _objective("denoise", p_mean=p_mean, p_std=0.5)
+    sched = make_schedule("edm")
+    net = RecordingNet(sched, 2, seed=4)
+    x0 = torch.randn(256, 2, dtype=torch.float64)
+    loss, _ = obj.loss("denoiser", Context({"student": net}, {"x": x0, "cond": None}, 0, 256, "cpu"))
+    t = net.calls[0]["t"]
+    assert float(t.min()) >= sched.t_min and float(t.max()) <= sched.t_max
+    edge = sched.t_max if p_mean > 0 else sched.t_min
+    assert float((t == edge).double().mean()) > 0.9  # almost every draw lies beyond that edge
+    lam = (t**2 + 0.5**2) / (t * 0.5) ** 2
+    torch.testing.assert_close(loss, (lam * (net.calls[0]["out"] - x0).square().mean(1)).mean(), rtol=1e-12, atol=0)
