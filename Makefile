@@ -33,14 +33,14 @@ bench: setup
 	mkdir -p benchmarks/results
 	FEWSTEP_BENCH_THREADS=1 $(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu.json
 
-# mutation testing of the maths modules (not in CI; about an hour on 2 cores): mutmut, configured in pyproject.toml;
-# prints the kill rate per module and writes docs/mutation.md. MUTANTS="plugins.denoise.* core.schedules.*" runs
-# only those (results of earlier runs are kept in mutants/).
+# mutation testing of the maths modules (not in CI; hours on 2 cores): mutmut, configured in pyproject.toml; prints
+# the kill rate per module and writes benchmarks/results/mutation.md (see docs/mutation.md).
+# MUTANTS="plugins.denoise.* core.schedules.*" runs only those (results of earlier runs are kept in mutants/).
 MUTANTS ?=
 mutation: setup
 	$(BIN)/python -m pip install -q -e ".[mutation]"
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
-	$(BIN)/python tests/mutation_report.py docs/mutation.md
+	$(BIN)/python tests/mutation_report.py benchmarks/results/mutation.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks mutants

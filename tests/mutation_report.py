@@ -1,6 +1,6 @@
 """Kill rate per module from mutmut's results, and the survivors with their diffs (``make mutation``).
 
-Reads ``mutmut results --all true``; writes docs/mutation.md (or the path given). A mutant counts as killed when
+Reads ``mutmut results --all true``; writes benchmarks/results/mutation.md (or the path given). A mutant counts as killed when
 a test failed; timeouts are listed apart and not counted (on a loaded machine they are often the load, not
 the mutant: rerun them with ``mutmut run NAME``). "no tests" mutants (code no selected test runs) count against the rate. Survivors
 listed in tests/mutation_equivalent.txt (``mutant-name  reason``) are equivalent mutants: reported with their
@@ -44,7 +44,7 @@ def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def main(out_path: str = "docs/mutation.md") -> int:
+def main(out_path: str = "benchmarks/results/mutation.md") -> int:
     configured = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
     modules = [p.removesuffix(".py").replace("/", ".") for p in configured]
     status, equiv = results(), equivalents()
