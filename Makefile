@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-slow bench mutation clean
+.PHONY: setup demo test test-fast test-slow bench digits digits-quick mutation clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,diffusers]"
+	$(BIN)/python -m pip install -q -e ".[dev,diffusers,digits]"
 
 demo: setup
 	$(BIN)/python -m core.run
@@ -33,6 +33,13 @@ bench: setup
 	mkdir -p benchmarks/results
 	FEWSTEP_BENCH_THREADS=1 $(BIN)/python -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/cpu.json
 
+# the digits table (docs/methods/digits.md): <= 90 min on 2 CPU cores; digits-quick is a shorter pass
+digits: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.digits
+
+digits-quick: setup
+	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.digits --quick
+
 # mutation testing of the maths modules (not in CI; hours on 2 cores): mutmut, configured in pyproject.toml; prints
 # the kill rate per module and writes benchmarks/results/mutation.md (see docs/mutation.md).
 # MUTANTS="plugins.denoise.* core.schedules.*" runs only those (results of earlier runs are kept in mutants/).
@@ -44,6 +51,11 @@ mutation: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks mutants
+
+# the distillation quality sweep (docs/methods/quality.md): every objective x mixture x seed on all cores
+.PHONY: quality
+quality: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality
 
 # the GPU suite (issue 15): installs the wheels in .whl when present, writes benchmarks/results/gpu-<device>.*
 .PHONY: gpu-check

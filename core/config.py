@@ -55,6 +55,17 @@ def in_range(lo: float, hi: float):
     return check
 
 
+def _prompts_or_path(value):
+    """None, a list of prompts, or one path (a string that is not a [...] list)."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = yaml.safe_load(value)
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise ValueError(f"expected prompts [...] or a prompt file path, got {value!r}")
+
+
 @attrs.define(kw_only=True)
 class TrainConfig:
     """Runner settings shared by every objective."""
@@ -76,6 +87,11 @@ class TrainConfig:
     eval_samples: int = attrs.field(default=2000, validator=positive)
     ckpt_every: int = attrs.field(default=500, validator=positive, metadata={"doc": "checkpoint cadence"})
     preview_every: int = attrs.field(default=1000, validator=non_negative, metadata={"doc": "preview.png cadence (0: end only)"})
+    validation_prompts: Any = attrs.field(default=None, converter=lambda v: _prompts_or_path(v), metadata={
+        "doc": "callbacks=[validation]: prompts [...] or a prompt file, sampled every preview_every into "
+               "previews/step-XXXXXX.png"})
+    validation_seeds: int = attrs.field(default=4, validator=positive,
+                                        metadata={"doc": "callbacks=[validation]: images per prompt (seeds seed, seed+1, ...)"})
     keep: int = attrs.field(default=2, validator=positive, metadata={"doc": "checkpoints kept"})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = attrs.field(

@@ -14,6 +14,7 @@ class Evaluation:
         self.trainer = trainer
         self.tr = trainer.cfg.train
         self.exact = hasattr(trainer.teacher, "sample_exact")
+        self.labels = None  # class labels of the last evaluation's samples (class-conditional teachers)
 
     @torch.no_grad()
     def evaluate(self, n: int | None = None, seed: int = 1234) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
@@ -31,17 +32,19 @@ class Evaluation:
             cond = teacher.encode_condition(raw) if raw is not None else None
             samples = generate(t.sampling_model(), t.spec, n, cond, t.registry, t.device, shape=teacher.data_shape)
             samples = teacher.to_data_space(samples)
+            labels = self.labels = cond if getattr(teacher, "num_classes", 0) else None
             if not self.exact:
                 return {}, samples, None
-            labels = cond if getattr(teacher, "num_classes", 0) else None
             reference = teacher.sample_exact(n, labels)
         return gmm_report(teacher, samples.float(), reference), samples, reference
 
     def write_preview(self, samples, reference) -> str:
-        from core.preview import preview_png
+        from core.preview import class_grid_png, preview_png
 
         url = files.join(self.trainer.out, "preview.png")
-        files.write_bytes_atomic(url, preview_png(samples, reference))
+        labelled = samples.ndim == 4 and self.labels is not None  # images: one row per class
+        files.write_bytes_atomic(url, class_grid_png(samples, self.labels, per_row=8) if labelled
+                                 else preview_png(samples, reference))
         return url
 
     def _gather(self) -> bool:

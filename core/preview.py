@@ -53,3 +53,26 @@ def grid_png(images: torch.Tensor) -> bytes:
 
 def preview_png(samples: torch.Tensor, reference: torch.Tensor | None = None) -> bytes:
     return grid_png(samples[:64]) if samples.ndim == 4 else scatter_png(samples, reference)
+
+
+def class_grid_png(images: torch.Tensor, labels: torch.Tensor, per_row: int = 10, scale: int = 4) -> bytes:
+    """Labelled image grid: one row per class (ascending), up to ``per_row`` images of that class each,
+    pixels enlarged ``scale`` times (nearest), the class written in a left margin. Images in [-1, 1]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    labels = torch.as_tensor(labels).cpu().long()
+    classes = labels.unique().tolist()
+    _, c, h, w = x.shape
+    margin, pad = 24, 2
+    img = Image.new("RGB", (margin + per_row * (w + pad), len(classes) * (h + pad)), "white")
+    draw = ImageDraw.Draw(img)
+    for r, cls in enumerate(classes):
+        top = r * (h + pad)
+        draw.text((6, top + h // 2 - 5), str(cls), fill=(0, 0, 0))
+        for q, i in enumerate((labels == cls).nonzero().squeeze(1)[:per_row].tolist()):
+            tile = x[i].permute(1, 2, 0).numpy()
+            tile = Image.fromarray(tile[..., 0] if c == 1 else tile[..., :3]).convert("RGB")
+            img.paste(tile, (margin + q * (w + pad), top))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

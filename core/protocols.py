@@ -44,7 +44,8 @@ class Teacher(Denoiser, Protocol):
     ``preview_samples`` (16: the preview size when there is nothing to score against),
     ``gan_feature_module`` / ``gan_feature_shape`` (None: DMD2's GAN head reads the critic's MLP trunk and
     probes the shape), ``sample_exact(n, labels=None)`` (absent: no quality metrics during training),
-    ``export(model, spec, out)`` (absent: only ``student.safetensors``).
+    ``export(model, spec, out)`` (absent: only ``student.safetensors``), ``real_data_hint`` (what moment
+    matching suggests to a run without real data; absent: data=gmm / data=teacher-samples).
     """
 
     data_shape: tuple[int, ...]

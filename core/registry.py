@@ -54,6 +54,7 @@ class PluginInfo:
     default_critic: str | None = None  # objective with needs_critic: the critic for critic=auto
     default_data: str | None = None  # teacher: the dataset for data=auto
     train_defaults: dict = attrs.Factory(dict)  # objective: suggested train.* settings (the user's win)
+    default_teacher: str | None = None  # dataset: the teacher for a run that names none (data=digits)
 
     @property
     def doc(self) -> str:
@@ -125,7 +126,7 @@ class Registry:
     def _registrar(self, kind: str, plugin: str, dist: str):
         def register(name: str, factory: Callable, config: type | None = None, *, default_student: str | None = None,
                      default_critic: str | None = None, default_data: str | None = None,
-                     train_defaults: dict | None = None) -> None:
+                     train_defaults: dict | None = None, default_teacher: str | None = None) -> None:
             existing = self.plugins[kind].get(name)
             if existing is not None:
                 raise DuplicatePluginError(
@@ -140,7 +141,8 @@ class Registry:
                 default_student or getattr(factory, "default_student", None),
                 default_critic or getattr(factory, "default_critic", None),
                 default_data or getattr(factory, "default_data", None),
-                dict(train_defaults if train_defaults is not None else getattr(factory, "train_defaults", {}) or {}))
+                dict(train_defaults if train_defaults is not None else getattr(factory, "train_defaults", {}) or {}),
+                default_teacher)
 
         return register
 

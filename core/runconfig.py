@@ -88,7 +88,12 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
             return Choice(plugin, None)
         return Choice(plugin, structure(fields, info.config, name_group))
 
-    teacher_name, teacher_fields = group("teacher", DEFAULTS["teacher"])
+    # a dataset may name the teacher that describes it (data=digits -> teacher=digits) when none is given
+    default_teacher = DEFAULTS["teacher"]
+    data_hint = group("data", DEFAULTS["data"])[0]
+    if data_hint in registry.plugins["dataset"]:
+        default_teacher = registry.get("dataset", data_hint).default_teacher or default_teacher
+    teacher_name, teacher_fields = group("teacher", default_teacher)
     teacher = build("teacher", teacher_name, teacher_fields)
     teacher_info = registry.get("teacher", teacher_name)
     obj_name, obj_fields = group("objective", _default_objective(registry))

@@ -4,9 +4,11 @@
     python -m core.sample teacher=gmm teacher.preset=ring8 sampler=euler steps=8 num=10000 out=t.npz
     python -m core.sample run=RUN prompt="a photo of a cat" num=4 out=grid.png     (text-to-image runs)
 
-The .npz holds ``samples`` (N x data dims, float32, data space); a PNG preview is written beside it.
-``out=*.png`` writes only the image grid. ``prompt=`` conditions text-to-image teachers (default: the
-unconditional prompt); ``batch=`` bounds how many samples go through the network at once.
+The .npz holds ``samples`` (N x data dims, float32, data space) and, for class-conditional models,
+``labels``; a PNG preview is written beside it. ``out=*.png`` writes only the image grid (one row per
+class for class-conditional image models; ``label=C`` picks one class, ``guidance=W`` the CFG scale).
+``prompt=`` conditions text-to-image teachers (default: the unconditional prompt); ``batch=`` bounds how
+many samples go through the network at once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from core import files
 from core.cli import guard, load_tree
 from core.config import converter
 from core.errors import UsageError
-from core.preview import preview_png
+from core.preview import class_grid_png, preview_png
 from core.protocols import SamplingSpec
 from core.registry import get_registry
 from core.timesteps import make_grid
@@ -58,6 +60,13 @@ def respaced(spec: SamplingSpec, schedule, steps: int, grid: str | None) -> Samp
     """The same sampler on a ``steps``-step grid (students may define their own via ``with_steps``)."""
     times = make_grid(schedule, steps, grid or "polynomial")
     return attrs.evolve(spec, times=times.tolist())
+
+
+def _picture(images, labels) -> bytes:
+    """One row per class for labelled images, else a plain grid."""
+    if labels is None:
+        return preview_png(images)
+    return class_grid_png(images, labels)
 
 
 @guard
@@ -119,8 +128,12 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"prompt= needs a text-to-image teacher; {type(teacher).__name__} takes no prompts "
                              "(drop prompt=)") from None
     elif num_classes:
-        labels = torch.full((num,), label, dtype=torch.long) if label is not None \
-            else torch.randint(0, teacher.num_classes, (num,))
+        if label is not None:
+            labels = torch.full((num,), label, dtype=torch.long)
+        elif out.endswith(".png"):  # a picture: every class in turn, so each grid row fills
+            labels = torch.arange(num) % num_classes
+        else:
+            labels = torch.randint(0, num_classes, (num,))
         cond = teacher.encode_condition(labels)
     extra = {"guidance": guidance} if guidance is not None else {}
     images = len(teacher.data_shape) == 3
@@ -133,7 +146,7 @@ def main(argv: list[str]) -> int:
         if not images:
             raise UsageError(f"out={out}: a PNG grid needs image samples; this teacher's data has shape "
                              f"{tuple(teacher.data_shape)} (use out=FILE.npz)")
-        files.write_bytes_atomic(out, preview_png(samples))
+        files.write_bytes_atomic(out, _picture(samples, cond if prompt is None else None))
         print(f"wrote a grid of {num} images to {out} with {spec.sampler}, {len(spec.times) - 1} steps")
         return 0
     buf = io.BytesIO()
@@ -144,7 +157,8 @@ def main(argv: list[str]) -> int:
     files.write_bytes_atomic(out, buf.getvalue())
     png = out[:-4] + ".png"
     reference = teacher.sample_exact(min(num, 2000)) if hasattr(teacher, "sample_exact") else None
-    files.write_bytes_atomic(png, preview_png(samples[:2000], reference))
+    picture = _picture(samples, cond) if images and prompt is None else preview_png(samples[:2000], reference)
+    files.write_bytes_atomic(png, picture)
     print(f"wrote {num} samples to {out} (preview {png}) with {spec.sampler}, {len(spec.times) - 1} steps")
     return 0
 

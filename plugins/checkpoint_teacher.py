@@ -36,6 +36,9 @@ class CheckpointTeacher:
         self.data_shape = tuple(self.source.data_shape)
         self.num_classes = getattr(self.source, "num_classes", 0)
         self.sigma_data = sigma_data_of(self.net)
+        self.gan_feature_module = getattr(self.net, "gan_feature_module", None)  # e.g. a UNet's bottleneck
+        if hasattr(self.source, "preview_samples"):
+            self.preview_samples = self.source.preview_samples
         self.guidance = config.guidance
         self.run_config = run_cfg
         self.device = torch.device(device)
@@ -55,7 +58,7 @@ class CheckpointTeacher:
         return x
 
     def to_data_space(self, z):
-        return z
+        return self.source.to_data_space(z)  # e.g. the digits pixel range
 
     def trainable_copy(self):
         return copy.deepcopy(self.net).requires_grad_(True).train()
@@ -89,6 +92,10 @@ class TeacherSamples:
     """Exact data of the checkpoint's source teacher (when it has exact samples)."""
 
     def __init__(self, config, teacher):
+        source_data = getattr(getattr(getattr(teacher, "run_config", None), "data", None), "name", None)
+        if not hasattr(teacher, "sample_exact") and source_data not in (None, "teacher-samples"):
+            raise UsageError(f"teacher.path's run was trained on data={source_data}; pass data={source_data} "
+                             "(data=teacher-samples needs a teacher with exact samples)")
         if not hasattr(teacher, "sample_exact"):
             raise UsageError("data=teacher-samples needs a teacher with exact samples (gmm, or a checkpoint of a gmm run)")
         self.teacher = teacher

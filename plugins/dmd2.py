@@ -23,6 +23,8 @@ from core.errors import UsageError
 from core.networks import ResidualMLP
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
 from core.generation import multistep
+from core.registry import get_registry
+from core.timesteps import make_grid
 
 
 def _fraction_range(instance, attribute, value):
@@ -47,7 +49,10 @@ class DMD2Config:
     dm_t_range: tuple[float, float] = attrs.field(
         default=(0.02, 0.98), validator=_fraction_range,
         metadata={"doc": "DM-loss t as fractions of the teacher's schedule (schedule.t_from_fraction)"})
-    lr: float = attrs.field(default=1e-4, validator=positive, metadata={"doc": "generator learning rate"})
+    lr: float | None = attrs.field(
+        default=None, validator=positive,
+        metadata={"doc": "generator learning rate (default: 1e-3 for a generator trained from scratch, i.e. with an "
+                         "analytic teacher, 1e-4 for a copy of the teacher's network)"})
     critic_lr: float | None = attrs.field(default=None, validator=positive,
                                           metadata={"doc": "critic (and GAN head) learning rate (default: lr)"})
     weight_decay: float = attrs.field(default=0.01, metadata={"doc": "AdamW weight decay of both optimizers"})
@@ -56,6 +61,14 @@ class DMD2Config:
         default="auto", metadata={"doc": "GAN head on the critic; auto: on when the run has real data"})
     gan_gen_weight: float = attrs.field(default=3e-3, metadata={"doc": "lambda_G (generator GAN weight)"})
     gan_disc_weight: float = attrs.field(default=1e-2, metadata={"doc": "lambda_D (critic GAN weight)"})
+    regression_weight: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
+        metadata={"doc": "lambda_reg: DMD's regression loss ||G(x_in) - ODE_teacher(x_in)||^2 on the generator's "
+                         "own inputs (default: 1 for a generator trained from scratch, where it keeps every mode; "
+                         "0, as DMD2, for a copy of the teacher's network)"})
+    regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
+    regression_steps: int = attrs.field(default=16, validator=positive,
+                                        metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
@@ -115,6 +128,7 @@ class DMD2:
                 raise UsageError(f"dmd2 needs the {role} on the teacher's noise schedule "
                                  f"({teacher.schedule.name}); got {net.schedule.name}")
         self.times = generator_times(self.config, teacher.schedule)
+        self.from_scratch = bool(getattr(teacher, "analytic", False))  # no teacher network to start G from
         if self.config.gan == "off":
             return {}
         name = self._feature_module_name(teacher, critic)
@@ -141,8 +155,22 @@ class DMD2:
     def phases(self) -> list[Phase]:
         c = self.config
         critic_nets = ("critic",) if c.gan == "off" else ("critic", "gan_head")
-        return [Phase("generator", ("student",), every=c.critic_updates, lr=c.lr, weight_decay=c.weight_decay),
-                Phase("critic", critic_nets, lr=c.critic_lr or c.lr, weight_decay=c.weight_decay)]
+        lr = self.generator_lr
+        return [Phase("generator", ("student",), every=c.critic_updates, lr=lr, weight_decay=c.weight_decay),
+                Phase("critic", critic_nets, lr=c.critic_lr or lr, weight_decay=c.weight_decay)]
+
+    # defaults that depend on whether the generator starts from scratch (measured: docs/methods/quality.md)
+    @property
+    def generator_lr(self) -> float:
+        if self.config.lr is not None:
+            return self.config.lr
+        return 1e-3 if getattr(self, "from_scratch", False) else 1e-4
+
+    @property
+    def regression_weight(self) -> float:
+        if self.config.regression_weight is not None:
+            return self.config.regression_weight
+        return 1.0 if getattr(self, "from_scratch", False) else 0.0
 
     # -- one iteration -----------------------------------------------------------------------------------------
     def loss(self, phase: str, ctx) -> tuple[Tensor, dict]:
@@ -195,6 +223,10 @@ class DMD2:
         ctx.cache["dmd2.x"] = x.detach()
         dm = self.distribution_matching_loss(x, ctx.batch["cond"], ctx.teacher, ctx.critic)
         loss, metrics = c.dm_weight * dm, {"dm": dm.detach()}
+        if self.regression_weight:
+            reg = self.regression_loss(ctx, x)
+            loss = loss + self.regression_weight * reg
+            metrics["regression"] = reg.detach()
         if self.use_gan(ctx):
             g = gan.generator_loss(*self.discriminate(ctx, [x], ctx.batch["cond"]))
             loss = loss + c.gan_gen_weight * g
@@ -234,6 +266,23 @@ class DMD2:
             x0_real = teacher.denoise(x_t, tt, cond, guidance=guidance)
             x0_fake = critic.denoise(x_t, tt, cond)
         return ops.dmd_loss(x, x0_real, x0_fake)
+
+    def regression_loss(self, ctx, x: Tensor) -> Tensor:
+        """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
+        is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
+        ``regression_solver`` from tau_k to 0, with the real score's guidance), so every noise keeps the mode the
+        teacher assigns it. Computed per generator update, not from a stored pair set."""
+        x_in, t_in = self.generator_input(ctx)
+        c, teacher = self.config, ctx.teacher
+        sched = teacher.schedule
+        grid = make_grid(sched, c.regression_steps, t_max=float(t_in[0]))
+        solver = get_registry().get("sampler", c.regression_solver).factory
+        guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
+        extra = {} if guidance is None or ctx.batch["cond"] is None else {"guidance": guidance}
+        with torch.no_grad():
+            noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
+            target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
+        return torch.nn.functional.mse_loss(x, target.to(x.dtype))
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
         """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's

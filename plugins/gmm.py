@@ -113,6 +113,8 @@ class GMMConfig:
 class GaussianMixtureTeacher:
     """Exact teacher: closed-form denoiser of a diagonal Gaussian mixture (float64 inside)."""
 
+    analytic = True  # no network: students and critics start from scratch (objectives adapt their defaults)
+
     def __init__(self, config: GMMConfig, device="cpu"):
         spec = load_spec(config.spec) if config.spec else preset(config.preset)
         self.config = config

@@ -90,8 +90,9 @@ def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "co
 def _data(ctx) -> Tensor:
     x = ctx.batch.get("x")
     if x is None:
-        raise UsageError("moment matching forward-diffuses real data, but this run has no dataset; "
-                         "set data=NAME (e.g. data=gmm, or data=teacher-samples for a checkpoint teacher)")
+        hint = getattr(ctx.teacher, "real_data_hint", "data=NAME (e.g. data=gmm, or data=teacher-samples for a "
+                                                       "checkpoint teacher)")
+        raise UsageError(f"moment matching forward-diffuses real data, but this run has none; set {hint}")
     return x
 
 
@@ -111,9 +112,13 @@ TRAIN_DEFAULTS = {"warmup": 100, "lr_decay": "linear"}
 @attrs.define(kw_only=True)
 class MMConfig:
     steps: int = attrs.field(default=4, validator=positive, metadata={"doc": "student sampling steps k"})
-    lr: float = attrs.field(default=1e-4, validator=positive, metadata={"doc": "generator learning rate"})
+    lr: float | None = attrs.field(
+        default=None, validator=positive,
+        metadata={"doc": "generator learning rate (default: 1e-3 from scratch, i.e. with an analytic teacher; "
+                         "1e-4 for copies of the teacher's network)"})
     aux_lr: float | None = attrs.field(default=None, validator=positive,
-                                       metadata={"doc": "auxiliary learning rate (default: lr)"})
+                                       metadata={"doc": "auxiliary learning rate (default: 5 x lr, two time-scale "
+                                                        "updates at the paper's 1:1 alternation)"})
     aux_steps: int = attrs.field(default=1, validator=positive,
                                  metadata={"doc": "auxiliary updates per generator update (paper: 1)"})
     aux_teacher_weight: float = attrs.field(default=1.0, validator=non_negative,
@@ -126,6 +131,11 @@ class MMConfig:
         default="continuous", metadata={"doc": "continuous (paper) or t on the grid i/k (Dual-Rate)"})
     guidance: float | None = attrs.field(default=None, metadata={"doc": "CFG scale of the teacher term "
                                                                         "(default: the teacher's own)"})
+    teacher_fit: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
+        metadata={"doc": "first iterations that fit generator and auxiliary to the teacher's x-prediction, since "
+                         "Alg. 2 starts both as copies of the teacher (default: 600 with an analytic teacher, "
+                         "which has no network to copy; 0 otherwise)"})
 
 
 class MomentMatching:
@@ -138,14 +148,36 @@ class MomentMatching:
         self.config = config
 
     def build(self, nets):
+        self.analytic = bool(getattr(nets["teacher"], "analytic", False))  # no network: G and g_phi start fresh
+        fit = self.config.teacher_fit
+        self.fit_iterations = (600 if self.analytic else 0) if fit is None else fit
         return {}
+
+    def fit_loss(self, net, ctx) -> tuple[Tensor, dict]:
+        """w(t) ||g(z_t, t) - g_theta(z_t, t)||^2 on forward-diffused data, t over the whole range: makes ``net`` a
+        copy of the teacher's denoiser, the initialisation Alg. 2 prescribes for generator and auxiliary."""
+        x, cond = _data(ctx), ctx.batch["cond"]
+        sched = ctx.student.schedule
+        t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
+        z_t = ops.add_noise(x, torch.randn_like(x), sched.alpha(t), sched.sigma(t))
+        with torch.no_grad():
+            target = self.teacher_x0(ctx.teacher, z_t, t, cond)
+        w = loss_weight(sched, t, self.config.weighting, float(sigma_data_of(ctx.teacher, ctx.student))).to(x.dtype)
+        fit = ops.weighted_loss(net.denoise(z_t, t.to(x.dtype), cond), target, w)
+        return fit, {"teacher_fit": fit.detach()}
 
     def phases(self):
         c = self.config
         # even iterations: auxiliary (aux_steps optimizer steps); odd: generator, as in the paper's loop.
         return [Phase("auxiliary", trains=("critic",), every=2, offset=0, repeats=c.aux_steps,
-                      lr=c.aux_lr or c.lr, **ADAM),
-                Phase("generator", trains=("student",), every=2, offset=1, lr=c.lr, **ADAM)]
+                      lr=c.aux_lr or 5 * self.lr, **ADAM),
+                Phase("generator", trains=("student",), every=2, offset=1, lr=self.lr, **ADAM)]
+
+    @property
+    def lr(self) -> float:
+        if self.config.lr is not None:
+            return self.config.lr
+        return 1e-3 if getattr(self, "analytic", False) else 1e-4
 
     def teacher_x0(self, teacher, z_s: Tensor, s: Tensor, cond):
         """g_theta(z_s, s), guided when a scale is set (the auxiliary stays unguided)."""
@@ -159,6 +191,8 @@ class MomentMatching:
         x, cond = _data(ctx), ctx.batch["cond"]
         student, aux = nets["student"], nets["critic"]
         w_kind, sd = c.weighting, float(sigma_data_of(nets["teacher"], nets["student"]))
+        if ctx.iteration < getattr(self, "fit_iterations", 0):
+            return self.fit_loss(aux if phase == "auxiliary" else student, ctx)
         if phase == "auxiliary":
             with torch.no_grad():
                 d = draw(student, x, cond, c.steps, c.eta, c.time_sampling)

@@ -169,8 +169,8 @@ class NFEConditioned(nn.Module):
         backbone = getattr(net, "backbone", None)
         if backbone is None or "extra_emb" not in inspect.signature(backbone.forward).parameters:
             raise UsageError("student=copy-nfe needs a teacher network whose backbone takes extra_emb "
-                             "(core.networks.ResidualMLP); this teacher's does not")
-        width = backbone.time[-1].out_features
+                             "(core.networks.ResidualMLP, plugins.unet); this teacher's does not")
+        width = getattr(backbone, "emb_width", None) or backbone.time[-1].out_features
         self.net, self.schedule = net, net.schedule
         self.sigma_data = sigma_data_of(net)
         self.register_buffer("freqs", torch.exp(-math.log(100.0) * torch.arange(emb_dim // 2) / (emb_dim // 2)))

@@ -53,17 +53,16 @@ def plain_diffusers(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def load_and_sample(export: str, family: str, steps: int) -> dict:
+def load_and_sample(export: str, family: str, call: dict) -> dict:
+    """The export with its stock scheduler and the recorded call, in plain diffusers."""
     extra = ", text_encoder_3=None, tokenizer_3=None" if family == "sd3" else ""
-    call = ", max_sequence_length=16" if family == "sd3" else ""
     return plain_diffusers(f"""
         import json, torch
         from diffusers import DiffusionPipeline
         pipe = DiffusionPipeline.from_pretrained({export!r}{extra})
         pipe.set_progress_bar_config(disable=True)
         g = torch.Generator().manual_seed(0)
-        out = pipe(["a red cube", "a cat"], num_inference_steps={steps}, guidance_scale=0.0, generator=g,
-                   height=16, width=16, output_type="pt"{call})
+        out = pipe(["a red cube", "a cat"], generator=g, output_type="pt", **{call!r})
         img = out.images
         print(json.dumps({{"shape": list(img.shape), "finite": bool(torch.isfinite(img).all()),
                           "std": float(img.std()), "scheduler": type(pipe.scheduler).__name__,
@@ -114,8 +113,7 @@ def test_cli_run_then_plain_diffusers_samples(objective, teacher, data, extra, s
     export = out / "export"
     meta = json.loads((export / "fewstep_sampling.json").read_text())
     assert meta["scheduler"] == scheduler
-    k = meta["num_inference_steps"]
-    result = load_and_sample(str(export), teacher, k)
+    result = load_and_sample(str(export), teacher, meta["call_kwargs"])
     assert result["shape"] == [2, 3, 16, 16] and result["finite"] and result["std"] > 0
     assert result["scheduler"] == scheduler
     if meta["matches_student_sampler"]:
@@ -150,7 +148,7 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
         base = DiffusionPipeline.from_pretrained({sdxl_dir!r})
         torch.manual_seed(0)
         x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 500])
-        emb, pooled = torch.randn(2, 16, 64), torch.randn(2, 32)
+        emb, pooled = torch.randn(2, 16, 80), torch.randn(2, 48)
         kw = dict(encoder_hidden_states=emb, added_cond_kwargs={{"text_embeds": pooled,
                   "time_ids": torch.tensor([[16., 16, 0, 0, 16, 16]]).expand(2, -1)}})
         with torch.no_grad():
@@ -163,16 +161,31 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
     """)
     assert r["merged_vs_teacher"] > 1e-4  # training moved the student
     assert r["lora_vs_merged"] < 1e-3 * r["merged_vs_teacher"] + 1e-6
+    # `core.sample seed=S` (which loads the LoRA student) and the export with torch.manual_seed(S): same images
+    npz = tmp_path / "s.npz"
+    cli("core.sample", f"run={out}", "prompt=a red cube", "num=2", "seed=5", f"out={npz}", "device=cpu")
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from plugins.diffusers.scheduler import FewstepScheduler
+
+    ours = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
+    exact = json.loads((out / "export" / "fewstep_sampling.json").read_text())["exact"]
+    pipe = DiffusionPipeline.from_pretrained(str(out / "export"))
+    pipe.scheduler = FewstepScheduler.from_pretrained(str(out / "export"), subfolder=exact["subfolder"])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = pipe(["a red cube"] * 2, output_type="pt", **exact["call_kwargs"]).images
+    assert float((theirs - ours).abs().max()) <= 1e-3
 
 
 def test_images_dataset_caches_latents_with_captions(sd15_dir, images):
     from plugins.diffusers.data import Images, ImagesConfig
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     data = Images(ImagesConfig(path=images, caption="default caption"), teacher)
-    assert data._latents is None  # nothing encoded until data is drawn
+    assert data._groups is None  # nothing encoded until data is drawn
     assert data.latents.shape == (3, *teacher.data_shape)
     assert data.captions == ["a red cube", "default caption", "a photo of a cat"]
     torch.manual_seed(1)
@@ -211,8 +224,7 @@ def test_without_diffusers_list_works_and_runs_say_how_to_install(sdxl_dir):
 
 def test_images_latents_are_deterministic_and_leave_the_global_rng_alone(sd15_dir, images):
     from plugins.diffusers.data import Images, ImagesConfig
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     teacher = DiffusersTeacher(DiffusersTeacherConfig(path=sd15_dir), "cpu", "sd15")
     state = torch.get_rng_state()

@@ -23,8 +23,7 @@ SEQ3 = 16  # SD3 T5 tokens (zeros without T5): short keeps CPU tests fast
 
 @functools.lru_cache(maxsize=None)
 def _cached(path, family, items):
-    from plugins.diffusers.teacher import DiffusersTeacher
-    from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+    from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
     return DiffusersTeacher(DiffusersTeacherConfig(path=path, max_sequence_length=SEQ3, **dict(items)), "cpu", family)
 
@@ -53,8 +52,8 @@ def reference_output(teacher, x, t_model, prompts, guidance):
                                     pooled_projections=pooled_, return_dict=False)[0]
         kw = {}
         if fam == "sdxl":
-            r = teacher.resolution
-            ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).expand(n, -1)
+            h, w = teacher.resolution
+            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(n, -1)
             kw["added_cond_kwargs"] = {"text_embeds": pooled_, "time_ids": ids}
         return pipe.unet(x, t_model, encoder_hidden_states=emb, return_dict=False, **kw)[0]
     p_c = pooled if fam != "sd15" else None
@@ -126,7 +125,7 @@ def test_one_step_pipeline_output_equals_teacher_x0(which, scheduler, guidance, 
     kw = {"max_sequence_length": SEQ3} if which == "sd3" else {}
     try:
         out = pipe(PROMPTS, latents=z.clone(), num_inference_steps=1, guidance_scale=guidance, output_type="latent",
-                   height=res, width=res, **kw).images
+                   height=res[0], width=res[1], **kw).images
     finally:
         pipe.scheduler = original
     t = 1.0 if which == "sd3" else 999.0
@@ -152,7 +151,7 @@ def test_prompt_bank_encodes_once_and_null_is_the_pipelines_uncond(sdxl_dir, sd1
 @torch.no_grad()
 def test_vae_spaces(sd3_dir):
     teacher = teacher_for(sd3_dir, "sd3")
-    img = torch.rand(2, 3, teacher.resolution, teacher.resolution) * 2 - 1
+    img = torch.rand(2, 3, *teacher.resolution) * 2 - 1
     z = teacher.to_model_space(img)
     assert z.shape == (2, *teacher.data_shape)
     assert teacher.to_model_space(z) is z  # cached latents pass through

@@ -1,5 +1,6 @@
 """Diffusers teachers (``sdxl``, ``sd15``, ``sd3``/``flow``), ``diffusers`` students and critics (full or
-LoRA), datasets ``prompts`` and ``images``, and export of the student as a diffusers pipeline.
+LoRA), datasets ``prompts`` and ``images``, the ``validation`` callback (fixed-prompt preview grids), and export
+of the student as a diffusers pipeline.
 
 Registration imports nothing heavy: diffusers, transformers and peft load inside the factories, so
 ``python -m core.run list`` works without them and a run that needs them says ``pip install
@@ -9,9 +10,10 @@ Registration imports nothing heavy: diffusers, transformers and peft load inside
 from __future__ import annotations
 
 from core import hookimpl
+from core.errors import UsageError
 from plugins.diffusers.data import Images, ImagesConfig, Prompts, PromptsConfig
 from plugins.diffusers.lora import NetConfig
-from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+from plugins.diffusers.teacher import DiffusersTeacherConfig
 
 
 def _teacher(family: str, doc: str):
@@ -31,23 +33,34 @@ def _teacher(family: str, doc: str):
     return make
 
 
+def _copy(teacher, config: NetConfig, role: str, device):
+    """A trainable fp32 copy of the diffusers teacher's UNet / transformer, LoRA with ``lora_rank > 0``. DMD2 keeps
+    its fake score a full copy even with a LoRA generator, which ``critic=fake-score`` (the default) does."""
+    from plugins.diffusers.lora import add_lora
+    from plugins.diffusers.teacher import DiffusersTeacher
+
+    if not isinstance(teacher, DiffusersTeacher):
+        raise UsageError(f"{role}=diffusers needs a diffusers teacher (sdxl, sd15, sd3, flow); "
+                         f"got {type(teacher).__name__}")
+    net = teacher.trainable_copy()
+    if config.lora_rank > 0:
+        add_lora(net, config)
+    return net.to(device)
+
+
 def _student(config, teacher, device="cpu"):
     """Trainable copy of a diffusers teacher's UNet/transformer (LoRA with student.lora_rank > 0)."""
-    from plugins.diffusers.networks import diffusers_student
-
-    return diffusers_student(config, teacher, device)
+    return _copy(teacher, config, "student", device)
 
 
 def _critic(config, teacher, student, device="cpu"):
     """Fake score from a diffusers teacher's network (LoRA with critic.lora_rank > 0)."""
-    from plugins.diffusers.networks import diffusers_critic
-
-    return diffusers_critic(config, teacher, student, device)
+    return _copy(teacher, config, "critic", device)
 
 
 @hookimpl
 def register_teachers(register):
-    register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|URL|HUB_ID), eps or v"),
+    register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|FILE.safetensors|URL|HUB_ID), eps or v"),
              config=DiffusersTeacherConfig)
     register("sd15", _teacher("sd15", "Stable Diffusion 1.x/2.x pipeline (teacher.path=...), eps or v"),
              config=DiffusersTeacherConfig)
@@ -71,3 +84,10 @@ def register_critics(register):
 def register_datasets(register):
     register("prompts", Prompts, config=PromptsConfig)
     register("images", Images, config=ImagesConfig)
+
+
+@hookimpl
+def register_callbacks(register):
+    from plugins.diffusers.validation import ValidationGrids
+
+    register("validation", ValidationGrids)

@@ -10,8 +10,12 @@ labels, so objectives slice, concatenate and drop them (label -1) without knowin
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
+
+from plugins.diffusers.cache import content_key
 
 NULL = -1
 
@@ -33,13 +37,17 @@ def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool
 
 
 class PromptBank:
-    """Encoded prompts by id (kept on CPU in the teacher's dtype, moved per batch) and the null condition."""
+    """Encoded prompts by id and the null condition. Rows live in a bounded in-memory LRU (``max_items``, CPU,
+    the teacher's dtype) backed by an on-disk ``TensorStore`` when given: prompts already encoded by an earlier
+    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn."""
 
-    def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256):
+    def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
+                 max_items: int = 1024):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
         self.ids: dict[str, int] = {}
-        self.rows: dict[str, list[Tensor]] = {}
+        self.prompts: list[str] = []
+        self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
         with torch.no_grad():
             null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
         self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
@@ -50,16 +58,45 @@ class PromptBank:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _keep(self, i: int, row: dict[str, Tensor]) -> None:
+        self.rows[i] = row
+        self.rows.move_to_end(i)
+        while len(self.rows) > self.max_items and self.store is not None:  # without a store nothing can be evicted
+            self.rows.popitem(last=False)
+
+    def _row(self, i: int) -> dict[str, Tensor]:
+        row = self.rows.get(i)
+        if row is None:
+            row = self.store.get(content_key(self.prompts[i])) if self.store is not None else None
+            if row is None:  # the cache entry vanished: encode again
+                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.device, False,
+                                     self.max_sequence_length)
+                row = {k: v[0].to("cpu", self.dtype) for k, v in enc.items()}
+            self._keep(i, row)
+        else:
+            self.rows.move_to_end(i)
+        return row
+
     @torch.no_grad()
     def add(self, prompts: list[str]) -> Tensor:
-        """Ids of ``prompts``, encoding the ones not seen before in one batch."""
+        """Ids of ``prompts``; new ones are read from the disk cache or encoded in one batch (and stored)."""
         new = list(dict.fromkeys(p for p in prompts if p not in self.ids))
-        if new:
-            enc = encode_prompts(self.pipe, self.family, new, self.device, False, self.max_sequence_length)
-            for i, p in enumerate(new):
-                self.ids[p] = len(self.ids)
-                for k, v in enc.items():
-                    self.rows.setdefault(k, []).append(v[i].to("cpu", self.dtype))
+        missing = []
+        for p in new:
+            self.ids[p] = len(self.prompts)
+            self.prompts.append(p)
+            hit = self.store.get(content_key(p)) if self.store is not None else None
+            if hit is None:
+                missing.append(p)
+            else:
+                self._keep(self.ids[p], hit)
+        if missing:
+            enc = encode_prompts(self.pipe, self.family, missing, self.device, False, self.max_sequence_length)
+            for j, p in enumerate(missing):
+                row = {k: v[j].to("cpu", self.dtype) for k, v in enc.items()}
+                if self.store is not None:
+                    self.store.put(content_key(p), row)
+                self._keep(self.ids[p], row)
         return torch.tensor([self.ids[p] for p in prompts], dtype=torch.long, device=self.device)
 
     def lookup(self, cond: Tensor | None, batch: int, device, dtype) -> dict[str, Tensor]:
@@ -67,8 +104,5 @@ class PromptBank:
         ids = [NULL] * batch if cond is None else torch.as_tensor(cond).reshape(-1).tolist()
         if len(ids) != batch:
             raise ValueError(f"got {len(ids)} prompt ids for a batch of {batch}")
-        out = {}
-        for k, null in self.null.items():
-            rows = self.rows.get(k, [])
-            out[k] = torch.stack([null if i < 0 else rows[i] for i in ids]).to(device, dtype, non_blocking=True)
-        return out
+        rows = [self.null if i < 0 else self._row(i) for i in ids]
+        return {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}

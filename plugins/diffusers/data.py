@@ -1,10 +1,13 @@
-"""Datasets ``prompts`` (one prompt a line) and ``images`` (a folder of images with optional same-name
-.txt captions, encoded once with the teacher's VAE and kept as latents: the GAN's real data).
+"""Datasets ``prompts`` (text only: data-free distillation) and ``images`` (images with optional same-name .txt
+captions, encoded once with the teacher's VAE: the GAN's and moment matching's real data).
 Draws use torch's global RNG so resumed runs see the same batches."""
 
 from __future__ import annotations
 
+import csv
 import io
+import json
+import math
 import os
 
 import attrs
@@ -13,55 +16,133 @@ import torch
 
 from core.config import positive
 from core.errors import UsageError
+from plugins.diffusers.cache import cached_latents, content_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+# -- prompts -----------------------------------------------------------------------------------------
 @attrs.define(kw_only=True)
 class PromptsConfig:
-    path: str = attrs.field(default="", metadata={"doc": "text file (local or fsspec URL), one prompt a line"})
+    path: str = attrs.field(default="", metadata={"doc": "a .txt file (one prompt a line), a folder of .txt files, "
+                                                         "a .csv or a .jsonl file; local or fsspec URL"})
+    column: str = attrs.field(default="prompt", metadata={"doc": "CSV column / JSONL field holding the prompt"})
+
+
+def read_prompts(path: str, column: str = "prompt") -> list[str]:
+    """Prompts from ``path``: .csv (header row, column ``column``), .jsonl (field ``column`` of each object),
+    a folder (every line of every .txt file in it, sorted by name) or any other text file (one a line)."""
+    if not path:
+        raise UsageError("data=prompts needs data.path=FILE|FOLDER (.txt one prompt a line, .csv, .jsonl)")
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isdir(root):
+        files = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".txt"))
+        if not files:
+            raise UsageError(f"data.path={path} is a folder without .txt files; give a prompt file or a folder "
+                             "of .txt files")
+        texts = [(p, fs.cat_file(p).decode("utf-8")) for p in files]
+    elif not fs.exists(root):
+        raise UsageError(f"data.path={path}: no such file")
+    else:
+        texts = [(root, fs.cat_file(root).decode("utf-8"))]
+    prompts = []
+    for name, text in texts:
+        lower = name.lower()
+        rows = (_csv_prompts(text, column, path) if lower.endswith(".csv") else
+                _jsonl_prompts(text, column, path) if lower.endswith((".jsonl", ".ndjson")) else text.splitlines())
+        prompts += [p.strip() for p in rows if p and p.strip()]
+    if not prompts:
+        raise UsageError(f"data.path={path} holds no prompts")
+    return prompts
+
+
+def _csv_prompts(text: str, column: str, path: str) -> list[str]:
+    try:
+        rows = list(csv.reader(io.StringIO(text), strict=True))
+    except csv.Error as exc:
+        raise UsageError(f"data.path={path}: malformed CSV ({exc}); quote fields that hold commas or quotes") from None
+    if not rows:
+        return []
+    header = [h.strip() for h in rows[0]]
+    if column not in header:
+        raise UsageError(f"data.path={path} has no column '{column}' (columns: {', '.join(header)}); "
+                         "set data.column=NAME")
+    col = header.index(column)
+    for line, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(header):
+            raise UsageError(f"data.path={path}: malformed CSV, row {line} has {len(row)} fields and the header "
+                             f"{len(header)}; quote fields that hold commas")
+    return [row[col] for row in rows[1:] if row]
+
+
+def _jsonl_prompts(text: str, field: str, path: str) -> list[str]:
+    out = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"data.path={path}: line {line} is not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise UsageError(f"data.path={path}: line {line} has no string field '{field}'; set data.column=NAME")
+        out.append(obj[field])
+    return out
 
 
 class Prompts:
-    """Prompts from a file, drawn uniformly with replacement (no images: data-free distillation)."""
+    """Prompts drawn uniformly with replacement (no images: data-free distillation, as DMD2 and SFD train)."""
 
     def __init__(self, config: PromptsConfig, teacher=None):
-        if not config.path:
-            raise UsageError("data=prompts needs data.path=FILE (one prompt a line)")
-        try:
-            with fsspec.open(config.path, "r", encoding="utf-8") as f:
-                self.prompts = [line.strip() for line in f if line.strip()]
-        except FileNotFoundError:
-            raise UsageError(f"data.path={config.path}: no such file") from None
-        if not self.prompts:
-            raise UsageError(f"data.path={config.path} holds no prompts (one prompt a line)")
+        self.prompts = read_prompts(config.path, config.column)
 
     def sample(self, n: int) -> dict:
         idx = torch.randint(len(self.prompts), (n,)).tolist()
         return {"x": None, "cond": [self.prompts[i] for i in idx]}
 
 
+# -- images ------------------------------------------------------------------------------------------
 @attrs.define(kw_only=True)
 class ImagesConfig:
     path: str = attrs.field(default="", metadata={"doc": "folder of images (local or fsspec URL); a.txt captions a.png"})
     caption: str = attrs.field(default="", metadata={"doc": "caption for images without a .txt file"})
     batch: int = attrs.field(default=16, validator=positive, metadata={"doc": "VAE encoding batch"})
+    buckets: bool = attrs.field(default=False, metadata={
+        "doc": "aspect-ratio buckets: each image goes to the size of about the teacher's area closest to its "
+               "aspect; every batch comes from one bucket (off: center-crop to teacher.resolution)"})
+    max_aspect: float = attrs.field(default=2.0, validator=positive, metadata={"doc": "widest bucket, W/H or H/W"})
+    cache_dir: str = attrs.field(default="", metadata={"doc": "latent cache folder or fsspec URL (default: "
+                                                              "FEWSTEP_CACHE/latents; 'none' keeps them in memory)"})
 
 
-def _load_image(data: bytes, size: int) -> torch.Tensor:
-    """Center-crop to a square, resize to ``size``, scale to [-1, 1], [3, size, size]."""
+def bucket_sizes(resolution: tuple[int, int], multiple: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(H, W) pairs, both multiples of ``multiple``, of about the area of ``resolution``, aspect within max_aspect."""
+    area = resolution[0] * resolution[1]
+    sizes = {tuple(resolution)}
+    for h in range(multiple, int(math.sqrt(area * max_aspect)) + multiple, multiple):
+        w = max(multiple, round(area / h / multiple) * multiple)
+        if 1 / max_aspect <= w / h <= max_aspect:
+            sizes.add((h, w))
+    return sorted(sizes)
+
+
+def _load_image(data: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """Center-crop to the aspect of ``size`` = (H, W), resize, scale to [-1, 1]: [3, H, W]."""
     import numpy as np
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.BICUBIC)
+    th, tw = size
+    scale = max(th / h, tw / w)
+    cw, ch = min(w, round(tw / scale)), min(h, round(th / scale))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch)).resize((tw, th), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 class Images:
-    """Real images and their captions; latents computed once with the teacher's VAE and cached in memory."""
+    """Real images and their captions; latents computed once with the teacher's VAE, grouped by bucket."""
 
     def __init__(self, config: ImagesConfig, teacher):
         if not config.path:
@@ -75,30 +156,58 @@ class Images:
         if not self.files:
             raise UsageError(f"data.path={config.path} holds no images ({', '.join(IMAGE_EXTS)})")
         self.fs, self.config, self.teacher = fs, config, teacher
-        self._latents: torch.Tensor | None = None
-        self.captions: list[str] = []
+        self._groups: list[tuple[torch.Tensor, list[str]]] | None = None
+
+    def _bucket(self, path: str, sizes) -> tuple[int, int]:
+        from PIL import Image
+
+        with self.fs.open(path, "rb") as f:
+            w, h = Image.open(f).size  # reads the header only
+        return min(sizes, key=lambda s: (abs(math.log(w / h) - math.log(s[1] / s[0])), s))
+
+    def _encode(self) -> list[tuple[torch.Tensor, list[str]]]:
+        fs, teacher, cfg = self.fs, self.teacher, self.config
+        sizes = bucket_sizes(teacher.resolution, teacher.size_multiple, cfg.max_aspect) if cfg.buckets \
+            else [tuple(teacher.resolution)]
+        members: dict[tuple[int, int], list[str]] = {}
+        for p in self.files:
+            members.setdefault(self._bucket(p, sizes) if cfg.buckets else sizes[0], []).append(p)
+        groups = []
+        for size, paths in sorted(members.items()):
+            images = [(content_key(fs.ukey(p), size), lambda p=p: _load_image(fs.cat_file(p), size)) for p in paths]
+            latents = cached_latents(teacher, images, cfg.batch, cfg.cache_dir)
+            captions = []
+            for p in paths:
+                txt = os.path.splitext(p)[0] + ".txt"
+                captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else cfg.caption)
+            groups.append((latents, captions))
+        return groups
+
+    @property
+    def groups(self) -> list[tuple[torch.Tensor, list[str]]]:
+        """(latents, captions) per bucket, encoded on first use (sampling a finished run never pays for it)."""
+        if self._groups is None:
+            self._groups = self._encode()
+        return self._groups
 
     @property
     def latents(self) -> torch.Tensor:
-        """Encoded on first use (so sampling a finished run never pays for it), then kept."""
-        if self._latents is None:
-            fs, teacher, latents, captions = self.fs, self.teacher, [], []
-            for start in range(0, len(self.files), self.config.batch):
-                chunk = self.files[start:start + self.config.batch]
-                images = torch.stack([_load_image(fs.cat_file(p), teacher.resolution) for p in chunk])
-                # the VAE posterior draw uses its own seeded stream: same latents every time, and the
-                # global RNG (which resumes restore) is left untouched
-                cuda = [teacher.device] if teacher.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(start)
-                    latents.append(teacher.to_model_space(images.to(teacher.device)).cpu())
-                for p in chunk:
-                    txt = os.path.splitext(p)[0] + ".txt"
-                    captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else self.config.caption)
-            self._latents, self.captions = torch.cat(latents), captions
-        return self._latents
+        """All latents of the single bucket (without buckets)."""
+        if len(self.groups) != 1:
+            raise ValueError("latents of a bucketed dataset differ in shape; use .groups")
+        return self.groups[0][0]
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for _, caps in self.groups for c in caps]
 
     def sample(self, n: int) -> dict:
-        latents = self.latents
+        """``n`` latents from one bucket (drawn in proportion to its size), each with its own caption."""
+        groups = self.groups
+        g = 0
+        if len(groups) > 1:
+            counts = torch.tensor([len(c) for _, c in groups], dtype=torch.float64)
+            g = int(torch.multinomial(counts, 1))
+        latents, captions = groups[g]
         idx = torch.randint(len(latents), (n,))
-        return {"x": latents[idx], "cond": [self.captions[i] for i in idx.tolist()]}
+        return {"x": latents[idx], "cond": [captions[i] for i in idx.tolist()]}

@@ -20,13 +20,11 @@ from core.schedules import NoiseSchedule
 
 class DiffusersDenoiser(nn.Module):
     def __init__(self, net: nn.Module, family: str, schedule: NoiseSchedule, prediction: str, bank,
-                 resolution: int, time_scale: float = 1.0):
+                 resolution, time_scale: float = 1.0, vae_scale: int = 8):
         super().__init__()
         self.net, self.family, self.schedule, self.prediction = net, family, schedule, prediction
-        self.bank, self.resolution, self.time_scale = bank, resolution, time_scale
-        # SDXL micro-conditioning: (original size, crop top-left, target size) at the run's resolution
-        self.register_buffer("time_ids", torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
-                                                      dtype=torch.float32), persistent=False)
+        self.resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        self.bank, self.time_scale, self.vae_scale = bank, time_scale, vae_scale
         # the GAN head reads bottleneck features through a forward hook on this submodule (DMD2 sec. 6)
         if family == "sd3":
             self.gan_tap = nn.Identity()  # transformer tokens reshaped to [B, C, h, w] pass through here
@@ -60,9 +58,15 @@ class DiffusersDenoiser(nn.Module):
                             pooled_projections=emb["pooled"], return_dict=False)[0]
         extra = {}
         if self.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"],
-                                          "time_ids": self.time_ids.to(dtype).expand(x.shape[0], -1)}
+            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x)}
         return self.net(x, steps, encoder_hidden_states=emb["text"], return_dict=False, **extra)[0]
+
+    def time_ids(self, x: Tensor) -> Tensor:
+        """SDXL micro-conditioning from the real image size (H, W) = latent size x VAE factor, as the SDXL
+        pipeline builds it for a generated image: (original H, W; crop top, left = 0, 0; target H, W)."""
+        h, w = (int(v) * self.vae_scale for v in x.shape[-2:])
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype, device=x.device)
+        return ids.expand(x.shape[0], -1)
 
     def embed(self, cond, batch: int, device) -> dict[str, Tensor]:
         return self.bank.lookup(cond, batch, device, self.dtype)

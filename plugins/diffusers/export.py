@@ -29,30 +29,27 @@ EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 
 def student_scheduler(teacher, spec) -> tuple[object, dict]:
-    """A diffusers scheduler for the student's sampler, and a record of how well its grid matches."""
+    """The closest stock diffusers scheduler for the student's sampler, and the record of the export: the stock
+    scheduler's grid and call, and the exact recipe through ``FewstepScheduler``."""
     diffusers = require("diffusers")
     times = [float(t) for t in spec.times]
     final_x0 = times[-1] == 0.0
     steps = times[:-1] if final_x0 else times
     k = len(steps)
     known = spec.sampler in ("multistep", "euler", "ddim", "ancestral")
-    call = {"num_inference_steps": k, "guidance_scale": 0.0}
+    size = {"height": teacher.resolution[0], "width": teacher.resolution[1]}
+    call = {"num_inference_steps": k, "guidance_scale": 0.0, **size}
     cfg = dict(teacher.scheduler_config)
     if teacher.family == "sd3":
-        stochastic = spec.sampler in ("multistep", "ancestral")
-        known = spec.sampler != "ancestral" and known
-        candidates = [diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg, stochastic_sampling=stochastic,
-                                                                            shift=shift)
-                      for shift in (cfg.get("shift", 1.0), 1.0)]
-        for sched in candidates:
-            sched.set_timesteps(k)
-            grid = [float(v) for v in sched.sigmas[:-1]]
-            if _close(grid, steps, 1e-3):
-                break
-        else:
-            sched, grid = candidates[0], [float(v) for v in candidates[0].sigmas[:-1]]
-        exact = {"sigmas": steps, "max_sequence_length": teacher.config.max_sequence_length}
-        tol = 1e-3
+        known = spec.sampler in ("multistep", "euler", "ddim")
+        # shift 1 and no dynamic shifting: the given sigmas are used as they are (SD3 re-shifts them otherwise)
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+            cfg, stochastic_sampling=spec.sampler == "multistep", shift=1.0, use_dynamic_shifting=False)
+        call = {"sigmas": steps, "guidance_scale": 0.0, **size,
+                "max_sequence_length": teacher.config.max_sequence_length}
+        sched.set_timesteps(sigmas=steps)
+        grid = [float(v) for v in sched.sigmas[:-1]]
+        tol = 1e-6
     else:
         if spec.sampler == "multistep":  # denoise then re-noise with fresh noise: LCM's step
             sched = diffusers.LCMScheduler.from_config(_accepted(diffusers.LCMScheduler, cfg),
@@ -66,22 +63,42 @@ def student_scheduler(teacher, spec) -> tuple[object, dict]:
                 call["eta"] = float(spec.options.get("eta", 1.0))
         sched.set_timesteps(k)
         grid = [float(t) for t in sched.timesteps]
-        exact = {"timesteps": [int(round(t)) for t in steps]} if spec.sampler == "multistep" else {}
         tol = 1.0
-    if teacher.family == "sd3":
-        call["max_sequence_length"] = teacher.config.max_sequence_length
     matches = known and final_x0 and _close(grid, steps, tol)
     record = {"sampler": spec.sampler, "options": dict(spec.options), "times": times, "num_inference_steps": k,
               "scheduler": type(sched).__name__, "scheduler_grid": grid, "matches_student_sampler": bool(matches),
               "call_kwargs": call}
-    if not matches:
-        record["exact_grid_kwargs"] = exact
-        why = (f"sampler '{spec.sampler}' has no diffusers scheduler" if not known else
-               "the student's grid ends without a final denoise" if not final_x0 else
-               f"its {k}-step grid {[round(g, 4) for g in grid]} differs from the student's {[round(t, 4) for t in steps]}")
-        warn(f"the exported {type(sched).__name__} approximates the student's sampler ({why}); "
-             "fewstep_sampling.json in the export folder records the exact grid")
+    exact = exact_scheduler(teacher, spec)
+    if exact is not None:
+        exact_call = {**size, "num_inference_steps": exact.num_inference_steps, "guidance_scale": 0.0}
+        if teacher.family == "sd3":
+            exact_call["max_sequence_length"] = teacher.config.max_sequence_length
+        record["exact"] = {"scheduler": "plugins.diffusers.scheduler.FewstepScheduler", "subfolder": "fewstep_scheduler",
+                           "call_kwargs": exact_call, "init_noise_sigma": exact.init_noise_sigma,
+                           "latents": "randn * init_noise_sigma" if teacher.family == "sd3" else "pipeline"}
+    else:
+        warn(f"sampler '{spec.sampler}' has no exact diffusers scheduler; the exported {type(sched).__name__} "
+             "approximates it (fewstep_sampling.json records the student's grid)")
     return sched, record
+
+
+def exact_scheduler(teacher, spec):
+    """``FewstepScheduler`` holding the student's grid (alpha, sigma per point from fewstep's schedule), or None
+    for samplers it does not implement (higher-order teacher solvers)."""
+    from plugins.diffusers.scheduler import SAMPLERS, FewstepScheduler
+
+    if spec.sampler not in SAMPLERS:
+        return None
+    schedule, times = teacher.schedule, [float(t) for t in spec.times]
+    point = lambda t, f: float(f(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+    alphas = [1.0 if t == 0 else point(t, schedule.alpha) for t in times]
+    sigmas = [0.0 if t == 0 else point(t, schedule.sigma) for t in times]
+    prediction = "flow_prediction" if teacher.prediction == "flow" else teacher.scheduler_config.get(
+        "prediction_type", "epsilon")
+    return FewstepScheduler(sampler=spec.sampler, times=times, alphas=alphas, sigmas=sigmas,
+                            prediction_type=prediction, time_scale=float(teacher.denoiser.time_scale),
+                            eta=float(spec.options.get("eta", 1.0)), afs=bool(spec.options.get("afs", True)),
+                            num_train_timesteps=int(teacher.scheduler_config.get("num_train_timesteps", 1000)))
 
 
 def _accepted(cls, cfg: dict) -> dict:
@@ -107,6 +124,9 @@ def export_pipeline(teacher, model, spec, out_dir: str) -> str:
     sched, record = student_scheduler(teacher, spec)
     pipe = _pipeline_with(teacher, {teacher.net_name: plain, "scheduler": sched})
     pipe.save_pretrained(dest)
+    exact = exact_scheduler(teacher, spec)
+    if exact is not None:
+        exact.save_pretrained(os.path.join(dest, "fewstep_scheduler"))
     if is_lora:
         _save_lora(pipe, teacher, net, os.path.join(dest, "lora"))
         record["lora"] = "lora/pytorch_lora_weights.safetensors (pipe.load_lora_weights on the teacher pipeline)"
@@ -133,7 +153,8 @@ def _pipeline_with(teacher, components: dict):
     cls = getattr(diffusers, index["_class_name"])
     expected, _ = cls._get_signature_keys(cls)
     missing = {k: None for k in expected if index.get(k, [None])[0] is None and k not in components}
-    return diffusers.DiffusionPipeline.from_pretrained(teacher.folder, **missing, **components)
+    variant = {"variant": teacher.config.variant} if teacher.config.variant else {}
+    return diffusers.DiffusionPipeline.from_pretrained(teacher.folder, **missing, **components, **variant)
 
 
 def _save_lora(pipe, teacher, net, dest: str) -> None:

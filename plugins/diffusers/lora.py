@@ -43,7 +43,11 @@ def add_lora(denoiser, config: NetConfig):
     lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            init_lora_weights="gaussian", target_modules=targets)
     net.requires_grad_(False)
-    net.add_adapter(lora)  # diffusers' PeftAdapterMixin: injects layers in place, names unchanged
+    # peft's random init must not consume the caller's RNG: `core.sample seed=S` draws the same noise for a
+    # LoRA student as the exported pipeline does for `torch.manual_seed(S)`
+    devices = [d for d in {p.device for p in net.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        net.add_adapter(lora)  # diffusers' PeftAdapterMixin: injects layers in place, names unchanged
     for name, p in net.named_parameters():
         p.requires_grad_("lora_" in name)
     denoiser.lora_config = lora

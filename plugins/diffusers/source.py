@@ -1,5 +1,6 @@
-"""Where a teacher pipeline comes from: a local folder, any fsspec URL (copied once to a local cache),
-or a Hugging Face hub id where a hub is reachable."""
+"""Where a teacher pipeline comes from: a diffusers folder, a single-file ``.safetensors`` checkpoint (converted
+once into a diffusers folder in the cache with ``from_single_file``), any fsspec URL of either (copied once to
+a local cache), or a Hugging Face hub id where a hub is reachable. Pickled checkpoints are refused."""
 
 from __future__ import annotations
 
@@ -8,24 +9,110 @@ import json
 import os
 
 import fsspec
+import torch
 
 from core.errors import UsageError
 from plugins.diffusers._require import dtype_kwarg, require
 
-CACHE = os.environ.get("FEWSTEP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fewstep"))
+PICKLED = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flow": "StableDiffusion3Pipeline"}
+
+
+def load_teacher(config, family: str | None, dtype):
+    """(diffusers folder, pipeline) for ``teacher.path`` (see the module docstring)."""
+    path = config.path
+    if path.lower().endswith(PICKLED):
+        raise UsageError(f"teacher.path={path} is a pickled checkpoint, and loading it could run arbitrary code; "
+                         "convert it to .safetensors (or a diffusers folder) and pass that")
+    if path.lower().endswith(".safetensors"):
+        folder = single_file_folder(path, config, family or "sdxl")
+    else:
+        folder = local_folder(path, config.cache_dir)
+    return folder, load_pipeline(folder, torch_dtype=dtype, variant=config.variant or None,
+                                 fp32_vae=dtype == torch.float16 and vae_forces_upcast(folder))
+
+
+def vae_forces_upcast(folder: str) -> bool:
+    """The VAE config's ``force_upcast`` (SDXL's VAE overflows fp16): decode and encode it in fp32."""
+    try:
+        with open(os.path.join(folder, "vae", "config.json")) as f:
+            return bool(json.load(f).get("force_upcast", False))
+    except FileNotFoundError:
+        return False
+
+
+def single_file_folder(path: str, config, family: str) -> str:
+    """Convert a single-file checkpoint once (diffusers' ``from_single_file``, offline) into a diffusers folder under
+    ``FEWSTEP_CACHE/teachers/<hash>``, so trainable copies and exports load it like any pipeline folder."""
+    from plugins.diffusers.cache import cache_root
+
+    diffusers = require("diffusers")
+    cache_dir = config.cache_dir or os.path.join(cache_root(), "teachers")
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.isfile(root):
+        raise UsageError(f"teacher.path={path}: no such file")
+    if not config.config_folder:
+        # without it diffusers infers a hub repo and downloads its configs: never at run time
+        raise UsageError(f"teacher.path={path} is a single-file checkpoint; also pass teacher.config_folder=FOLDER, a "
+                         "diffusers folder of the same architecture (e.g. the base model's), for its configs")
+    if not os.path.exists(os.path.join(config.config_folder, "model_index.json")):
+        raise UsageError(f"teacher.config_folder={config.config_folder} has no model_index.json; point it at a "
+                         "diffusers folder of the same architecture (e.g. the base model's)")
+    key = hashlib.sha256(f"{fs.ukey(root)}|{config.config_folder}|{family}".encode()).hexdigest()[:16]
+    dest = os.path.join(cache_dir, key)
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest
+    local = root if "://" not in path else _copy_file(fs, root, os.path.join(cache_dir, key + ".safetensors"))
+    with open(os.path.join(config.config_folder, "model_index.json")) as f:
+        cls_name = json.load(f).get("_class_name", PIPELINES[family])
+    cls = getattr(diffusers, cls_name)
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if cls_name.startswith("StableDiffusion3") and not \
+        _has_t5(config.config_folder) else {}
+    if cls_name.startswith("StableDiffusion") and not cls_name.startswith(("StableDiffusion3", "StableDiffusionXL")):
+        extra["safety_checker"] = None
+    try:
+        pipe = cls.from_single_file(local, config=config.config_folder, local_files_only=True, **extra)
+    except Exception as exc:  # diffusers raises many types here; the fix is the same
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"teacher.path={path}: diffusers' from_single_file could not load it with the configs of "
+                         f"teacher.config_folder={config.config_folder} ({first}); check that both are the same "
+                         "architecture") from None
+    pipe.save_pretrained(dest)
+    with open(os.path.join(dest, ".complete"), "w") as f:
+        f.write(path)
+    return dest
+
+
+def _has_t5(folder: str) -> bool:
+    with open(os.path.join(folder, "model_index.json")) as f:
+        return (json.load(f).get("text_encoder_3") or [None])[0] is not None
+
+
+def _copy_file(fs, root: str, dest: str) -> str:
+    if not os.path.exists(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get(root, dest + ".part")
+        os.replace(dest + ".part", dest)
+    return dest
 
 
 def local_folder(path: str, cache_dir: str = "") -> str:
     """A local directory holding the pipeline (model_index.json at its root)."""
     if not path:
-        raise UsageError("the diffusers teachers need teacher.path=FOLDER|URL|HUB_ID (a diffusers pipeline)")
+        raise UsageError("the diffusers teachers need teacher.path=FOLDER|FILE.safetensors|URL|HUB_ID")
+    if os.path.isfile(path):
+        raise UsageError(f"teacher.path={path} is a file; give a diffusers folder or a single-file .safetensors "
+                         "checkpoint")
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "model_index.json")):
             raise UsageError(f"teacher.path={path} has no model_index.json; point it at a diffusers pipeline folder "
                              "(the output of save_pretrained)")
         return path
     if "://" in path:
-        return _copy_remote(path, cache_dir or os.path.join(CACHE, "teachers"))
+        from plugins.diffusers.cache import cache_root
+
+        return _copy_remote(path, cache_dir or os.path.join(cache_root(), "teachers"))
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise UsageError(f"teacher.path={path}: no such folder")
     return _from_hub(path)
@@ -56,7 +143,7 @@ def _from_hub(repo_id: str) -> str:
                          f"({first}); download the pipeline and pass its folder") from None
 
 
-def load_pipeline(folder: str, torch_dtype=None):
+def load_pipeline(folder: str, torch_dtype=None, variant: str | None = None, fp32_vae: bool = False):
     """``DiffusionPipeline.from_pretrained`` that tolerates absent optional encoders (SD3 without T5)."""
     diffusers = require("diffusers")
     with open(os.path.join(folder, "model_index.json")) as f:
@@ -65,7 +152,29 @@ def load_pipeline(folder: str, torch_dtype=None):
     expected, _ = cls._get_signature_keys(cls) if hasattr(cls, "_get_signature_keys") else ([], None)
     missing = {k: None for k in expected if index.get(k, [None])[0] is None}
     kwargs = dtype_kwarg(torch_dtype) if torch_dtype is not None else {}
+    if variant:
+        kwargs["variant"] = variant
     try:
+        if fp32_vae:  # loaded in fp32 from the start: its weights never pass through fp16
+            vae_cls = getattr(diffusers, index["vae"][1])
+            missing["vae"] = vae_cls.from_pretrained(folder, subfolder="vae", **dtype_kwarg(torch.float32),
+                                                     **({"variant": variant} if variant else {}))
         return diffusers.DiffusionPipeline.from_pretrained(folder, **missing, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"teacher.path={folder}: diffusers could not load it ({str(exc).splitlines()[0]})") from None
+        hint = ""
+        if not variant and _variants(folder):
+            hint = f"; this folder holds {', '.join(sorted(_variants(folder)))} weights only: pass teacher.variant=" \
+                   f"{sorted(_variants(folder))[0]}"
+        raise UsageError(f"teacher.path={folder}: diffusers could not load it ({str(exc).splitlines()[0]}){hint}") \
+            from None
+
+
+def _variants(folder: str) -> set[str]:
+    """Weight variants present in a pipeline folder (``model.fp16.safetensors`` -> fp16)."""
+    found = set()
+    for _, _, files in os.walk(folder):
+        for f in files:
+            parts = f.split(".")
+            if len(parts) == 3 and parts[-1] in ("safetensors", "bin"):
+                found.add(parts[1])
+    return found

@@ -11,18 +11,70 @@
 from __future__ import annotations
 
 import copy
+from typing import Any, Literal
 
+import attrs
 import torch
 from torch import Tensor
 
+from core.config import positive
 from core.errors import UsageError
 from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
-from plugins.diffusers import source
+from plugins.diffusers import cache, source
 from plugins.diffusers._require import dtype_kwarg
 from plugins.diffusers.conditioning import PromptBank
 from plugins.diffusers.denoiser import DiffusersDenoiser
-from plugins.diffusers.teacher_config import DiffusersTeacherConfig
+
+@attrs.define(kw_only=True)
+class DiffusersTeacherConfig:
+    path: str = attrs.field(default="", metadata={"doc": "pipeline folder, single-file .safetensors, fsspec URL "
+                                                         "of either, or hub id"})
+    config_folder: str = attrs.field(default="", metadata={
+        "doc": "single-file checkpoints: a diffusers folder of the same architecture whose configs (and missing "
+               "parts) to use; nothing is downloaded"})
+    variant: str = attrs.field(default="", metadata={"doc": "weight variant to load, e.g. fp16 (model.fp16.safetensors)"})
+    resolution: Any = attrs.field(default=None, converter=lambda v: height_width(v, "teacher.resolution"),
+                                  metadata={"doc": "image size in pixels: N (square) or [H,W] (default: native)"})
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = attrs.field(
+        default="auto", metadata={"doc": "teacher weights; auto: bf16 on CUDA, fp32 on CPU"})
+    attention: Literal["sdpa", "xformers"] = attrs.field(
+        default="sdpa", metadata={"doc": "attention backend (xformers needs CUDA and the xformers package)"})
+    gradient_checkpointing: bool = attrs.field(default=False,
+                                               metadata={"doc": "on the trainable copies (student, critic)"})
+    guidance: float | None = attrs.field(
+        default=None, metadata={"doc": "teacher CFG scale (DMD2's real score, teacher sampling); "
+                                       "default: DMD2's 8 for SDXL, 1.75 for SD1.5; 7 for SD3"})
+    max_sequence_length: int = attrs.field(default=256, validator=positive,
+                                           metadata={"doc": "SD3: T5 tokens per prompt (pass the same to the pipeline)"})
+    export: bool = attrs.field(default=True, metadata={"doc": "write RUN/export as a diffusers pipeline at the end"})
+    export_dtype: Literal["fp32", "fp16", "bf16"] = attrs.field(default="fp32",
+                                                                metadata={"doc": "dtype of the exported UNet"})
+    cache_dir: str = attrs.field(default="", metadata={"doc": "where fsspec URLs are copied and single files converted "
+                                                              "(default $FEWSTEP_CACHE/teachers)"})
+    embedding_cache: str = attrs.field(default="", metadata={
+        "doc": "prompt-embedding cache folder or fsspec URL, reused by runs with the same text encoders "
+               "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
+    prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
+        "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
+
+
+def height_width(value, name: str) -> tuple[int, int] | None:
+    """N -> (N, N); [H, W] or "H,W" -> (H, W); None stays None (the model's native size)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+    items = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    try:
+        hw = tuple(int(v) for v in items)
+        ok = len(hw) == 2 and all(float(v) == int(v) for v in items)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or min(hw) <= 0:
+        raise ValueError(f"{name} takes a positive size N or [H,W], got {value!r}")
+    return hw
+
 
 FAMILIES = {"sd15": "Stable Diffusion 1.x/2.x (UNet, one CLIP encoder)",
             "sdxl": "Stable Diffusion XL (UNet, two CLIP encoders, pooled + time ids)",
@@ -46,13 +98,15 @@ class DiffusersTeacher:
 
     num_classes = 0
     sigma_data = 0.5
+    # moment matching draws z_t from real images (Alg. 2) and has no data-free mode; data=prompts has no images
+    real_data_hint = ("data=images data.path=FOLDER (images with same-name .txt captions); data=prompts holds text "
+                      "only")
 
     def __init__(self, config: DiffusersTeacherConfig, device="cpu", family: str | None = None):
         self.config, self.device = config, torch.device(device)
-        self.folder = source.local_folder(config.path, config.cache_dir)
         dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.weight_dtype = dtype
-        self.pipe = source.load_pipeline(self.folder, torch_dtype=dtype)
+        self.folder, self.pipe = source.load_teacher(config, family, dtype)
         self.family = detect_family(self.pipe)
         if family is not None and family != self.family and not (family == "flow" and self.family == "sd3"):
             raise UsageError(f"teacher.path={config.path} holds a {self.family} pipeline ({type(self.pipe).__name__}); "
@@ -75,21 +129,34 @@ class DiffusersTeacher:
             self.prediction = PREDICTIONS[ptype]
         self.vae = self.pipe.vae
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # SDXL's VAE overflows in fp16: where its config asks (force_upcast), encode/decode in fp32 as diffusers does
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast") else dtype
         net = getattr(self.pipe, self.net_name)
+        # image sides must divide into whole latents and whole network downsamplings (or transformer patches)
+        levels = int(net.config.patch_size) if self.family == "sd3" else 2 ** (len(net.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale * levels
         native = int(net.config.sample_size) * self.vae_scale
-        self.resolution = config.resolution or native
-        if self.resolution % self.vae_scale:
-            raise UsageError(f"teacher.resolution={self.resolution} must be a multiple of the VAE factor {self.vae_scale}")
-        side = self.resolution // self.vae_scale
-        self.data_shape = (int(net.config.in_channels), side, side)
+        self.resolution = config.resolution or (native, native)  # (H, W)
+        m = self.size_multiple
+        if any(side % m for side in self.resolution):
+            raise UsageError(f"teacher.resolution={list(self.resolution)} must be a multiple of {m} in both sides "
+                             f"(VAE factor {self.vae_scale} x the network's downsampling); e.g. "
+                             f"teacher.resolution={[max(m, round(s / m) * m) for s in self.resolution]}")
+        h, w = (side // self.vae_scale for side in self.resolution)
+        self.data_shape = (int(net.config.in_channels), h, w)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length)
+        self.vae_fingerprint = cache.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
+        text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
+        store = cache.store_for(config.embedding_cache, "prompts", cache.fingerprint(
+            self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
+        self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
+                               store=store, max_items=config.prompt_cache_items)
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
-                                          self.resolution, time_scale).to(self.device)
+                                          self.resolution, time_scale, self.vae_scale).to(self.device)
         self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
@@ -114,14 +181,21 @@ class DiffusersTeacher:
                          f"{type(raw[0]).__name__}")
 
     @torch.no_grad()
-    def to_model_space(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] -> scaled VAE latents. Latents (cached by data=images) pass through unchanged."""
-        if tuple(x.shape[1:]) == self.data_shape:
+    def to_model_space(self, x: Tensor, seeds: list[int] | None = None) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled VAE latents; latents (cached by data=images) pass through.
+        ``seeds``: one per image for the posterior draw (else torch's global RNG)."""
+        if x.shape[1] != 3:
             return x
         cfg = self.vae.config
         out = []
-        for chunk in x.split(8):
-            z = self.vae.encode(chunk.to(self.device, self.weight_dtype)).latent_dist.sample()
+        for start in range(0, x.shape[0], 8):
+            dist = self.vae.encode(x[start:start + 8].to(self.device, self.vae_dtype)).latent_dist
+            if seeds is None:
+                z = dist.sample()
+            else:
+                noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                                     for s in seeds[start:start + 8]])
+                z = dist.mean + dist.std * noise.to(dist.mean)
             out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
         return torch.cat(out)
 
@@ -132,7 +206,7 @@ class DiffusersTeacher:
         out = []
         for chunk in z.split(8):
             lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-            out.append(self.vae.decode(lat.to(self.device, self.weight_dtype)).sample.float().clamp(-1, 1))
+            out.append(self.vae.decode(lat.to(self.device, self.vae_dtype)).sample.float().clamp(-1, 1))
         return torch.cat(out)
 
     def trainable_copy(self) -> DiffusersDenoiser:
@@ -141,10 +215,12 @@ class DiffusersTeacher:
             copy_ = copy.deepcopy(self.denoiser)  # whole wrapper, so its feature-tap hook follows the copy
         else:
             net = getattr(self.pipe, self.net_name)
-            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32))
+            variant = {"variant": self.config.variant} if self.config.variant else {}
+            fresh = type(net).from_pretrained(self.folder, subfolder=self.net_name, **dtype_kwarg(torch.float32),
+                                              **variant)
             set_attention(fresh, self.config.attention, quiet=True)
             copy_ = DiffusersDenoiser(fresh, self.family, self.schedule, self.prediction, self.bank,
-                                      self.resolution, self.denoiser.time_scale)
+                                      self.resolution, self.denoiser.time_scale, self.vae_scale)
         copy_ = copy_.to(self.device, torch.float32).requires_grad_(True).train()
         if self.config.gradient_checkpointing:
             copy_.net.enable_gradient_checkpointing()

@@ -1,0 +1,128 @@
+"""Mode-level metrics against an exact mixture (plugins/gmm_quality.py) and the quality sweep's CLI
+(benchmarks/quality.py): closed-form chi-square quantiles, exact samples scoring as exact, constructed
+failures (a dropped mode, mass moved between modes, samples between modes) scoring as such."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from plugins.gmm import GaussianMixtureTeacher, GMMConfig
+from plugins.gmm_quality import (LOST_FRACTION, OFF_MANIFOLD_LEVEL, chi2_quantile, mixture_quality,
+                                 target_masses)
+
+
+@pytest.mark.parametrize("level", [0.5, 0.9, 0.999])
+def test_chi2_quantile_matches_closed_forms(level):
+    assert chi2_quantile(2, level) == pytest.approx(-2 * math.log(1 - level), rel=1e-9)  # exponential with mean 2
+    # dof 4: P(X <= x) = 1 - exp(-x/2)(1 + x/2)
+    x = chi2_quantile(4, level)
+    assert 1 - math.exp(-x / 2) * (1 + x / 2) == pytest.approx(level, abs=1e-10)
+
+
+@pytest.mark.parametrize("preset", ["ring8", "grid25", "hd16"])
+def test_exact_samples_score_as_exact(preset):
+    teacher = GaussianMixtureTeacher(GMMConfig(preset=preset))
+    n = 20000
+    m = mixture_quality(teacher, teacher.sample_exact(n), teacher.sample_exact(n))
+    assert m["lost_modes"] == 0
+    assert abs(m["energy_distance"]) < 2e-3
+    # at most 1 - level of exact samples are outside their own component's quantile (binomial: 4 sigma)
+    p = 1 - OFF_MANIFOLD_LEVEL
+    assert m["off_manifold"] < p + 4 * math.sqrt(p / n)
+    # TV between an exact multinomial draw and the weights: E ~ sum sqrt(w(1-w)/n) / 2 * sqrt(2/pi)
+    w = teacher.weights
+    assert m["mode_mass_tv"] < 3 * float((w * (1 - w) / n).sqrt().sum()) / 2
+
+
+def test_dropped_and_starved_modes_are_lost_and_moved_mass_is_tv():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    g = torch.Generator().manual_seed(0)
+    counts = [1000] * 8
+    counts[0], counts[1] = 0, int(1000 * LOST_FRACTION * 0.5)  # one mode gone, one at 5% of its mass
+    counts[2] += 1000 + 1000 - counts[1]  # their mass moved to mode 2
+    x = torch.cat([teacher.means[k] + teacher.stds[k] * torch.randn(c, 2, generator=g, dtype=torch.float64)
+                   for k, c in enumerate(counts)]).float()
+    m = mixture_quality(teacher, x, teacher.sample_exact(len(x)))
+    assert m["lost_modes"] == 2
+    moved = (1000 + 1000 - counts[1]) / len(x)
+    assert m["mode_mass_tv"] == pytest.approx(moved, abs=1e-9)  # assignments are exact this far from the boundary
+    assert m["off_manifold"] < 0.01
+
+
+def test_samples_between_modes_are_off_manifold():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    angle = (torch.arange(1000) % 8 + 0.5) * 2 * math.pi / 8  # half-way between neighbouring modes, on the ring
+    x = torch.stack([angle.cos(), angle.sin()], 1)
+    m = mixture_quality(teacher, x, teacher.sample_exact(1000))
+    assert m["off_manifold"] == 1.0
+
+
+def test_class_conditional_targets_follow_the_labels():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="cls4"))
+    labels = torch.tensor([0, 0, 0, 1])  # classes 0 (modes 0, 1) three times, class 1 (modes 2, 3) once
+    t = target_masses(teacher, labels)
+    assert t.tolist() == pytest.approx([3 / 8, 3 / 8, 1 / 8, 1 / 8, 0, 0, 0, 0])
+    x = teacher.sample_exact(8000, torch.zeros(8000, dtype=torch.long))
+    m = mixture_quality(teacher, x, x, torch.zeros(8000, dtype=torch.long))
+    assert m["lost_modes"] == 0 and m["mode_mass_tv"] < 0.03  # modes of other classes are not 'lost'
+
+
+# -- the sweep's command line -----------------------------------------------------------------------------------
+
+def test_sweep_runs_end_to_end_and_writes_json_and_table(tmp_path):
+    from benchmarks.quality import TABLE_END, TABLE_START, main
+
+    table = tmp_path / "quality.md"
+    table.write_text(f"# page\n\nintro\n\n{TABLE_START}\nSTALE-TABLE\n{TABLE_END}\n\nafter\n")
+    out = tmp_path / "q.json"
+    rc = main(["--variants", "dmd2", "--presets", "ring8", "--seeds", "0", "--samples", "300", "--jobs", "1",
+               "--workdir", str(tmp_path / "runs"), "--json", str(out), "--table", str(table),
+               "train.steps=3", "train.batch=16", "student.hidden=16", "student.depth=1"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    students = [r for r in result["runs"] if r["variant"] == "dmd2"]
+    assert len(students) == 1 and students[0]["nfe"] == 1 and students[0]["train_steps"] == 3
+    refs = {(r["variant"], r["nfe"]) for r in result["runs"] if r["variant"].startswith("teacher")}
+    assert refs == {(f"teacher {s}", n) for s in ("euler", "dpmpp-2m", "ancestral") for n in (1, 2, 4, 8)}
+    assert {g["goal"] for g in result["goals"]} >= {"dmd2 1-step: no lost mode", "dmd2 1-step <= teacher euler 8"}
+    doc = table.read_text()
+    assert doc.startswith("# page\n\nintro") and doc.endswith("after\n") and "STALE-TABLE" not in doc
+    assert "| ring8 | **dmd2** | 1 | 0 |" in doc
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "nope"], "unknown variant(s) nope"),
+    (["teacher.spec=/no/such.json"], "no such file"),
+    (["--define", "broken"], "is not NAME:KEY=VALUE"),
+])
+def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    from benchmarks.quality import main
+
+    assert main([*args, "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fewstep: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists() and not (tmp_path / "q.json").exists()
+
+
+def test_collect_aggregates_partial_sweeps_over_seeds(tmp_path):
+    from benchmarks.quality import main
+
+    def row(variant, seed, ed, lost, nfe=1):
+        return {"variant": variant, "mixture": "ring8", "seed": seed, "nfe": nfe, "energy_distance": ed,
+                "mode_mass_tv": 0.1, "lost_modes": lost, "off_manifold": 0.2}
+
+    a, b = tmp_path / "a.rows.jsonl", tmp_path / "b.rows.jsonl"
+    a.write_text("\n".join(json.dumps(r) for r in [row("dmd2", 0, 0.01, 0), row("teacher euler", 0, 0.02, 0, 8)]))
+    b.write_text("\n".join(json.dumps(r) for r in [row("dmd2", 0, 9.0, 5), row("dmd2", 1, 0.03, 1)]))
+    out = tmp_path / "q.json"
+    assert main(["--collect", str(a), str(b), "--json", str(out), "--table", ""]) == 0
+    summary = {s["variant"]: s for s in json.loads(out.read_text())["summary"]}
+    d = summary["dmd2"]
+    assert d["seeds"] == [0, 1] and d["energy_distance"] == pytest.approx(0.02)  # b's repeat of seed 0 is ignored
+    assert d["energy_distance_std"] == pytest.approx(math.sqrt(2) * 0.01) and d["lost_modes_max"] == 1
+    goals = {g["goal"]: g["pass"] for g in json.loads(out.read_text())["goals"]}
+    assert goals == {"dmd2 1-step: no lost mode": False, "dmd2 1-step <= teacher euler 8": True}

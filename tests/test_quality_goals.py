@@ -1,0 +1,56 @@
+"""The quality goals of docs/methods/quality.md at CI size: DMD2 1-step and MM 4-step with their defaults on ring8
+and grid25 keep every mode and beat the exact teacher's own few-step samplers, scored against exact samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import train
+
+from core.protocols import SamplingSpec
+from core.generation import generate
+from core.timesteps import make_grid
+from plugins.gmm_quality import mixture_quality
+from core.timesteps import fraction_grid
+
+pytestmark = pytest.mark.slow
+N = 4000
+
+
+def scored(teacher, sample, seed=7) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = sample(N)
+        torch.manual_seed(seed + 1000)
+        return mixture_quality(teacher, x, teacher.sample_exact(N))
+
+
+def teacher_score(teacher, sampler: str, nfe: int) -> dict:
+    grid = fraction_grid(teacher.schedule, nfe) if sampler == "ancestral" else make_grid(teacher.schedule, nfe)
+    spec = SamplingSpec(sampler, grid.tolist(), {})
+    return scored(teacher, lambda n: generate(teacher, spec, n, shape=teacher.data_shape))
+
+
+def student_score(trainer) -> dict:
+    return scored(trainer.teacher, lambda n: generate(trainer.student, trainer.spec, n,
+                                                      shape=trainer.teacher.data_shape))
+
+
+@pytest.mark.parametrize("preset", ["ring8", "grid25"])
+def test_dmd2_one_step_keeps_every_mode_and_beats_the_teachers_8_step_euler(preset, tmp_path):
+    tr = train("objective=dmd2", f"teacher.preset={preset}", "train.eval_every=0", f"out={tmp_path}")["trainer"]
+    assert len(tr.spec.times) == 2  # one network call
+    student, euler8 = student_score(tr), teacher_score(tr.teacher, "euler", 8)
+    assert student["lost_modes"] == 0, student
+    assert student["energy_distance"] <= euler8["energy_distance"], (student, euler8)
+
+
+@pytest.mark.xfail(reason="issue 14 open: MM at 1:1 from scratch measured 0.065 vs the teacher's 4-step ancestral "
+                          "0.037 on ring8 (docs/methods/quality.md)", strict=False)
+@pytest.mark.parametrize("preset", ["ring8", "grid25"])
+def test_mm_four_step_at_one_to_one_keeps_every_mode_and_beats_the_teachers_4_step_ancestral(preset, tmp_path):
+    tr = train("objective=mm", f"teacher.preset={preset}", "train.eval_every=0", f"out={tmp_path}")["trainer"]
+    assert tr.objective.config.aux_steps == 1  # the paper's 1:1 alternation
+    student, ancestral4 = student_score(tr), teacher_score(tr.teacher, "ancestral", 4)
+    assert student["lost_modes"] == 0, student
+    assert student["energy_distance"] <= ancestral4["energy_distance"], (student, ancestral4)
