@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-slow bench digits digits-quick clean
+.PHONY: setup demo test test-fast test-slow bench digits digits-quick mutation clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,8 +40,17 @@ digits: setup
 digits-quick: setup
 	OMP_NUM_THREADS=2 $(BIN)/python -m benchmarks.digits --quick
 
+# mutation testing of the maths modules (not in CI; hours on 2 cores): mutmut, configured in pyproject.toml; prints
+# the kill rate per module and writes benchmarks/results/mutation.md (see docs/mutation.md).
+# MUTANTS="plugins.denoise.* core.schedules.*" runs only those (results of earlier runs are kept in mutants/).
+MUTANTS ?=
+mutation: setup
+	$(BIN)/python -m pip install -q -e ".[mutation]"
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/python tests/mutation_report.py benchmarks/results/mutation.md
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) runs .pytest_cache .benchmarks mutants
 
 # the distillation quality sweep (docs/methods/quality.md): every objective x mixture x seed on all cores
 .PHONY: quality

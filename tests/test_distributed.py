@@ -24,12 +24,6 @@ BASE = ("objective=denoise", "teacher=gmm", "teacher.preset=cls4", "student.hidd
         "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", "train.log_every=3", "seed=3")
 
 
-def _dmd2_available() -> bool:
-    from core.registry import get_registry
-
-    return "dmd2" in get_registry().plugins["objective"]
-
-
 # 2-step generator: backward simulation draws its step index k once per iteration
 DMD2 = ("objective=dmd2", "teacher=gmm", "teacher.preset=ring8", "student.hidden=32", "student.depth=2",
         "student.emb_dim=16", "objective.critic_updates=2", "objective.steps=2", "train.batch=32", "train.steps=4",
@@ -97,8 +91,6 @@ def _job_fsdp(rank, tmp):
 
 
 def _job_dmd2(rank, tmp):
-    if not _dmd2_available():
-        return {"skipped": True}
     return {"weights": _train(*DMD2, "train.parallel=ddp", f"out={tmp}/dmd2")[0]}
 
 
@@ -297,8 +289,6 @@ def test_fsdp2_on_gloo_equals_one_process(ranks, tmp_path):
 
 def test_dmd2_ddp_equals_one_process(ranks, tmp_path):
     r0, _ = _job(ranks, "_job_dmd2")
-    if r0.get("skipped"):
-        pytest.skip("objective dmd2 is not registered yet (plugins/dmd2.py in progress)")
     single, _ = _train(*DMD2, f"out={tmp_path}/single")
     _close(r0["weights"], single)
 

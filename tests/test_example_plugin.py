@@ -89,6 +89,18 @@ def test_passes_the_conformance_suite(installed, monkeypatch, tmp_path):
                                                                     ("sampler", "example-churn")]
 
 
+def test_its_own_test_suite_passes(installed):
+    """The example's tests (examples/fewstep-example-plugin/tests) run as its author runs them: pytest in the
+    plugin's folder, with the plugin installed. Nothing in them may skip."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "FEWSTEP_TENSORBOARD": "0"}
+    env.pop("FEWSTEP_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist"],
+                          cwd=EXAMPLE, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"\b\d+ passed\b", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
 # -- deliberately broken plugins ---------------------------------------------------------------------
 class Match:
     """A correct objective (denoiser distillation), the base the broken ones change one thing of."""

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -65,28 +64,57 @@ def test_checkpoint_round_trip_and_pruning(tmp_path):
     assert state["step"] == 30
 
 
+# A third-party callback, installed the way pip installs one (a package and a .dist-info with its entry point),
+# that kill -9s its own process when the step in $FEWSTEP_TEST_KILL_AT ends: a known point between two checkpoints.
+KILLER = """
+import os
+import signal
+
+from core import hookimpl
+
+
+class KillAt:
+    \"\"\"SIGKILL this process at the end of step $FEWSTEP_TEST_KILL_AT (tests only).\"\"\"
+
+    def __init__(self, config=None):
+        self.step = int(os.environ.get("FEWSTEP_TEST_KILL_AT", "-1"))
+
+    @hookimpl
+    def fewstep_iteration_end(self, trainer, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@hookimpl
+def register_callbacks(register):
+    register("kill-at", KillAt)
+"""
+
+
+def _install_killer(site):
+    site.mkdir()
+    (site / "fewstep_killer.py").write_text(KILLER)
+    info = site / "fewstep_killer-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fewstep-killer\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fewstep]\nkiller = fewstep_killer\n")
+
+
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
-    args = [*FAST, "train.lr_decay=cosine", "train.steps=200", "train.ckpt_every=20", "train.keep=3"]
+    args = [*FAST, "train.lr_decay=cosine", "train.steps=100", "train.ckpt_every=20", "train.keep=3"]
     train(*args, f"out={tmp_path / 'ref'}")
+    _install_killer(tmp_path / "site")
     out = tmp_path / "killed"
     # same intra-op thread count as this process (conftest): float sums must happen in the same order
-    env = {**os.environ, "FEWSTEP_TENSORBOARD": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "core.run", *args, "train.progress=false", f"out={out}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = out / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and files.read_json(latest)["step"] >= 40:
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.skip("the run finished before it could be killed (machine too fast)")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = files.read_json(latest)["step"]
-    assert killed_at < 200
-    res = train(*args, f"out={out}")
-    assert res["start"] == killed_at
+    env = {**os.environ, "FEWSTEP_TENSORBOARD": "0", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FEWSTEP_PLUGINS", None)
+    run = [sys.executable, "-m", "core.run", *args, "train.progress=false", "callbacks=[kill-at]", f"out={out}"]
+    proc = subprocess.run(run, env={**env, "FEWSTEP_TEST_KILL_AT": "50"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert files.read_json(out / "checkpoints" / "latest.json")["step"] == 40  # iterations 40-49 are lost
+    proc = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)  # the same command resumes
+    assert proc.returncode == 0 and "from step 40" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     _assert_identical(_final_weights(tmp_path / "ref"), _final_weights(out))
 
 

@@ -15,7 +15,7 @@ from core.rundir import load_run
 from core.runner import Trainer
 from core.generation import generate
 from core.timesteps import make_grid, nested_grids
-from plugins.samplers.ode import dpmpp_3m, euler_afs
+from plugins.samplers.ode import dpmpp_3m
 from plugins.sfd import NFEConditioned
 
 
@@ -67,15 +67,25 @@ def test_iteration_follows_the_algorithm(tiny_teacher, tmp_path, loss, afs):
     # targets: the teacher's DPM-Solver++(3M) on the grid with M = 3 extra points per interval
     coarse, fine = nested_grids(teacher.schedule, n, 3, t_min=0.006)
     assert len(fine) == 4 * (n - 1) + 1
+    # (dpmpp_3m itself is checked step by step against a written-out reference in test_reference_samplers.py)
     _, traj = dpmpp_3m(teacher, noise, fine, cond, return_trajectory=True)
-    # the student's chain is its own Euler(+AFS) trajectory, each step from its previous output
-    _, chain = euler_afs(student, noise, times, cond, return_trajectory=True, afs=afs)
+    # the student's chain: Euler on the EDM PF-ODE, x' = x + (s' - s) (x - D(x; s)) / s, from its own previous
+    # output; with AFS the first direction is x / sqrt(1 + s^2) instead of a network call (SFD sec. 4)
+    chain = [times[0].item() * noise]
+    with torch.no_grad():
+        for i in range(n - 1):
+            s_i, s_next, x = times[i].item(), times[i + 1].item(), chain[-1]
+            if afs and i == 0:
+                d = x / math.sqrt(1 + s_i**2)
+            else:
+                d = (x - student.denoise(x, torch.full((32,), s_i), cond)) / s_i
+            chain.append(x + (s_next - s_i) * d)
     first = int(afs)
     for r, value in enumerate(losses):
         i = first + r + 1
         diff = chain[i] - traj[4 * i]
         ref = diff.abs().mean() if loss == "l1" else diff.square().mean()
-        torch.testing.assert_close(value.detach(), ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(value.detach(), ref, rtol=2e-4, atol=1e-7)  # float32 rounding of two forms
         assert value.requires_grad
 
 

@@ -30,15 +30,21 @@ def _byte_chars() -> list[str]:
 
 
 def tokenizer():
-    """A character-level CLIPTokenizer: every byte char and its end-of-word form, no merges."""
+    """A character-level CLIPTokenizer: every byte char and its end-of-word form, no merges, so distinct prompts
+    give distinct token ids (tests of conditioning and guidance depend on that)."""
+    import inspect
+
     from transformers import CLIPTokenizer
 
-    path = tempfile.mkdtemp(prefix="fewstep-tok-")
     chars = _byte_chars()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers >= 5 takes them in memory
+        # (given file paths it silently keeps only the special tokens, and every prompt encodes the same)
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=SEQ)
+    path = tempfile.mkdtemp(prefix="fewstep-tok-")
     vocab_file, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     with open(vocab_file, "w") as f:
         json.dump(vocab, f)

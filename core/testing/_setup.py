@@ -30,7 +30,7 @@ TRAIN = {"batch": 16, "eval_every": 0, "eval_samples": 64, "preview_every": 0, "
 @attrs.define
 class Env:
     """What a ``conformance_config(env)`` function gets: a scratch dir, the registry, and ``teacher_run()``,
-    the out= dir of a trained ``objective=denoise`` ring8 run (for ``teacher=checkpoint``-style plugins)."""
+    the out= dir of a trained ``objective=denoise`` cls4 run (for ``teacher=checkpoint``-style plugins)."""
 
     tmp: str
     registry: Registry
@@ -44,15 +44,15 @@ _TEACHER_RUNS: dict[int, str] = {}
 
 
 def _trained_teacher_run(registry: Registry) -> str:
-    """A small denoise run on ring8 (trained once per process): a network teacher good enough that its
-    x0 beats the trivial estimators."""
+    """A small denoise run on cls4 (ring8 with 4 classes; trained once per process): a class-conditional network
+    teacher good enough that its x0 beats the trivial estimators, so its guidance is checked too."""
     if id(registry) not in _TEACHER_RUNS:
         from core.runner import Trainer
 
         tmp = tempfile.mkdtemp(prefix="fewstep-conformance-")
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         out = os.path.join(tmp, "teacher")
-        tree = parse_overrides(["objective=denoise", "teacher=gmm", "teacher.preset=ring8", "student=mlp",
+        tree = parse_overrides(["objective=denoise", "teacher=gmm", "teacher.preset=cls4", "student=mlp",
                                 "student.hidden=64", "student.depth=2", "train.steps=300", "train.batch=256",
                                 "train.eval_every=0", "train.preview_every=0", "train.progress=false",
                                 "train.device=cpu", "train.eval_samples=64", "train.log_every=1000", f"out={out}"])
@@ -69,6 +69,7 @@ def _with_teacher_run(*extra: str):
 
 # Settings for built-ins whose files carry no conformance_config (the factory attribute wins).
 BUILTIN_CONFIGS: dict[tuple[str, str], Any] = {
+    ("teacher", "gmm"): lambda env: ["teacher=gmm", "teacher.preset=cls4"],  # class-conditional: guidance checked
     ("teacher", "checkpoint"): _with_teacher_run(),
     ("student", "copy"): _with_teacher_run(),
     ("student", "copy-nfe"): _with_teacher_run(),

@@ -1,0 +1,192 @@
+"""Objectives' denoising losses against hand-written float64 references.
+
+- ``objective=denoise`` (Karras et al. 2022, sec. 5 and Table 1): log sigma_ve ~ N(P_mean, P_std^2),
+  x_t = alpha x0 + sigma eps, L = mean_b lambda(sigma_ve) mean_i (D(x_t) - x0)^2 with
+  lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2, labels replaced by the null label -1 with probability p.
+- DMD2's fake-score loss (method note sec. 5, EDM path): t uniform over the full range of the schedule,
+  L_fake = mean_b lambda(sigma_ve) mean_i (D_F(x_t) - sg(x))^2 with lambda = 1/sigma_ve^2 + 1/sigma_d^2.
+
+The networks here are fixed float64 functions that record what they are called with, so the reference
+recomputes the loss from the recorded inputs with the formulas above, written out independently.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.protocols import Context
+from core.registry import get_registry
+from core.schedules import make_schedule
+
+# x_t = alpha x0 + sigma eps, written out per schedule (independent of core.schedules)
+ALPHA_SIGMA = {"edm": lambda t: (torch.ones_like(t), t),
+               "vp-cosine": lambda t: (torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)),
+               "flow": lambda t: (1 - t, t)}
+
+
+class RecordingNet:
+    """A fixed random float64 denoiser D(x_t, t, c) = tanh(x_t W + log(t) b + E[c]) that records its calls.
+    Row 4 of E is the null label -1."""
+
+    def __init__(self, schedule, dim, seed, sigma_data=0.5, data_shape=None):
+        g = torch.Generator().manual_seed(seed)
+        self.schedule, self.sigma_data = schedule, sigma_data
+        self.data_shape = data_shape or (dim,)
+        self.W = torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+        self.b = torch.randn(dim, generator=g, dtype=torch.float64)
+        self.E = torch.randn(5, dim, generator=g, dtype=torch.float64)
+        self.calls = []
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        c = torch.full((x_t.shape[0],), -1) if cond is None else cond
+        out = torch.tanh(x_t.double() @ self.W + torch.log(t.double())[:, None] * self.b + self.E[c])
+        self.calls.append({"x_t": x_t.detach().clone(), "t": t.detach().clone(), "cond": None if cond is None
+                           else cond.clone(), "out": out.detach().clone()})
+        return out.to(x_t.dtype)
+
+
+def _objective(name, **settings):
+    info = get_registry().get("objective", name)
+    return info.factory(info.config(**settings))
+
+
+def _normal_ok(z, tol):
+    """z looks like i.i.d. N(0, 1): mean, std and a tail fraction within tol of the exact values."""
+    z = z.flatten()
+    tail = float((z.abs() > 1.96).double().mean())  # exactly 0.05 for N(0, 1)
+    return abs(float(z.mean())) < tol and abs(float(z.std()) - 1) < tol and abs(tail - 0.05) < tol / 2
+
+
+# -- objective=denoise ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["edm", "vp-cosine"])
+def test_denoise_loss_is_edm_weighted_l2_of_the_recorded_call(schedule):
+    B, D, sd = 20000, 3, 0.7
+    obj = _objective("denoise")
+    c = obj.config
+    net = RecordingNet(make_schedule(schedule), D, seed=1, sigma_data=sd)
+    x0 = 0.8 * torch.randn(B, D, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B,))
+    ctx = Context({"student": net}, {"x": x0, "cond": labels}, iteration=0, batch_size=B, device="cpu")
+    loss, _ = obj.loss("denoiser", ctx)
+
+    (call,) = net.calls
+    t = call["t"].double()
+    a, s = (v[:, None] for v in ALPHA_SIGMA[schedule](t))
+    sigma_ve = (s / a).squeeze(1)
+    # the sigma draw: log sigma_ve ~ N(P_mean, P_std^2) (no clamping at these settings)
+    assert _normal_ok((sigma_ve.log() - c.p_mean) / c.p_std, 0.02)
+    # the noise: x_t = alpha x0 + sigma eps with eps ~ N(0, I)
+    assert _normal_ok((call["x_t"] - a * x0) / s, 0.02)
+    # label dropout: a fraction p of the labels become -1, the rest are kept
+    dropped = call["cond"] == -1
+    assert abs(float(dropped.double().mean()) - c.label_dropout) < 0.01
+    assert torch.equal(call["cond"][~dropped], labels[~dropped])
+    # the loss: lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 times the per-sample MSE, batch mean
+    lam = (sigma_ve**2 + sd**2) / (sigma_ve * sd) ** 2
+    want = (lam * (call["out"] - x0).square().mean(1)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+
+
+def test_denoise_draws_reproduce_from_the_seed():
+    """Replaying torch's RNG from the same seed gives exactly the draws the objective made, in this order:
+    the dropout coin per label, the log-normal sigma per sample (float64), the noise (like x0)."""
+    B, D = 64, 2
+    obj = _objective("denoise", p_mean=-0.4, p_std=0.9, label_dropout=0.3)
+    net = RecordingNet(make_schedule("edm"), D, seed=2)
+    x0 = torch.randn(B, D, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B,))
+    ctx = Context({"student": net}, {"x": x0, "cond": labels}, iteration=0, batch_size=B, device="cpu")
+    torch.manual_seed(123)
+    obj.loss("denoiser", ctx)
+    torch.manual_seed(123)
+    drop = torch.rand(B) < 0.3
+    sigma = torch.exp(-0.4 + 0.9 * torch.randn(B, dtype=torch.float64))
+    eps = torch.randn(B, D, dtype=torch.float64)
+    (call,) = net.calls
+    assert torch.equal(call["cond"], torch.where(drop, -1, labels))
+    torch.testing.assert_close(call["t"], sigma, rtol=1e-14, atol=0)  # EDM: t = sigma
+    torch.testing.assert_close(call["x_t"], x0 + sigma[:, None] * eps, rtol=1e-14, atol=1e-14)
+
+
+def test_denoise_without_labels_or_dropout():
+    """No labels (at any dropout) or no dropout: the labels pass unchanged and no coin is drawn for them."""
+    net = RecordingNet(make_schedule("edm"), 2, seed=3)
+    x0 = torch.randn(32, 2, dtype=torch.float64)
+    labels = torch.randint(0, 4, (32,))
+    for dropout, cond in ((0.0, labels), (0.0, None), (0.1, None)):
+        torch.manual_seed(5)
+        _objective("denoise", label_dropout=dropout).loss("denoiser", Context({"student": net}, {"x": x0, "cond": cond},
+                                                                              0, 32, "cpu"))
+        torch.manual_seed(5)
+        sigma = torch.exp(-1.2 + 1.2 * torch.randn(32, dtype=torch.float64))  # the first draw is the sigma draw
+        call = net.calls[-1]
+        assert (call["cond"] is None) if cond is None else torch.equal(call["cond"], labels)
+        torch.testing.assert_close(call["t"], sigma, rtol=1e-14, atol=0)
+
+
+# -- DMD2's fake-score (critic) loss ---------------------------------------------------------------------
+
+@pytest.fixture
+def float64_default():
+    """The generator's noise is drawn in the default dtype; float64 makes the whole phase float64."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp-cosine", "flow"])
+def test_dmd2_fake_score_loss_and_weight(schedule, float64_default):
+    """The critic phase with the GAN off is exactly L_fake on the generator's detached output."""
+    B, D, sd = 20000, 3, 0.7
+    sched = make_schedule(schedule)
+    teacher = RecordingNet(sched, D, seed=10, sigma_data=1.3)
+    student = RecordingNet(sched, D, seed=11)
+    critic = RecordingNet(sched, D, seed=12, sigma_data=sd)  # the critic's own sigma_data is the one used
+    obj = _objective("dmd2", gan="off")
+    nets = {"teacher": teacher, "student": student, "critic": critic}
+    assert obj.build(nets) == {}
+    cond = torch.randint(0, 4, (B,))
+    ctx = Context(nets, {"x": None, "cond": cond}, iteration=1, batch_size=B, device="cpu")
+    loss, _ = obj.loss("critic", ctx)
+
+    x = student.calls[-1]["out"]  # the generator's x0 estimate, x = G(z, tau_0)
+    (call,) = critic.calls
+    assert torch.equal(call["cond"], cond)  # the critic is conditioned, without guidance
+    t = call["t"].double()
+    # t covers the full training range (the DM loss uses 2%-98%; the fake score uses all of it)
+    lo, hi = float(sched.t_from_fraction(0.01)), float(sched.t_from_fraction(0.99))
+    assert float(t.min()) < lo and float(t.max()) > hi
+    assert float(t.min()) >= sched.t_min - 1e-12 and float(t.max()) <= sched.t_max + 1e-12
+    a, s = (v[:, None] for v in ALPHA_SIGMA[schedule](t))
+    assert _normal_ok((call["x_t"] - a * x) / s, 0.02)
+    sigma_ve = (s / a).squeeze(1)
+    lam = 1 / sigma_ve**2 + 1 / sd**2
+    want = (lam * (call["out"] - x).square().mean(1)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+
+
+def test_denoise_has_one_phase_on_the_student_at_its_lr():
+    """The phase name keys the optimizer state in checkpoints and the logged metrics (denoiser/loss)."""
+    (phase,) = _objective("denoise", lr=3e-3).phases()
+    assert (phase.name, phase.trains, phase.lr, phase.every, phase.repeats) == ("denoiser", ("student",), 3e-3, 1, 1)
+
+
+@pytest.mark.parametrize("p_mean", [6.0, -9.0])
+def test_denoise_clamps_sigma_to_the_schedule_and_weights_the_clamped_sigma(p_mean):
+    """Draws beyond the schedule's range (EDM: 0.002..80) are clamped to it, and lambda uses the clamped sigma."""
+    obj = _objective("denoise", p_mean=p_mean, p_std=0.5)
+    sched = make_schedule("edm")
+    net = RecordingNet(sched, 2, seed=4)
+    x0 = torch.randn(256, 2, dtype=torch.float64)
+    loss, _ = obj.loss("denoiser", Context({"student": net}, {"x": x0, "cond": None}, 0, 256, "cpu"))
+    t = net.calls[0]["t"]
+    assert float(t.min()) >= sched.t_min and float(t.max()) <= sched.t_max
+    edge = sched.t_max if p_mean > 0 else sched.t_min
+    assert float((t == edge).double().mean()) > 0.9  # almost every draw lies beyond that edge
+    lam = (t**2 + 0.5**2) / (t * 0.5) ** 2
+    torch.testing.assert_close(loss, (lam * (net.calls[0]["out"] - x0).square().mean(1)).mean(), rtol=1e-12, atol=0)
