@@ -10,7 +10,8 @@ given, nothing is downloaded:
   ``fid_model=FILE`` is a TorchScript feature extractor, float images [N, 3, H, W] in [0, 1] -> features [N, D]
   (e.g. an Inception-v3 saved with ``torch.jit.save``); ``fid_model=inception fid_weights=FILE`` uses
   torchmetrics' InceptionV3 (torch-fidelity's FID network) with that weights file.
-- CLIP score (100 x cosine of image and prompt embeddings, floored at 0, averaged): ``clip_model=FOLDER`` holds a
+- CLIP score (torchmetrics' CLIPScore: 100 x the cosine of image and prompt embeddings, averaged over the
+  samples, then floored at 0; Hessel et al. floor each sample before averaging): ``clip_model=FOLDER`` holds a
   transformers ``CLIPModel`` and ``CLIPProcessor`` (``save_pretrained``).
 
 ``prompts=`` reads what ``data=prompts`` reads (.txt, a folder of .txt, .csv or .jsonl with ``column=``).
