@@ -48,3 +48,19 @@ def ring8_teacher_run(tmp_path_factory):
     train("objective=denoise", "teacher=gmm", "teacher.preset=ring8", "train.steps=1500", "train.batch=512",
           "train.eval_every=0", "train.preview_every=0", f"out={out}", "seed=0")
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def digits_classifier_cache(tmp_path_factory):
+    """A fresh FEWSTEP_CACHE for the digits FID classifier: a module trains its own and never touches ~/.cache."""
+    from plugins.digits import fid
+
+    old = os.environ.get("FEWSTEP_CACHE")
+    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    fid._CLASSIFIER = None
+    yield
+    fid._CLASSIFIER = None
+    if old is None:
+        os.environ.pop("FEWSTEP_CACHE")
+    else:
+        os.environ["FEWSTEP_CACHE"] = old

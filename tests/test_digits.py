@@ -28,16 +28,8 @@ QUIET = ["train.progress=false", "train.eval_every=0", "train.preview_every=0"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _classifier_cache(tmp_path_factory):
-    old = os.environ.get("FEWSTEP_CACHE")
-    os.environ["FEWSTEP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    digits_metrics._CLASSIFIER = None
-    yield
-    digits_metrics._CLASSIFIER = None
-    if old is None:
-        os.environ.pop("FEWSTEP_CACHE")
-    else:
-        os.environ["FEWSTEP_CACHE"] = old
+def _classifier_cache(digits_classifier_cache):
+    """Before any module fixture that scores samples (conftest.digits_classifier_cache)."""
 
 
 @pytest.fixture(scope="module")
