@@ -190,3 +190,90 @@ def test_denoise_clamps_sigma_to_the_schedule_and_weights_the_clamped_sigma(p_me
     assert float((t == edge).double().mean()) > 0.9  # almost every draw lies beyond that edge
     lam = (t**2 + 0.5**2) / (t * 0.5) ** 2
     torch.testing.assert_close(loss, (lam * (net.calls[0]["out"] - x0).square().mean(1)).mean(), rtol=1e-12, atol=0)
+
+
+# -- DMD2's distribution-matching and regression losses ---------------------------------------------------------
+
+class GuidedRecordingNet(RecordingNet):
+    """A RecordingNet teacher that also records the guidance scale it is called with (and has a default one)."""
+
+    guidance = 2.5
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        out = super().denoise(x_t, t, cond)
+        self.calls[-1]["guidance"] = guidance
+        return out
+
+
+# t = t_from_fraction(u) written out: Karras rho-spacing on EDM, linear in t on flow
+FRACTION = {"edm": lambda u: (0.002 ** (1 / 7) + u * (80.0 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7,
+            "flow": lambda u: 1e-3 + u * (1 - 2e-3)}
+
+
+@pytest.mark.parametrize("schedule", ["edm", "flow"])
+@pytest.mark.parametrize("guidance", [None, 4.0])
+def test_dmd2_distribution_matching_loss_and_its_gradient(schedule, guidance, float64_default):
+    """L_DM: t = t_from_fraction(lo + (hi - lo) u), x_t = alpha x + sigma eps, x0_real from the teacher with CFG (the
+    objective's scale, else the teacher's), x0_fake from the critic without; loss 0.5 mean(g^2) and dL/dx = g / numel,
+    g = (x0_fake - x0_real) / mean_i |x - x0_real| (method note sec. 4). Draws replayed from the seed."""
+    B, D = 512, 3
+    sched = make_schedule(schedule)
+    teacher, critic = GuidedRecordingNet(sched, D, seed=20), RecordingNet(sched, D, seed=21)
+    obj = _objective("dmd2", gan="off", dm_t_range=(0.1, 0.6), guidance=guidance)
+    x = (0.9 * torch.randn(B, D)).requires_grad_()
+    cond = torch.randint(0, 4, (B,))
+    torch.manual_seed(7)
+    loss = obj.distribution_matching_loss(x, cond, teacher, critic)
+    torch.manual_seed(7)
+    t = FRACTION[schedule](0.1 + 0.5 * torch.rand(B, dtype=torch.float64))
+    eps = torch.randn(B, D)
+    (real_call,), (fake_call,) = teacher.calls, critic.calls
+    assert real_call["guidance"] == (2.5 if guidance is None else guidance)
+    assert torch.equal(real_call["cond"], cond) and torch.equal(fake_call["cond"], cond)
+    torch.testing.assert_close(real_call["t"], t, rtol=1e-12, atol=1e-12)
+    a, s = (v[:, None] for v in ALPHA_SIGMA[schedule](t))
+    torch.testing.assert_close(real_call["x_t"], a * x.detach() + s * eps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fake_call["x_t"], real_call["x_t"], rtol=0, atol=0)
+    real, fake = real_call["out"], fake_call["out"]
+    g = (fake - real) / (x.detach() - real).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(loss, 0.5 * g.square().mean(), rtol=1e-10, atol=0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, g / x.numel(), rtol=1e-10, atol=1e-15)
+
+
+class GaussianTeacher:
+    """The exact denoiser of N(0, V) data on the EDM schedule: D(x; sigma) = V x / (V + sigma^2)."""
+
+    V, data_shape, sigma_data = 0.6, (2,), 0.5
+
+    def __init__(self):
+        self.schedule = make_schedule("edm")
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        return self.V * x_t / (self.V + t.to(x_t.dtype)[:, None] ** 2)
+
+
+def test_dmd2_regression_target_is_the_teachers_ode_solution(float64_default):
+    """DMD's regression loss: MSE between G's output and where the teacher's PF-ODE takes the generator's input
+    x_in at tau_0. For N(0, V) data the ODE's solution is x_in sqrt(V / (V + sigma_0^2)) (closed form; 256 steps of
+    DPM-Solver++(2M) reach it to about 2e-4)."""
+    B = 256
+    teacher, student = GaussianTeacher(), RecordingNet(make_schedule("edm"), 2, seed=30)
+    obj = _objective("dmd2", gan="off", regression_weight=2.0, regression_steps=256, dm_weight=0.5)
+    nets = {"teacher": teacher, "student": student, "critic": RecordingNet(make_schedule("edm"), 2, seed=31)}
+    obj.build(nets)
+    ctx = Context(nets, {"x": None, "cond": None}, iteration=0, batch_size=B, device="cpu")
+    x = torch.randn(B, 2)
+    reg = obj.regression_loss(ctx, x)
+    x_in, t_in = obj.generator_input(ctx)
+    assert torch.equal(t_in, torch.full((B,), 80.0))  # one generator step: tau_0 = sigma_max
+    target = x_in * math.sqrt(teacher.V / (teacher.V + 80.0**2))
+    torch.testing.assert_close(reg, (x - target).square().mean(), rtol=2e-3, atol=0)
+    # the generator phase: dm_weight L_DM + regression_weight L_reg on the same G(x_in)
+    ctx = Context(nets, {"x": None, "cond": None}, iteration=1, batch_size=B, device="cpu")
+    loss, metrics = obj.loss("generator", ctx)
+    torch.testing.assert_close(loss, 0.5 * metrics["dm"] + 2.0 * metrics["regression"])
+    G, x_in = student.calls[-1]["out"], ctx.cache["dmd2.input"][0]
+    target = x_in * math.sqrt(teacher.V / (teacher.V + 80.0**2))
+    torch.testing.assert_close(metrics["regression"], (G - target).square().mean(), rtol=2e-3, atol=0)
+    torch.testing.assert_close(ctx.cache["dmd2.x"], G)
