@@ -231,3 +231,19 @@ def test_time_grid_value_and_fraction_grid():
     torch.testing.assert_close(fg, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
     with pytest.raises(UsageError, match="at least 1 step, got 0"):
         fraction_grid(s, 0)
+
+
+def test_vp_discrete_from_a_list_keeps_float64_precision():
+    """config() stores alphas_cumprod as a list; the schedule rebuilt from it is the float64 one, exactly."""
+    s = schedule_from_config(VPDiscreteSchedule(AC).config())
+    assert s.alphas_cumprod.dtype == F64
+    k = torch.tensor([3.0, 400.25, 999.0], dtype=F64)
+    torch.testing.assert_close(s.sigma(k), VPDiscreteSchedule(AC).sigma(k), rtol=0, atol=0)
+
+
+def test_vp_discrete_inverse_above_the_first_step_is_exactly_zero():
+    """A logSNR between the table's first entry and +inf (less noise than timestep 0) maps to t = 0, never below."""
+    s = VPDiscreteSchedule(AC)
+    lam0 = float(torch.log(AC[0] / (1 - AC[0])))
+    got = s.t_from_logsnr(torch.tensor([lam0 + 0.5, lam0 + 1.0, lam0 + 3.0], dtype=F64))
+    assert torch.equal(got, torch.zeros(3, dtype=F64))
