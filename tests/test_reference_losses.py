@@ -277,3 +277,104 @@ def test_dmd2_regression_target_is_the_teachers_ode_solution(float64_default):
     target = x_in * math.sqrt(teacher.V / (teacher.V + 80.0**2))
     torch.testing.assert_close(metrics["regression"], (G - target).square().mean(), rtol=2e-3, atol=0)
     torch.testing.assert_close(ctx.cache["dmd2.x"], G)
+
+
+# -- moment matching: weighting, time sampling, the (z_t, x~, z_s) draw, the teacher fit ------------------------
+
+def test_mm_loss_weights_closed_forms():
+    """w(s) at the VE sigma = tan(pi s / 2) of the cosine schedule: EDM (sigma^2 + sd^2)/(sigma sd)^2, flat 1,
+    snr = 1/sigma^2, snr+1 = 1/sigma^2 + 1."""
+    from plugins.moment_matching import loss_weight
+
+    sched, sd = make_schedule("vp-cosine"), 0.7
+    s = torch.tensor([0.05, 0.3, 0.6, 0.95], dtype=torch.float64)
+    sig = torch.tan(math.pi * s / 2)
+    torch.testing.assert_close(loss_weight(sched, s, "edm", sd), (sig**2 + sd**2) / (sig * sd) ** 2)
+    torch.testing.assert_close(loss_weight(sched, s, "flat", sd), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(loss_weight(sched, s, "snr", sd), 1 / sig**2)
+    torch.testing.assert_close(loss_weight(sched, s, "snr+1", sd), 1 / sig**2 + 1)
+    from core.errors import UsageError
+    with pytest.raises(UsageError, match="unknown weighting 'sigma'; choose one of: edm, flat, snr, snr"):
+        loss_weight(sched, s, "sigma", sd)
+
+
+@pytest.mark.parametrize("mode", ["continuous", "grid"])
+def test_mm_time_sampling_replayed_from_the_seed(mode):
+    """continuous: s = u1, t = min(1, u1 + u2 / k); grid: t = i/k, i ~ U{1..k}, s = t - u / k (Salimans et al. 2024
+    Alg. 2 and the Dual-Rate variant), mapped through the flow schedule's t_min + u (t_max - t_min)."""
+    from plugins.moment_matching import sample_times
+
+    sched, n, k = make_schedule("flow", t_min=0.1, t_max=0.9), 4096, 4
+    torch.manual_seed(11)
+    s, t = sample_times(sched, n, k, mode)
+    torch.manual_seed(11)
+    if mode == "grid":
+        u_t = torch.randint(1, k + 1, (n,)).double() / k
+        u_s = u_t - torch.rand(n, dtype=torch.float64) / k
+    else:
+        u_s = torch.rand(n, dtype=torch.float64)
+        u_t = torch.minimum(u_s + torch.rand(n, dtype=torch.float64) / k, torch.ones(n, dtype=torch.float64))
+    torch.testing.assert_close(s, 0.1 + 0.8 * u_s, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(t, 0.1 + 0.8 * u_t, rtol=1e-14, atol=1e-14)
+    assert s.dtype == t.dtype == torch.float64
+
+
+def test_mm_draw_is_forward_noise_student_then_gaussian_posterior():
+    """z_t = alpha_t x + sigma_t eps; x~ = student(z_t, t); z_s ~ q(z_s | z_t, x = x~) at eta = 1: mean
+    (alpha_ts sigma_s^2 z_t + alpha_s sigma_ts^2 x~) / sigma_t^2, std sigma_ts sigma_s / sigma_t (Kingma et al. 2021)."""
+    from plugins.moment_matching import draw
+
+    sched = make_schedule("vp-cosine")
+    student = RecordingNet(sched, 3, seed=40)
+    x = torch.randn(256, 3, dtype=torch.float64)
+    cond = torch.randint(0, 4, (256,))
+    torch.manual_seed(5)
+    d = draw(student, x, cond, 4)
+    torch.manual_seed(5)
+    u_s = torch.rand(256, dtype=torch.float64)
+    u_t = (u_s + torch.rand(256, dtype=torch.float64) / 4).clamp(max=1.0)
+    s, t = 1e-3 + 0.998 * u_s, 1e-3 + 0.998 * u_t
+    eps = torch.randn(256, 3, dtype=torch.float64)
+    xi = torch.randn(256, 3, dtype=torch.float64)
+    torch.testing.assert_close(d.s, s)
+    torch.testing.assert_close(d.t, t)
+    (a_t, s_t), (a_s, s_s) = (tuple(v[:, None] for v in ALPHA_SIGMA["vp-cosine"](u)) for u in (t, s))
+    torch.testing.assert_close(d.z_t, a_t * x + s_t * eps)
+    (call,) = student.calls
+    assert torch.equal(call["cond"], cond)
+    torch.testing.assert_close(call["t"], t)
+    torch.testing.assert_close(d.x_tilde, call["out"])
+    a_ts = a_t / a_s
+    s_ts2 = (s_t**2 - a_ts**2 * s_s**2).clamp(min=0)
+    mean = (a_ts * s_s**2 * d.z_t + a_s * s_ts2 * d.x_tilde) / s_t**2
+    torch.testing.assert_close(d.z_s, mean + (s_ts2 * s_s**2 / s_t**2).sqrt() * xi)
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_mm_teacher_fit_loss(guidance):
+    """The initial fit: t over the whole range, z_t = alpha x + sigma eps, target the teacher's (guided) x0, EDM
+    weight at t with the teacher's sigma_data, on the network being fitted."""
+    from plugins.moment_matching import MMConfig, MomentMatching
+
+    sched = make_schedule("edm")
+    teacher, net = GuidedRecordingNet(sched, 2, seed=50, sigma_data=0.9), RecordingNet(sched, 2, seed=51)
+    obj = MomentMatching(MMConfig(guidance=guidance))
+    x, cond = torch.randn(128, 2, dtype=torch.float64), torch.randint(0, 4, (128,))
+    ctx = Context({"teacher": teacher, "student": net, "critic": net}, {"x": x, "cond": cond}, 0, 128, "cpu")
+    torch.manual_seed(9)
+    loss, metrics = obj.fit_loss(net, ctx)
+    torch.manual_seed(9)
+    t = (0.002 ** (1 / 7) + torch.rand(128, dtype=torch.float64) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    eps = torch.randn(128, 2, dtype=torch.float64)
+    (tcall,), (ncall,) = teacher.calls, net.calls
+    assert tcall["guidance"] == (2.5 if guidance is None else guidance)
+    torch.testing.assert_close(tcall["t"], t)
+    torch.testing.assert_close(ncall["x_t"], x + t[:, None] * eps)
+    lam = (t**2 + 0.81) / (t * 0.9) ** 2
+    want = (lam * (ncall["out"] - tcall["out"]).square().mean(1)).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["teacher_fit"], want, rtol=1e-12, atol=0)
+    # without labels the teacher is called unguided, whatever the scale
+    teacher.calls.clear()
+    obj.fit_loss(net, Context(ctx.nets, {"x": x, "cond": None}, 0, 128, "cpu"))
+    assert teacher.calls[0]["guidance"] is None
