@@ -378,3 +378,36 @@ def test_mm_teacher_fit_loss(guidance):
     teacher.calls.clear()
     obj.fit_loss(net, Context(ctx.nets, {"x": x, "cond": None}, 0, 128, "cpu"))
     assert teacher.calls[0]["guidance"] is None
+
+
+# -- SFD: the student's Euler chain against the teacher's trajectory ---------------------------------------------
+
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_sfd_losses_against_the_closed_form_teacher_trajectory(kind, float64_default):
+    """For N(0, V) data on EDM the teacher's PF-ODE trajectory from x(sigma_0) = sigma_0 z is
+    x(sigma) = sigma_0 z sqrt((V + sigma^2) / (V + sigma_0^2)). SFD (paper Alg. 1) with AFS: the first student step
+    is analytic (D = y (1 - s / sqrt(1 + s^2))), then each Euler step x' = r x + (1 - r) D_student(x) from the
+    student's own detached previous output, r = sigma'/sigma, is one loss against the trajectory at sigma'. The
+    student grid: 4 Karras points (rho 7) from 80 down to SFD's sigma_min 0.006."""
+    B, V = 512, GaussianTeacher.V
+    teacher, student = GaussianTeacher(), RecordingNet(make_schedule("edm"), 2, seed=60)
+    obj = _objective("sfd", nfe=2, substeps=40, loss=kind)
+    nets = {"teacher": teacher, "student": student}
+    obj.build(nets)
+    torch.manual_seed(4)
+    losses = [loss for loss, _ in obj.loss("student", Context(nets, {"x": None, "cond": None}, 0, B, "cpu"))]
+    torch.manual_seed(4)
+    z = torch.randn(B, 2)
+    sig = (80 ** (1 / 7) + torch.arange(4, dtype=torch.float64) / 3 * (0.006 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    traj = [sig[0] * z * torch.sqrt((V + s**2) / (V + sig[0] ** 2)) for s in sig]
+    s0 = float(sig[0])
+    x = traj[0] * (sig[1] / sig[0]) + (1 - sig[1] / sig[0]) * traj[0] * (1 - s0 / math.sqrt(1 + s0 * s0))
+    assert len(losses) == 2 and len(student.calls) == 2
+    for i, (loss, call) in enumerate(zip(losses, student.calls), start=1):
+        torch.testing.assert_close(call["x_t"], x)
+        torch.testing.assert_close(call["t"], sig[i].expand(B))
+        r = sig[i + 1] / sig[i]
+        x = r * x + (1 - r) * call["out"]
+        err = x - traj[i + 1]
+        want = err.square().mean() if kind == "l2" else err.abs().mean()
+        torch.testing.assert_close(loss, want, rtol=1e-4, atol=0)
