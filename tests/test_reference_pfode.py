@@ -175,3 +175,24 @@ def test_generate_batches_conditions_and_overrides():
     assert seen[0][2].dtype == F64 and seen[0][3] == {"a": 1, "b": 3}
     out = generate(GaussianDenoiser(sched), spec, 2, registry=Registry(), shape=(1, 2))
     assert out.shape == (2, 1, 2) and seen[-1][1] is None
+
+
+def test_pfode_on_a_discrete_schedule_reads_zero_as_clean_data():
+    """On vp-discrete, timestep 0 still has noise (alpha_bar_0 < 1); the grid's 0.0 is the clean sentinel
+    (alpha 1, VE sigma 0), while the timestep 1 is read from the table."""
+    from core.schedules import VPDiscreteSchedule
+
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=F64), 0)
+    ode = PFODE(GaussianDenoiser(VPDiscreteSchedule(ac)), [999.0, 1.0, 0.0])
+    assert ode.alpha[2] == 1.0 and ode.s[2] == 0.0 and ode.lam[2] == math.inf
+    assert ode.alpha[1] == pytest.approx(math.sqrt(float(ac[1])), rel=1e-12)
+    assert ode.s[1] == pytest.approx(math.sqrt((1 - float(ac[1])) / float(ac[1])), rel=1e-12)
+
+
+def test_denoised_keeps_the_state_dtype():
+    class Float64Model(GaussianDenoiser):
+        def denoise(self, x, t, cond=None, **kwargs):
+            return super().denoise(x.double(), t.double(), cond, **kwargs)
+
+    ode = PFODE(Float64Model(EDMSchedule()), [2.0, 1.0])
+    assert ode.denoised(torch.randn(3, 3), 0).dtype == torch.float32
