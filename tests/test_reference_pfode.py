@@ -110,8 +110,10 @@ def test_generation_helpers():
     x = torch.randn(4, 3)
     denoise_at(model, x, 2.0, None, None)
     assert "guidance" not in model.calls[-1] and model.calls[-1]["t"].dtype == torch.float32
-    torch.testing.assert_close(denoise_at(model, x, 2.0, None, 1.5), V * x / (V + 4) + 1.5)
-    assert model.calls[-1]["guidance"] == 1.5
+    torch.testing.assert_close(denoise_at(model, x, 2.0, "labels", 1.5), V * x / (V + 4) + 1.5)
+    assert model.calls[-1]["guidance"] == 1.5 and model.calls[-1]["cond"] == "labels"
+    denoise_at(model, x, 2.0, "labels", None)
+    assert model.calls[-1]["cond"] == "labels"
     noise = torch.randn(4, 3)
     torch.testing.assert_close(start(model, noise, torch.tensor([3.0, 0.0], dtype=F64)), 3.0 * noise)
     assert start(model, noise.half(), [3.0]).dtype == torch.float16
