@@ -131,7 +131,9 @@ def test_one_call_per_step_and_multistep():
         assert t.dtype == s.dtype == F64
         return x0 + s
 
-    x, traj = one_call_per_step(model, noise, times, None, step, return_trajectory=True, callback=seen.append)
+    x, traj = one_call_per_step(model, noise, times, "labels", step, return_trajectory=True, guidance=0.0,
+                                callback=seen.append)
+    assert [(c["cond"], c["guidance"]) for c in model.calls] == [("labels", 0.0)] * 2
     x_start = noise * math.sin(math.pi * 0.9 / 2)
     a, s = math.cos(math.pi * 0.9 / 2), math.sin(math.pi * 0.9 / 2)
     x1 = a * V * x_start / (a * a * V + s * s) + 0.5
