@@ -134,6 +134,7 @@ def test_one_call_per_step_and_multistep():
     x, traj = one_call_per_step(model, noise, times, "labels", step, return_trajectory=True, guidance=0.0,
                                 callback=seen.append)
     assert [(c["cond"], c["guidance"]) for c in model.calls] == [("labels", 0.0)] * 2
+    torch.testing.assert_close(one_call_per_step(model, noise, times, None, step), x)  # no trajectory by default
     x_start = noise * math.sin(math.pi * 0.9 / 2)
     a, s = math.cos(math.pi * 0.9 / 2), math.sin(math.pi * 0.9 / 2)
     x1 = a * V * x_start / (a * a * V + s * s) + 0.5
