@@ -144,6 +144,8 @@ def test_one_call_per_step_and_multistep():
     torch.testing.assert_close(x, x2)
     assert [(float(t), float(s)) for t, s in steps] == [(0.9, 0.5)] and [c["i"] for c in seen] == [0, 1]
     torch.testing.assert_close(seen[0]["denoised"], x1 - 0.5)
+    torch.testing.assert_close(seen[0]["x"], traj[1])
+    assert [c["t"] for c in seen] == [0.9, 0.5]
     torch.testing.assert_close(one_call_per_step(model, noise, times, None, step), x)  # no trajectory by default
     # multistep re-noises x0 to the next time with fresh noise from the generator
     g = torch.Generator().manual_seed(3)
