@@ -117,6 +117,9 @@ def test_generation_helpers():
     noise = torch.randn(4, 3)
     torch.testing.assert_close(start(model, noise, torch.tensor([3.0, 0.0], dtype=F64)), 3.0 * noise)
     assert start(model, noise.half(), [3.0]).dtype == torch.float16
+    # python-float times are read in float64: the float64 start is exact
+    vp, noise64 = GaussianDenoiser(VPCosineSchedule()), torch.randn(4, 3, dtype=F64)
+    torch.testing.assert_close(start(vp, noise64, [0.9, 0.0]), math.sin(0.45 * math.pi) * noise64, rtol=1e-15, atol=0)
 
 
 def test_one_call_per_step_and_multistep():
