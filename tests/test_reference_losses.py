@@ -411,3 +411,12 @@ def test_sfd_losses_against_the_closed_form_teacher_trajectory(kind, float64_def
         err = x - traj[i + 1]
         want = err.square().mean() if kind == "l2" else err.abs().mean()
         torch.testing.assert_close(loss, want, rtol=1e-4, atol=0)
+
+
+def test_denoise_on_float32_data_stays_float32():
+    """sigma is drawn in float64, but the network sees float32 times and the loss (and its weight) is float32."""
+    net = RecordingNet(make_schedule("vp-cosine"), 2, seed=70)
+    x0 = torch.randn(64, 2)
+    loss, _ = _objective("denoise").loss("denoiser", Context({"student": net}, {"x": x0, "cond": None}, 0, 64, "cpu"))
+    assert net.calls[0]["t"].dtype == torch.float32 and net.calls[0]["x_t"].dtype == torch.float32
+    assert loss.dtype == torch.float32
