@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 
 from sklearn.datasets import load_digits  # noqa: E402
 
+from core.cli import guard  # noqa: E402
 from core.run import main as run_main  # noqa: E402
 from core.sample import main as sample_main  # noqa: E402
 from plugins.digits import data as digits
@@ -249,19 +250,25 @@ def test_bad_label_is_one_line_exit_2_and_writes_nothing(unet_run, tmp_path, cap
     assert not list(tmp_path.iterdir())
 
 
-def test_core_metrics_digits_scores_a_sample_file(unet_run, tmp_path, capsys):
+def test_digits_fid_cli_scores_a_sample_file(unet_run, tmp_path, capsys):
     from core.metrics import main as metrics_main
+    from plugins.digits.fid import main as fid_main
 
+    fid_cli = guard(fid_main)
     npz = tmp_path / "s.npz"
     assert sample_main([f"run={unet_run}", "num=40", "steps=2", f"out={npz}"]) == 0
     data = np.load(npz)
     expected = digits_metrics.digits_report(torch.as_tensor(data["samples"]), torch.as_tensor(data["labels"]))
     capsys.readouterr()
-    assert metrics_main(["--digits", str(npz)]) == 0
+    assert fid_cli([str(npz)]) == 0
     out = dict(kv.split("=") for kv in capsys.readouterr().out.split())
     assert float(out["digits_fid"]) == pytest.approx(expected["fid"], rel=1e-4)
     assert float(out["class_accuracy"]) == pytest.approx(expected["class_accuracy"], abs=1e-4)
     np.savez(tmp_path / "vec.npz", samples=np.zeros((10, 2), np.float32))
-    assert metrics_main(["--digits", str(tmp_path / "vec.npz")]) == 2
+    assert fid_cli([str(tmp_path / "vec.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "shape (N, 1, S, S)" in err
+    # core.metrics knows no plugin: its --digits option is gone, with the usual one-line error
+    assert metrics_main(["--digits", str(npz)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fewstep: error: ")

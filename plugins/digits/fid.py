@@ -12,11 +12,14 @@ retrain. The reference statistics are those of the 1,497 train digits at the sam
 
 ``digits_report`` adds the classifier's accuracy on class-conditional samples (label c comes out as c)
 and the share of each predicted class (coverage; the minimum is reported).
+
+    python -m plugins.digits.fid SAMPLES.npz    # a core.sample .npz: FID, class accuracy, class shares
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -186,3 +189,19 @@ def format_report(report: dict) -> str:
         parts.append(f"class_accuracy={report['class_accuracy']:.4f}")
     parts.append(f"min_class_share={report['min_class_share']:.4f}")
     return " ".join(parts) + " class_share=" + ",".join(f"{s:.3f}" for s in report["class_share"])
+
+
+def main(argv: list[str]) -> int:
+    """``python -m plugins.digits.fid SAMPLES.npz``: the digits FID, class accuracy and class shares."""
+    from core.errors import ConfigError
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise ConfigError("usage: python -m plugins.digits.fid SAMPLES.npz (written by python -m core.sample)")
+    print(format_report(report_npz(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    from core.cli import guard
+
+    sys.exit(guard(main)())
