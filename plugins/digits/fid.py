@@ -195,8 +195,12 @@ def main(argv: list[str]) -> int:
     """``python -m plugins.digits.fid SAMPLES.npz``: the digits FID, class accuracy and class shares."""
     from core.errors import ConfigError
 
+    usage = "usage: python -m plugins.digits.fid SAMPLES.npz (written by python -m core.sample)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        raise ConfigError("usage: python -m plugins.digits.fid SAMPLES.npz (written by python -m core.sample)")
+        raise ConfigError(usage)
     print(format_report(report_npz(argv[0])))
     return 0
 
