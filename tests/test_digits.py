@@ -187,6 +187,24 @@ def test_digits_report_real_vs_noise_and_class_metrics():
     assert shuffled["class_accuracy"] < 0.3 and shuffled["fid"] == pytest.approx(real16["fid"])
 
 
+
+def test_class_spread_is_1_for_real_digits_and_0_for_one_image_per_class():
+    x, y = digits.load_split("train", 8)
+    some = torch.tensor([0, 5, 17, 40])
+    xc = x[y == 3][some].flatten(1).double()
+    pairs = [float((xc[i] - xc[j]).norm()) for i in range(4) for j in range(4) if i != j]
+    assert digits_metrics.within_class_distance(x[y == 3][some], torch.full((4,), 3))[3] == pytest.approx(
+        sum(pairs) / len(pairs), rel=1e-12)
+    assert digits_metrics.class_spread(x, y) == pytest.approx(1.0, abs=1e-12)
+    held_x, held_y = digits.load_split("held-out", 8)
+    assert 0.85 < digits_metrics.class_spread(held_x, held_y) < 1.15  # same law, other images
+    first = torch.stack([x[y == c][0] for c in range(10)])
+    collapsed = first.repeat_interleave(20, 0)  # one image per class, whatever the noise
+    labels = torch.arange(10).repeat_interleave(20)
+    assert digits_metrics.class_spread(collapsed, labels) == 0.0
+    report = digits_metrics.digits_report(collapsed, labels)
+    assert report["class_accuracy"] >= 0.9 and report["class_spread"] == 0.0  # right class, no variety
+
 # -- runs, sampling, pictures ----------------------------------------------------------------------------
 def test_student_copy_and_fake_score_with_gan_from_a_unet_checkpoint(unet_run, tmp_path):
     out = str(tmp_path / "dmd2")
