@@ -64,8 +64,9 @@ class DMD2Config:
     regression_weight: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
         metadata={"doc": "lambda_reg: DMD's regression loss ||G(x_in) - ODE_teacher(x_in)||^2 on the generator's "
-                         "own inputs (default: 1 for a generator trained from scratch, where it keeps every mode; "
-                         "0, as DMD2, for a copy of the teacher's network)"})
+                         "own inputs (default 1: it keeps every mode of a generator trained from scratch, and "
+                         "breaks the per-class collapse of a 1-step teacher copy, which outputs the class mean "
+                         "at sigma_max whatever the noise; 0 is DMD2's choice)"})
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
@@ -168,9 +169,9 @@ class DMD2:
 
     @property
     def regression_weight(self) -> float:
-        if self.config.regression_weight is not None:
-            return self.config.regression_weight
-        return 1.0 if getattr(self, "from_scratch", False) else 0.0
+        # on for teacher copies too (docs/methods/digits.md): DM and GAN gradients cannot make a copy's output
+        # depend on the noise it starts from, the ODE targets can
+        return 1.0 if self.config.regression_weight is None else self.config.regression_weight
 
     # -- one iteration -----------------------------------------------------------------------------------------
     def loss(self, phase: str, ctx) -> tuple[Tensor, dict]:
