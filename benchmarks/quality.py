@@ -125,7 +125,8 @@ def run_job(job: dict) -> dict:
     with torch.no_grad():
         metrics = score(mixture, sample, job["samples"], 7 + job["seed"])
     return {"variant": job["variant"], "mixture": job["mixture"], "seed": job["seed"], **metrics,
-            "nfe": len(trainer.spec.times) - 1, "train_steps": trainer.cfg.train.steps,
+            "nfe": len(trainer.spec.times) - 1 - int(bool(trainer.spec.options.get("afs"))),  # AFS makes no call
+            "train_steps": trainer.cfg.train.steps,
             "train_seconds": round(seconds, 1)}
 
 
