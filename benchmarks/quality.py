@@ -374,7 +374,8 @@ def main(argv=None) -> int:
         jobs.sort(key=lambda j: -_cost(j["overrides"]))  # longest first, for the pool's balance
         for job in jobs:
             if job["needs_net"]:
-                job["teacher_dir"] = (stages if job["needs_net"] == "first-stage" else teachers)[job["mixture"]].result()
+                source = stages if job["needs_net"] == "first-stage" else teachers
+                job["teacher_dir"] = source[job["mixture"]].result()
             futures.append(pool.submit(run_job, job))
         rows = [r for f in refs for r in f.result()]
         progress = Path(args.json).with_suffix(".rows.jsonl")  # every finished run at once, for long sweeps

@@ -54,7 +54,8 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, x, y):
-        return sum(lin((a - b).square()).mean((1, 2, 3)) for lin, a, b in zip(self.lins, self.features(x), self.features(y)))
+        pairs = zip(self.lins, self.features(x), self.features(y))
+        return sum(lin((a - b).square()).mean((1, 2, 3)) for lin, a, b in pairs)
 
     # -- the lpips package's key layout: net.sliceK.<index in torchvision's vgg16.features>, linK.model.1 --
     def package_keys(self):
@@ -85,12 +86,14 @@ def load_lpips(path: str, device="cpu") -> LPIPS:
     keys = model.package_keys()
     missing = [theirs for theirs in keys.values() if theirs not in state]
     if missing:
-        raise UsageError(f"objective.lpips_path={path}: lacks {len(missing)} LPIPS-VGG weights (e.g. {missing[0]}); {FIX}")
+        raise UsageError(f"objective.lpips_path={path}: lacks {len(missing)} LPIPS-VGG weights "
+                         f"(e.g. {missing[0]}); {FIX}")
     try:
         model.load_state_dict({ours: state[theirs] for ours, theirs in keys.items()}
                               | {"shift": model.shift, "scale": model.scale})
     except RuntimeError as exc:
-        raise UsageError(f"objective.lpips_path={path}: weights of the wrong shape ({str(exc).splitlines()[-1].strip()}); {FIX}") from None
+        detail = str(exc).splitlines()[-1].strip()
+        raise UsageError(f"objective.lpips_path={path}: weights of the wrong shape ({detail}); {FIX}") from None
     return model.to(device)
 
 

@@ -1,4 +1,5 @@
-"""Objectives ``sfd`` and ``sfd-v``: Simple and Fast Distillation (Zhou et al., NeurIPS 2024, arXiv 2409.19681).
+"""Objectives ``sfd``, ``sfd-v`` and ``sfd-1``: Simple and Fast Distillation (Zhou et al., NeurIPS 2024,
+arXiv 2409.19681).
 
 SFD fine-tunes a copy of the teacher's own network so that a few plain Euler steps land on the states of
 an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/methods/sfd.md):
@@ -12,7 +13,9 @@ an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/
 
 ``sfd-v`` draws the NFE per iteration from [nfe_min, nfe_max] and feeds it to the student through
 zero-initialised embedding layers (``student=copy-nfe``), so one network serves every NFE in the range
-and starts exactly equal to the teacher.
+and starts exactly equal to the teacher. ``sfd-1`` is the second stage (note sec. 7): NFE 1 (N = 3, M = 2)
+from a first-stage SFD/SFD-v run that takes its own Euler + AFS steps (NFE 5), L1 plus an optional LPIPS
+term on the last step (``plugins.perceptual``).
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ class SFD:
         self.second_stage = isinstance(config, SFD1Config)
         # the first stage runs the pretrained network's solver without AFS; the second stage runs the
         # first-stage model as it samples, AFS included
-        self.teacher_options = {"afs": self.second_stage and config.teacher_afs} if config.teacher_solver == "euler-afs" else {}
+        euler = config.teacher_solver == "euler-afs"
+        self.teacher_options = {"afs": self.second_stage and config.teacher_afs} if euler else {}
         self.teacher_model, self.lpips = None, None
 
     # -- set-up ------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def test_cli_says_when_the_lpips_file_is_absent(first_stage, tmp_path):
                            f"teacher.path={first_stage}", f"objective.lpips_path={tmp_path / 'vgg.pth'}", f"out={out}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("fewstep: error:") and "lpips_path" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("fewstep: error:") and "lpips_path" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
     assert not out.exists()
 
 
