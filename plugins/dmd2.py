@@ -69,10 +69,6 @@ class DMD2Config:
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
-    regression_weighting: Literal["edm", "flat"] = attrs.field(
-        default="edm", metadata={"doc": "K-step generators: weight step k's regression by EDM's lambda(tau_k) / "
-                                        "lambda(tau_0), i.e. the same scale on the network's raw output at every "
-                                        "step (flat: the plain x0 MSE, which starves the late steps)"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
@@ -286,18 +282,7 @@ class DMD2:
         with torch.no_grad():
             noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
             target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
-        mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
-        if c.regression_weighting == "flat" or len(self.times) == 1:
-            return mse
-        # EDM's lambda(sigma) = 1 / c_out(sigma)^2 makes this the MSE of the network's raw output at every step;
-        # relative to tau_0, so step 0 (and a 1-step generator) keeps lambda_reg as it is
-        return mse * float(self._edm_weight(sched, t_in[0], teacher, ctx.student) /
-                           self._edm_weight(sched, self.times[0], teacher, ctx.student))
-
-    @staticmethod
-    def _edm_weight(sched, t, teacher, student) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return (sched.alpha(t) / sched.sigma(t)) ** 2 + 1 / sigma_data_of(student, teacher) ** 2
+        return torch.nn.functional.mse_loss(x, target.to(x.dtype))
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
         """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's

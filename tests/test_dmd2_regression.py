@@ -21,10 +21,10 @@ def euler_float64(teacher, x, times):
     return x
 
 
-@pytest.mark.parametrize("steps,weighting", [(1, "edm"), (3, "edm"), (3, "flat")])
-def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighting):
+@pytest.mark.parametrize("steps", [1, 3])
+def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps):
     teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
-    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6, regression_weighting=weighting))
+    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6))
     obj.times = [80.0, 2.0, 0.3][:steps]
     obj.from_scratch = True
     ctx = Context({"teacher": teacher, "student": teacher}, {"x": None, "cond": None}, 0, 512, "cpu")
@@ -38,12 +38,7 @@ def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighti
     times = make_grid(teacher.schedule, 6, t_max=float(t_in[0])).tolist()
     assert times[0] == pytest.approx(float(t_in[0])) and times[-1] == 0
     target = euler_float64(teacher, x_in, times)
-    # K-step generators: EDM's lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 (VE: sigma = t) relative to tau_0 = 80
-    sd = float(teacher.sigma_data)
-    t = float(t_in[0])
-    weight = (1 / t**2 + 1 / sd**2) / (1 / 80.0**2 + 1 / sd**2) if steps > 1 and weighting == "edm" else 1.0
-    assert steps == 1 or t < 80  # this draw exercises a later step (k > 0)
-    expected = weight * 2 * (x.detach().double() - target) / x.numel()
+    expected = 2 * (x.detach().double() - target) / x.numel()
     assert torch.allclose(x.grad.double(), expected, atol=1e-6, rtol=1e-4)
     # the target is a sample of the mixture, not a blur of it: at 6 Euler steps from sigma 80 most of it is on a mode
     if steps == 1:
