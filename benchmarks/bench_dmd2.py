@@ -23,6 +23,8 @@ from torch.nn import functional as F
 from core.config import parse_overrides
 from core.runconfig import resolve
 from core.runner import Trainer
+from core.timesteps import make_grid
+from plugins.samplers.ode import dpmpp_2m
 
 os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
 
@@ -49,11 +51,14 @@ class Bare:
         self.teacher, self.dataset = tr.teacher, tr.networks.dataset
         self.G, self.F, self.h = tr.nets["student"], tr.nets["critic"], tr.nets["gan_head"]
         self.B, self.lam_g, self.lam_d = tr.micro, cfg.gan_gen_weight, cfg.gan_disc_weight
-        self.opt_g = torch.optim.AdamW(self.G.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.opt_f = torch.optim.AdamW([*self.F.parameters(), *self.h.parameters()], lr=cfg.lr,
+        self.lam_reg, self.reg_steps = tr.objective.regression_weight, cfg.regression_steps
+        lr = tr.objective.generator_lr
+        self.opt_g = torch.optim.AdamW(self.G.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        self.opt_f = torch.optim.AdamW([*self.F.parameters(), *self.h.parameters()], lr=cfg.critic_lr or lr,
                                        weight_decay=cfg.weight_decay)
-        s = tr.teacher.schedule
+        s = self.schedule = tr.teacher.schedule
         self.lo, self.hi, self.rho, self.sd = s.t_min ** (1 / s.rho), s.t_max ** (1 / s.rho), s.rho, self.F.sigma_data
+        assert cfg.regression_solver == "dpmpp-2m" and tr.teacher.data_shape == (2,) and tr.cfg.train.ema == 0
 
     def sigma(self, a: float, b: float, n: int | None = None) -> torch.Tensor:  # Karras rho-spaced, fraction in [a, b]
         u = a + (b - a) * torch.rand(n or self.B, dtype=torch.float64)
@@ -83,6 +88,10 @@ class Bare:
                 g = (fake_x0 - real_x0).double() / (x - real_x0).double().abs().mean(1, keepdim=True)
                 g = torch.nan_to_num(g, 0.0, 0.0, 0.0).float()
             loss = 0.5 * F.mse_loss(x, (x - g).detach()) + self.lam_g * F.softplus(-self.logits(x)).mean()
+            if self.lam_reg:  # DMD's regression term: the teacher's 16-step DPM-Solver++(2M) ODE from z at 80
+                with torch.no_grad():
+                    target = dpmpp_2m(self.teacher, z / 80.0, make_grid(self.schedule, self.reg_steps, t_max=80.0))
+                loss = loss + self.lam_reg * F.mse_loss(x, target)
             self.opt_g.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.G.parameters(), 10.0)

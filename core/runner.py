@@ -155,10 +155,11 @@ class Trainer:
             streams = [phase_losses(self.objective, phase.name, ctx) for ctx in ctxs]
             while (metrics := self._optimizer_step(phase, opt, clip, streams)) is not None:
                 for k, v in metrics.items():
-                    sums[k], counts[k] = sums.get(k, 0) + _scalar(v), counts.get(k, 0) + 1
-        # zero every grad so terms that reached other networks (e.g. GAN into the critic) don't leak
-        for module in self.networks.trainable.values():
-            module.zero_grad(set_to_none=True)
+                    v = _scalar(v)
+                    sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
+        # drop every grad so terms that reached other networks (e.g. GAN into the critic) don't leak
+        for p in self.state.all_params:
+            p.grad = None
         metrics = {k: sums[k] / counts[k] if counts[k] > 1 else sums[k] for k in sums}
         self.hook.fewstep_after_phase(trainer=self, phase=phase, iteration=it, metrics=metrics)
         return metrics
@@ -184,10 +185,11 @@ class Trainer:
         metrics = parts[0] if A == 1 else {k: sum(_scalar(p[k]) for p in parts if k in p) / A for k in parts[0]}
         if stepped:
             self.parallel.average_unreached(phase.trains, self.state.params)
+            grad_norm = None
             if clip:
-                params = [p for group in opt.param_groups for p in group["params"]]
-                metrics = {**metrics, "grad_norm": torch.nn.utils.clip_grad_norm_(params, clip)}
-            self.hook.fewstep_before_optimizer_step(trainer=self, phase=phase, optimizer=opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.state.phase_params[phase.name], clip)
+                metrics = {**metrics, "grad_norm": grad_norm}
+            self.hook.fewstep_before_optimizer_step(trainer=self, phase=phase, optimizer=opt, grad_norm=grad_norm)
             opt.step()
         return metrics
 
