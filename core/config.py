@@ -326,6 +326,8 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
+        elif isinstance(v, dict) and k in out and not isinstance(out[k], dict) and "name" not in v:
+            out[k] = {"name": out[k], **v}  # ``callbacks: [a]`` plus ``callbacks.a.FIELD=VALUE``, as parse_overrides nests
         elif isinstance(out.get(k), dict) and not isinstance(v, dict):
             # ``teacher=gmm`` on top of a loaded ``teacher: {name: ...}``: switching plugin drops its fields
             out[k] = {"name": v} if out[k].get("name") != v else out[k]

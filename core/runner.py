@@ -84,8 +84,10 @@ class Trainer:
             return
         yield "metrics-log", MetricsLog(self.out)
         for name in self.cfg.callbacks:
-            info = self.registry.get("callback", name)
-            yield f"callback:{name}", info.factory(info.config() if info.config is not None else None)
+            info, config = self.registry.get("callback", name), self.cfg.callback_configs.get(name)
+            if config is None and info.config is not None:  # a RunConfig built without its callback configs
+                config = info.config()
+            yield f"callback:{name}", info.factory(config)
 
     def sampling_model(self):
         return self.state.sampling_model()
