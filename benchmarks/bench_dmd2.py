@@ -21,6 +21,7 @@ Extra ``key=value`` arguments change the run, e.g. ``student.hidden=16`` (Python
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -170,23 +171,29 @@ def test_dmd2_iteration(benchmark, trainer, machine, kind, variant):
     assert math.isfinite(benchmark.stats.stats.median)
 
 
-def main(argv: list[str]) -> None:
+def script(argv: list[str], name: str, build, groups) -> None:
+    """The script form, ``[--repeats N] [key=value ...]``: ``build(tmp_dir, overrides)`` makes the trainer,
+    ``groups(trainer)`` the rows to time, ``{label: {"bare": fn, "framework": fn}}``."""
     repeats = 21
     if argv[:1] == ["--repeats"]:
         repeats, argv = int(argv[1]), argv[2:]
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build_trainer(f"{tmp}/run", argv)
-        bare = Bare(tr)
-        print(f"dmd2 iteration, batch {tr.micro}, {' '.join(argv) or 'default run'}; {repeats} repeats, "
-              f"CPU time per iteration, median")
-        for kind, it in (("generator", 0), ("critic", 1)):
-            result = side_by_side({"bare": lambda: bare.step(kind == "generator"),
-                                   "framework": lambda: framework_iteration(tr, it)}, repeats)
-            (b, _), (f, ratio) = result["bare"], result["framework"]
-            print(f"  {kind:9s}  bare {b * 1e3:8.2f} ms   framework {f * 1e3:8.2f} ms   ratio {ratio:.3f}")
+        tr = build(tmp, argv)
+        print(f"{name} iteration, batch {tr.micro}, {' '.join(argv) or 'default run'}; {repeats} repeats, "
+              "CPU time per iteration, median")
+        for label, rows in groups(tr).items():
+            (b, _), (f, ratio) = side_by_side(rows, repeats).values()
+            print(f"  {label:9s}  bare {b * 1e3:8.2f} ms   framework {f * 1e3:8.2f} ms   ratio {ratio:.3f}")
+
+
+def iteration_kinds(tr: Trainer) -> dict:
+    bare = Bare(tr)
+    return {kind: {"bare": functools.partial(bare.step, kind == "generator"),
+                   "framework": functools.partial(framework_iteration, tr, it)}
+            for kind, it in (("generator", 0), ("critic", 1))}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
-    main(sys.argv[1:])
+    script(sys.argv[1:], "dmd2", lambda tmp, argv: build_trainer(f"{tmp}/run", argv), iteration_kinds)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -102,23 +101,12 @@ def test_sfd_iteration(benchmark, trainer, machine, variant):
     assert math.isfinite(benchmark.stats.stats.median)
 
 
-def main(argv: list[str]) -> None:
-    from bench_dmd2 import side_by_side
-
-    repeats = 21
-    if argv[:1] == ["--repeats"]:
-        repeats, argv = int(argv[1]), argv[2:]
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = build_trainer(tmp, argv)
-        bare = Bare(tr)
-        result = side_by_side({"bare": bare.step, "framework": lambda: framework_iteration(tr, 0)}, repeats)
-        (b, _), (f, ratio) = result["bare"], result["framework"]
-        print(f"sfd iteration, batch {tr.micro}, {' '.join(argv) or 'default run'}; {repeats} repeats, "
-              f"CPU time per iteration, median")
-        print(f"  bare {b * 1e3:8.2f} ms   framework {f * 1e3:8.2f} ms   ratio {ratio:.3f}")
+def iteration(tr: Trainer) -> dict:
+    return {"sfd": {"bare": Bare(tr).step, "framework": lambda: framework_iteration(tr, 0)}}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("FEWSTEP_TENSORBOARD", "0")
-    main(sys.argv[1:])
+    from bench_dmd2 import script
+
+    script(sys.argv[1:], "sfd", build_trainer, iteration)
