@@ -31,7 +31,7 @@ class RunConfig:
     teacher: Choice
     student: Choice
     critic: Choice | None
-    sampler: Choice
+    sampler: Choice | None  # python -m core.sample's choice; None for a training run (its objective's sampler)
     data: Choice | None
     train: TrainConfig
     seed: int = 0
@@ -43,6 +43,8 @@ class RunConfig:
         d: dict = {}
         for group in PLUGIN_GROUPS:
             choice = getattr(self, group)
+            if choice is None and group == "sampler":  # a training run's config.yaml has no sampler to read
+                continue
             if choice is None:
                 d[group] = None
                 continue
@@ -118,8 +120,9 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     elif critic_fields or critic_name != "auto":
         raise UsageError(f"objective '{obj_name}' uses no critic; drop critic={critic_name}")
 
-    sampler_name, sampler_fields = group("sampler", DEFAULTS["sampler"])
-    sampler = build("sampler", sampler_name, sampler_fields)
+    sampler = None
+    if "sampler" in tree:  # python -m core.sample; training runs preview and export with the objective's
+        sampler = build("sampler", *group("sampler", DEFAULTS["sampler"]))
 
     data = None
     data_name, data_fields = group("data", DEFAULTS["data"])
