@@ -48,14 +48,6 @@ def unit_interval(instance, attribute, value):
         raise FieldError(attribute.name, f"must be in [0, 1], got {value}")
 
 
-def in_range(lo: float, hi: float):
-    """Validator: lo <= value <= hi."""
-    def check(instance, attribute, value):
-        if value is not None and not lo <= value <= hi:
-            raise FieldError(attribute.name, f"must be in [{lo}, {hi}], got {value}")
-    return check
-
-
 def importable_optimizer(instance, attribute, value):
     """Checked when the config is read, so a missing optional package stops a run before it touches disk."""
     if value == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
