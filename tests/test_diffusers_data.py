@@ -178,20 +178,20 @@ def test_latent_cache_is_reused_and_keyed_by_the_vae(sd15_dir, shaped_images, tm
 
 
 def test_prompt_cache_on_disk_is_reused_and_bounded(sdxl_dir, tmp_path, monkeypatch):
-    import plugins.diffusers.conditioning as conditioning
+    import plugins.diffusers.teacher as teacher_module
 
     cache = str(tmp_path / "emb")
     prompts = [f"prompt number {i}" for i in range(5)]
     a = make_teacher(sdxl_dir, "sdxl", embedding_cache=cache, prompt_cache_items=2)
     ids = a.encode_condition(prompts)
     assert len(a.bank.rows) <= 2  # bounded: the rest live on disk
-    reference = conditioning.encode_prompts(a.pipe, "sdxl", prompts, "cpu")
+    reference = teacher_module.encode_prompts(a.pipe, "sdxl", prompts, "cpu")
     got = a.bank.lookup(ids, 5, "cpu", torch.float32)  # rows evicted from memory are read back
     for k in ("text", "pooled"):
         torch.testing.assert_close(got[k], reference[k])
     calls = []
-    real = conditioning.encode_prompts
-    monkeypatch.setattr(conditioning, "encode_prompts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = teacher_module.encode_prompts
+    monkeypatch.setattr(teacher_module, "encode_prompts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     b = make_teacher(sdxl_dir, "sdxl", embedding_cache=cache)  # a later run with the same encoders
     calls.clear()
     ids_b = b.encode_condition(prompts + ["a new prompt"])

@@ -167,7 +167,7 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
     import numpy as np
     from diffusers import DiffusionPipeline
 
-    from plugins.diffusers.scheduler import FewstepScheduler
+    from plugins.diffusers.export import FewstepScheduler
 
     ours = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
     exact = json.loads((out / "export" / "fewstep_sampling.json").read_text())["exact"]

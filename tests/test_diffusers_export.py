@@ -32,7 +32,7 @@ def teacher_for(path: str, family: str, resolution=None):
 
 def perturbed_student(teacher, lora_rank: int = 0):
     """A trainable copy moved away from the teacher (a trained student's stand-in), optionally LoRA."""
-    from plugins.diffusers.lora import NetConfig, add_lora
+    from plugins.diffusers.networks import NetConfig, add_lora
 
     student = teacher.trainable_copy()
     if lora_rank:
@@ -62,7 +62,7 @@ def exported_images(export: str, family: str, seed: int) -> tuple[torch.Tensor, 
     """What the docs tell a user to run: the export, FewstepScheduler, the recorded call, torch.manual_seed."""
     from diffusers import DiffusionPipeline
 
-    from plugins.diffusers.scheduler import FewstepScheduler
+    from plugins.diffusers.export import FewstepScheduler
 
     record = json.load(open(f"{export}/fewstep_sampling.json"))
     exact = record["exact"]
@@ -136,7 +136,7 @@ def test_stock_sd3_scheduler_uses_the_students_sigmas_unshifted(sd3_dir, tmp_pat
 
 
 def test_scheduler_refuses_other_step_counts():
-    from plugins.diffusers.scheduler import FewstepScheduler
+    from plugins.diffusers.export import FewstepScheduler
 
     sched = FewstepScheduler(sampler="euler", times=[999.0, 499.0, 0.0], alphas=[0.07, 0.5, 1.0],
                              sigmas=[0.997, 0.86, 0.0])
