@@ -230,7 +230,9 @@ class DiffusersTeacher:
 
     def export(self, model, spec, out_dir: str) -> str | None:
         """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""
-        if not self.config.export or not isinstance(model, DiffusersDenoiser):
+        # SFD-v's student (NFEConditioned) wraps the diffusers network
+        inner = model if isinstance(model, DiffusersDenoiser) else getattr(model, "net", None)
+        if not self.config.export or not isinstance(inner, DiffusersDenoiser):
             return None
         from plugins.diffusers.export import export_pipeline
 
