@@ -96,15 +96,20 @@ class DiffusersDenoiser(nn.Module):
                             pooled_projections=emb["pooled"], return_dict=False)[0]
         extra = {}
         if self.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x)}
+            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x, emb.get("size"))}
         return self.net(x, steps, encoder_hidden_states=emb["text"], return_dict=False, **extra)[0]
 
-    def time_ids(self, x: Tensor) -> Tensor:
-        """SDXL micro-conditioning from the real image size (H, W) = latent size x VAE factor, as the SDXL
-        pipeline builds it for a generated image: (original H, W; crop top, left = 0, 0; target H, W)."""
+    def time_ids(self, x: Tensor, size: Tensor | None = None) -> Tensor:
+        """SDXL's micro-conditioning (original H, W; crop top, left; target H, W) with the target size (H, W) =
+        latent size x VAE factor. ``size`` [B, 4] holds each real image's (original H, W, crop top, left)
+        (``PromptBank.lookup``); its NaN rows, and every row without it, are generated images, conditioned
+        as the SDXL pipeline conditions them by default: (H, W, 0, 0, H, W)."""
         h, w = (int(v) * self.vae_scale for v in x.shape[-2:])
-        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype, device=x.device)
-        return ids.expand(x.shape[0], -1)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device).repeat(x.shape[0], 1)
+        if size is not None:
+            real = ~size[:, 0].isnan()
+            ids[real, :4] = size[real].to(ids)
+        return ids.to(x.dtype)
 
     def embed(self, cond, batch: int, device) -> dict[str, Tensor]:
         return self.bank.lookup(cond, batch, device, self.dtype)
@@ -126,6 +131,8 @@ class DiffusersDenoiser(nn.Module):
         if guidance is None or guidance == 1:
             return self.to_x0(self.raw(x_t, t, self.embed(cond, b, x_t.device)), x_t, t)
         emb_c, emb_u = self.embed(cond, b, x_t.device), self.embed(None, b, x_t.device)
+        if "size" in emb_c:  # the pipelines pair the unconditional half with the same time ids
+            emb_u["size"] = emb_c["size"]
         emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
         out_c, out_u = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
         t64 = t.to(torch.float64)
