@@ -1,7 +1,8 @@
 """``RUN/export`` reproduces fewstep's own sampler: for every objective's student sampler (DMD2 multistep, SFD
 Euler + AFS without final denoise, SFD-v's NFE-conditioned student, moment matching's ancestral sampler) on every
-teacher family (SD1.5 eps and v, SDXL, SD3 flow), the exported pipeline, loaded back with ``from_pretrained`` and given ``FewstepScheduler``
-and the recorded call arguments, gives the images ``core.generation.generate`` gives for the same seed."""
+teacher family (SD1.5 eps and v, SDXL, SD3 flow), the exported pipeline, loaded back with ``from_pretrained``
+and given ``FewstepScheduler`` and the recorded call arguments, gives the images ``core.generation.generate``
+gives for the same seed."""
 
 from __future__ import annotations
 
