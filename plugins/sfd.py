@@ -174,10 +174,7 @@ class NFEConditioned(nn.Module):
         self.net, self.schedule = net, net.schedule
         self.sigma_data = sigma_data_of(net)
         self.register_buffer("freqs", torch.exp(-math.log(100.0) * torch.arange(emb_dim // 2) / (emb_dim // 2)))
-        # building the student must not consume the caller's RNG: `core.sample seed=S` (which builds it after
-        # seeding) then draws the same noise as an exported pipeline after torch.manual_seed(S)
-        with torch.random.fork_rng(devices=[]):
-            self.nfe_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.nfe_embed = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
         nn.init.zeros_(self.nfe_embed[-1].weight)
         nn.init.zeros_(self.nfe_embed[-1].bias)
 
