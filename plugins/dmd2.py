@@ -21,6 +21,7 @@ from core import distributed, gan, hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
 from core.networks import ResidualMLP
+from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
 from core.generation import multistep
 from core.registry import get_registry
@@ -187,7 +188,9 @@ class DMD2:
         if "dmd2.input" not in ctx.cache:
             K, teacher, cond = len(self.times), ctx.teacher, ctx.batch["cond"]
             k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
-            noise = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+            # at the real batch's size where there is one (aspect-ratio buckets: each batch one size)
+            shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
+            noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
             if k == 0 or self.config.backward_simulation:
                 x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
             else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
@@ -293,8 +296,7 @@ class DMD2:
         t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
         alpha, sigma = sched.alpha(t), sched.sigma(t)
         x_t = ops.add_noise(x, torch.randn_like(x), alpha.to(x.dtype), sigma.to(x.dtype))
-        sd = sigma_data_of(critic, teacher)
-        weight = (alpha / sigma) ** 2 + 1 / sd**2
+        weight = edm_weight(sigma / alpha, sigma_data_of(critic, teacher))
         return ops.weighted_loss(critic.denoise(x_t, time_batch(t, x_t), cond), x, weight.to(x.dtype), "l2")
 
     def discriminate(self, ctx, xs: list[Tensor], cond) -> list[Tensor]:
