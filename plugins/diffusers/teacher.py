@@ -101,6 +101,7 @@ class DiffusersTeacher:
 
     num_classes = 0
     sigma_data = 0.5
+    expensive_calls = True  # a large pipeline: objectives keep optional extra teacher calls off by default
     # moment matching draws z_t from real images (Alg. 2) and has no data-free mode; data=prompts has no images
     real_data_hint = ("data=images data.path=FOLDER (images with same-name .txt captions); data=prompts holds text "
                       "only")
