@@ -62,8 +62,8 @@ def dmd2_setup(unet_config: dict, text_shapes: dict, device, batch: int = 1, lor
 
     from core.protocols import Context
     from core.schedules import VPDiscreteSchedule
-    from plugins.diffusers.denoiser import DiffusersDenoiser
-    from plugins.diffusers.lora import NetConfig, add_lora
+    from plugins.diffusers.networks import DiffusersDenoiser
+    from plugins.diffusers.networks import NetConfig, add_lora
     from plugins.dmd2 import DMD2, DMD2Config
 
     device = torch.device(device)

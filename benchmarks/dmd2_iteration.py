@@ -12,7 +12,7 @@ Modes:
   critic fp32 with AdamW), separate cond and uncond teacher passes, eager torch math, no compile;
 - ``baseline-lora``: the official code's LoRA setting: the same, but the student trains a LoRA adapter
   (rank 64, alpha 8) on its fp32 UNet;
-- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.shared_base``), the teacher's
+- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.networks``), the teacher's
   cond and uncond passes batched into one call, and the fused ``core.ops``.
 UNets are built on the meta device from a config (no weights read) and materialised with random weights.
 """
@@ -67,7 +67,7 @@ def add_student_lora(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     """A trainable LoRA adapter on a frozen UNet (the baseline's LoRA student); returns its parameters."""
     import peft
 
-    from plugins.diffusers.lora import TARGETS
+    from plugins.diffusers.networks import TARGETS
 
     unet.requires_grad_(False)
     unet.add_adapter(peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], init_lora_weights="gaussian",
@@ -194,7 +194,7 @@ def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last
     ``SharedBase`` skips under autocast (two launches per adapted layer, 788 in SDXL, that change nothing):
     the row that measures what skipping it saves."""
     from core import ops
-    from plugins.diffusers.shared_base import SharedBase
+    from plugins.diffusers.networks import SharedBase
 
     dev = pb.device
     shared = SharedBase(build_unet(config, dev, torch.bfloat16), rank=LORA["rank"], alpha=LORA["alpha"])

@@ -172,7 +172,7 @@ class Plan:
 
 def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidance: bool, cuda_norms=True,
                    simulate=True) -> Plan:
-    from plugins.diffusers.shared_base import SharedBase
+    from plugins.diffusers.networks import SharedBase
 
     fake = memsim.fake_mode()
     net_name = "transformer" if "transformer" in components else "unet"

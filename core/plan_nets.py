@@ -61,7 +61,7 @@ def _diffusers_component(folder: Path, name: str, library: str, cls_name: str):
 def diffusers_components(teacher_name: str, path: str) -> dict[str, object]:
     """Builders of the pipeline's networks by component name (``unet``/``transformer``, ``text_encoder*``,
     ``vae``) and ``reference``: a sentence naming where the configs came from."""
-    from plugins.diffusers._require import require
+    from plugins.diffusers.loading import require
 
     require("diffusers")
     require("transformers")
@@ -96,10 +96,10 @@ def _sdxl_reference() -> dict[str, object]:
 
 
 def add_adapter(net: nn.Module, rank: int, alpha: float, name: str = "default", dtype=torch.float32) -> None:
-    """A peft LoRA adapter on DMD2's target modules (plugins.diffusers.lora.TARGETS); only it trains."""
+    """A peft LoRA adapter on DMD2's target modules (plugins.diffusers.networks.TARGETS); only it trains."""
     import peft
 
-    from plugins.diffusers.lora import TARGETS
+    from plugins.diffusers.networks import TARGETS
 
     kind = "transformer" if hasattr(net.config, "joint_attention_dim") else "unet"
     present = [n for n, _ in net.named_modules()]
@@ -130,7 +130,7 @@ def denoiser_inputs(net: nn.Module, batch: int, latent: tuple[int, int], text_le
 
 
 def gan_feature_shape(net: nn.Module, latent: tuple[int, int]) -> tuple[int, ...]:
-    """The critic's bottleneck features read by DMD2's GAN head (plugins.diffusers.denoiser): a UNet's mid block
+    """The critic's bottleneck features read by DMD2's GAN head (plugins.diffusers.networks): a UNet's mid block
     output [C, H, W]; an SD3 transformer's middle block tokens as a map [C, H / patch, W / patch]."""
     cfg = net.config
     h, w = latent

@@ -161,7 +161,7 @@ def test_vae_spaces(sd3_dir):
 
 
 def test_trainable_copy_and_lora(sd15_dir):
-    from plugins.diffusers.lora import NetConfig, add_lora
+    from plugins.diffusers.networks import NetConfig, add_lora
 
     teacher = teacher_for(sd15_dir, "sd15", gradient_checkpointing=True)  # copies only
     cond = teacher.encode_condition(PROMPTS)
@@ -238,15 +238,15 @@ def test_gpu_benchmark_step_runs_on_a_tiny_unet():
 def test_fsspec_urls_are_copied_once_and_hub_ids_fail_clearly_offline(sd15_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from plugins.diffusers import source
+    from plugins.diffusers import loading
 
     cache = tmp_path / "cache"
-    local = source.local_folder(f"file://{sd15_dir}", str(cache))
+    local = loading.local_folder(f"file://{sd15_dir}", str(cache))
     assert os.path.exists(os.path.join(local, "unet", "config.json")) and local.startswith(str(cache))
-    assert source.local_folder(f"file://{sd15_dir}", str(cache)) == local  # cached: no second copy
+    assert loading.local_folder(f"file://{sd15_dir}", str(cache)) == local  # cached: no second copy
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UsageError, match="hub could not serve it"):
-        source.local_folder("someone/some-pipeline")
+        loading.local_folder("someone/some-pipeline")
 
 
 @pytest.mark.parametrize("value, expected", [("32", (32, 32)), (32, (32, 32)), ("[32,48]", (32, 48)), ([32], (32, 32)),

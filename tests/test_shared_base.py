@@ -1,4 +1,4 @@
-"""plugins.diffusers.shared_base on a tiny SDXL-like UNet2DConditionModel: the teacher is bit-identical to
+"""plugins.diffusers.networks.SharedBase on a tiny SDXL-like UNet2DConditionModel: the teacher is bit-identical to
 the plain UNet, each adapter trains alone, and gradient checkpointing sees the adapter its forward saw."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from plugins.diffusers.shared_base import SharedBase  # noqa: E402
+from plugins.diffusers.networks import SharedBase  # noqa: E402
 
 DTYPE = torch.bfloat16
 

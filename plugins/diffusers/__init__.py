@@ -12,13 +12,13 @@ from __future__ import annotations
 from core import hookimpl
 from core.errors import UsageError
 from plugins.diffusers.data import Images, ImagesConfig, Prompts, PromptsConfig
-from plugins.diffusers.lora import NetConfig
+from plugins.diffusers.networks import NetConfig
 from plugins.diffusers.teacher import DiffusersTeacherConfig
 
 
 def _teacher(family: str, doc: str):
     def make(config: DiffusersTeacherConfig, device="cpu"):
-        from plugins.diffusers._require import require
+        from plugins.diffusers.loading import require
 
         for module in ("diffusers", "transformers"):
             require(module)
@@ -36,7 +36,7 @@ def _teacher(family: str, doc: str):
 def _copy(teacher, config: NetConfig, role: str, device):
     """A trainable fp32 copy of the diffusers teacher's UNet / transformer, LoRA with ``lora_rank > 0``. DMD2 keeps
     its fake score a full copy even with a LoRA generator, which ``critic=fake-score`` (the default) does."""
-    from plugins.diffusers.lora import add_lora
+    from plugins.diffusers.networks import add_lora
     from plugins.diffusers.teacher import DiffusersTeacher
 
     if not isinstance(teacher, DiffusersTeacher):

@@ -1,22 +1,26 @@
 """Datasets ``prompts`` (text only: data-free distillation) and ``images`` (images with optional same-name .txt
-captions, encoded once with the teacher's VAE: the GAN's and moment matching's real data).
+captions, encoded once with the teacher's VAE: the GAN's and moment matching's real data), and the on-disk
+caches of encoder outputs (prompt embeddings, image latents) shared across runs.
 Draws use torch's global RNG so resumed runs see the same batches."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import uuid
 
 import attrs
 import fsspec
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from core.config import positive
 from core.errors import UsageError
-from plugins.diffusers.cache import cached_latents, content_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -126,18 +130,42 @@ def bucket_sizes(resolution: tuple[int, int], multiple: int, max_aspect: float) 
     return sorted(sizes)
 
 
+class ImageCaption(str):
+    """A real image's caption that also carries SDXL's size conditioning for that image (Podell et al. 2023,
+    sec. 2.2): ``original_size`` (H, W) of the file and ``crop_top_left`` (top, left) of the crop in the image
+    resized to cover the target, as SDXL was trained. Everywhere else it is the caption string."""
+
+    def __new__(cls, text: str, original_size: tuple[int, int], crop_top_left: tuple[int, int]):
+        self = super().__new__(cls, text)
+        self.original_size, self.crop_top_left = tuple(original_size), tuple(crop_top_left)
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.original_size, self.crop_top_left
+
+
+def _crop_box(w: int, h: int, size: tuple[int, int]) -> tuple[int, int, int, int, float]:
+    """(left, top, width, height) of the center crop of a w x h image to the aspect of ``size`` = (H, W), in
+    the image's pixels, and the scale that resizes the crop to ``size``."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    cw, ch = min(w, round(tw / scale)), min(h, round(th / scale))
+    return (w - cw) // 2, (h - ch) // 2, cw, ch, scale
+
+
+def image_caption(text: str, w: int, h: int, size: tuple[int, int]) -> ImageCaption:
+    left, top, _, _, scale = _crop_box(w, h, size)
+    return ImageCaption(text, (h, w), (round(top * scale), round(left * scale)))
+
+
 def _load_image(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     """Center-crop to the aspect of ``size`` = (H, W), resize, scale to [-1, 1]: [3, H, W]."""
     import numpy as np
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    th, tw = size
-    scale = max(th / h, tw / w)
-    cw, ch = min(w, round(tw / scale)), min(h, round(th / scale))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch)).resize((tw, th), Image.BICUBIC)
+    left, top, cw, ch, _ = _crop_box(*img.size, size)
+    img = img.crop((left, top, left + cw, top + ch)).resize((size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -158,34 +186,38 @@ class Images:
         self.fs, self.config, self.teacher = fs, config, teacher
         self._groups: list[tuple[torch.Tensor, list[str]]] | None = None
 
-    def _bucket(self, path: str, sizes) -> tuple[int, int]:
+    def _size(self, path: str) -> tuple[int, int]:
         from PIL import Image
 
         with self.fs.open(path, "rb") as f:
-            w, h = Image.open(f).size  # reads the header only
-        return min(sizes, key=lambda s: (abs(math.log(w / h) - math.log(s[1] / s[0])), s))
+            return Image.open(f).size  # (w, h), from the header only
 
-    def _encode(self) -> list[tuple[torch.Tensor, list[str]]]:
+    def _encode(self) -> list[tuple[torch.Tensor, list[ImageCaption]]]:
         fs, teacher, cfg = self.fs, self.teacher, self.config
         sizes = bucket_sizes(teacher.resolution, teacher.size_multiple, cfg.max_aspect) if cfg.buckets \
             else [tuple(teacher.resolution)]
-        members: dict[tuple[int, int], list[str]] = {}
+        members: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
         for p in self.files:
-            members.setdefault(self._bucket(p, sizes) if cfg.buckets else sizes[0], []).append(p)
+            w, h = self._size(p)
+            size = min(sizes, key=lambda s: (abs(math.log(w / h) - math.log(s[1] / s[0])), s))
+            members.setdefault(size, []).append((p, w, h))
         groups = []
-        for size, paths in sorted(members.items()):
-            images = [(content_key(fs.ukey(p), size), lambda p=p: _load_image(fs.cat_file(p), size)) for p in paths]
+        for size, entries in sorted(members.items()):
+            images = [(content_key(fs.ukey(p), size), lambda p=p: _load_image(fs.cat_file(p), size))
+                      for p, _, _ in entries]
             latents = cached_latents(teacher, images, cfg.batch, cfg.cache_dir)
             captions = []
-            for p in paths:
+            for p, w, h in entries:
                 txt = os.path.splitext(p)[0] + ".txt"
-                captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else cfg.caption)
+                text = fs.cat_file(txt).decode().strip() if fs.exists(txt) else cfg.caption
+                captions.append(image_caption(text, w, h, size))
             groups.append((latents, captions))
         return groups
 
     @property
-    def groups(self) -> list[tuple[torch.Tensor, list[str]]]:
-        """(latents, captions) per bucket, encoded on first use (sampling a finished run never pays for it)."""
+    def groups(self) -> list[tuple[torch.Tensor, list[ImageCaption]]]:
+        """(latents, captions) per bucket, encoded on first use (sampling a finished run never pays for it).
+        Each caption carries its image's original size and crop for SDXL's size conditioning."""
         if self._groups is None:
             self._groups = self._encode()
         return self._groups
@@ -211,3 +243,101 @@ class Images:
         latents, captions = groups[g]
         idx = torch.randint(len(latents), (n,))
         return {"x": latents[idx], "cond": [captions[i] for i in idx.tolist()]}
+
+
+# -- encoder-output caches -------------------------------------------------------------------------
+# On-disk caches of encoder outputs, shared across runs: prompt embeddings (text encoders) and image latents
+# (the VAE). Each entry is one small safetensors file under ``ROOT/<kind>/<encoder fingerprint>/<ab>/<key>``,
+# written through fsspec (any URL) with a rename so readers never see half a file. The fingerprint covers the
+# encoders' files (names, sizes, modification times), their dtype and the encoding options, so a changed
+# encoder never reads stale entries and runs with the same encoders reuse them.
+#
+# ROOT is ``teacher.embedding_cache`` / ``data.cache_dir``, else ``$FEWSTEP_CACHE`` (default ~/.cache/fewstep);
+# ``none`` turns the disk cache off.
+
+OFF = ("none", "off", "false")
+
+
+def cache_root() -> str:
+    return os.environ.get("FEWSTEP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fewstep"))
+
+
+def fingerprint(folder: str, components: list[str], *extra) -> str:
+    """Hash of the components' files under ``folder`` (relative name, size, mtime) and ``extra`` settings."""
+    h = hashlib.sha256(repr(extra).encode())
+    for name in components:
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub):
+            continue
+        for dirpath, _, files in sorted(os.walk(sub)):
+            for f in sorted(files):
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{os.path.relpath(os.path.join(dirpath, f), folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def content_key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class TensorStore:
+    """``key -> {name: tensor}`` as safetensors files in one folder (local or fsspec URL)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        try:
+            return st_load(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except Exception:  # a truncated or foreign file: recompute (and overwrite) rather than fail the run
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._path(key)
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, path)
+
+
+def store_for(setting: str, kind: str, key: str) -> TensorStore | None:
+    """The store of ``kind`` (prompts, latents) for encoder fingerprint ``key``; None when turned off."""
+    if setting.strip().lower() in OFF:
+        return None
+    return TensorStore(f"{(setting or cache_root()).rstrip('/')}/{kind}/{key}")
+
+
+def cached_latents(teacher, images: list, batch: int, cache_dir: str = "") -> torch.Tensor:
+    """Latents of ``images`` = [(key, load() -> [3, H, W] in [-1, 1]), ...], encoded with the teacher's VAE in
+    chunks of ``batch``; entries already in the disk cache are read, not encoded, and images are loaded only
+    when encoded. The VAE posterior draw of each image is seeded by its key, so latents do not depend on
+    batching and leave torch's global RNG alone."""
+    store = store_for(cache_dir, "latents", teacher.vae_fingerprint)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    if store is not None:
+        for i, (key, _) in enumerate(images):
+            hit = store.get(key)
+            out[i] = None if hit is None else hit["latent"]
+    todo = [i for i, v in enumerate(out) if v is None]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        seeds = [int(images[i][0][:15], 16) for i in chunk]
+        x = torch.stack([images[i][1]() for i in chunk]).to(teacher.device)
+        z = teacher.to_model_space(x, seeds=seeds).cpu()
+        for i, zi in zip(chunk, z):
+            out[i] = zi
+            if store is not None:
+                store.put(images[i][0], {"latent": zi})
+    return torch.stack(out)

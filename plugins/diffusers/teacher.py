@@ -4,13 +4,15 @@
   ``FlowSchedule`` (x_t = (1 - t) x0 + t eps) for SD3-style flow matching;
 - prediction: the scheduler's ``prediction_type`` (epsilon, v_prediction, or flow velocity);
 - guidance: classifier-free guidance on the raw outputs, cond and uncond in one batch (core.ops.guided_x0);
-- conditions: prompt ids into a ``PromptBank`` (conditioning.py); images: VAE latents scaled by
+- conditions: prompt ids into a ``PromptBank`` (below); images: VAE latents scaled by
   ``scaling_factor`` (and shifted by ``shift_factor`` where the VAE has one).
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections import OrderedDict
 from typing import Any, Literal
 
 import attrs
@@ -21,10 +23,9 @@ from core.config import positive
 from core.errors import UsageError
 from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
-from plugins.diffusers import cache, source
-from plugins.diffusers._require import dtype_kwarg
-from plugins.diffusers.conditioning import PromptBank
-from plugins.diffusers.denoiser import DiffusersDenoiser
+from plugins.diffusers import data, loading
+from plugins.diffusers.loading import dtype_kwarg
+from plugins.diffusers.networks import DiffusersDenoiser
 
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
@@ -100,6 +101,7 @@ class DiffusersTeacher:
 
     num_classes = 0
     sigma_data = 0.5
+    expensive_calls = True  # a large pipeline: objectives keep optional extra teacher calls off by default
     # moment matching draws z_t from real images (Alg. 2) and has no data-free mode; data=prompts has no images
     real_data_hint = ("data=images data.path=FOLDER (images with same-name .txt captions); data=prompts holds text "
                       "only")
@@ -108,7 +110,7 @@ class DiffusersTeacher:
         self.config, self.device = config, torch.device(device)
         dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.weight_dtype = dtype
-        self.folder, self.pipe = source.load_teacher(config, family, dtype)
+        self.folder, self.pipe = loading.load_teacher(config, family, dtype)
         self.family = detect_family(self.pipe)
         if family is not None and family != self.family and not (family == "flow" and self.family == "sd3"):
             raise UsageError(f"teacher.path={config.path} holds a {self.family} pipeline ({type(self.pipe).__name__}); "
@@ -150,9 +152,9 @@ class DiffusersTeacher:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        self.vae_fingerprint = cache.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
+        self.vae_fingerprint = data.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
-        store = cache.store_for(config.embedding_cache, "prompts", cache.fingerprint(
+        store = data.store_for(config.embedding_cache, "prompts", data.fingerprint(
             self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
         self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
                                store=store, max_items=config.prompt_cache_items)
@@ -230,7 +232,9 @@ class DiffusersTeacher:
 
     def export(self, model, spec, out_dir: str) -> str | None:
         """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""
-        if not self.config.export or not isinstance(model, DiffusersDenoiser):
+        # SFD-v's student (NFEConditioned) wraps the diffusers network
+        inner = model if isinstance(model, DiffusersDenoiser) else getattr(model, "net", None)
+        if not self.config.export or not isinstance(inner, DiffusersDenoiser):
             return None
         from plugins.diffusers.export import export_pipeline
 
@@ -253,3 +257,128 @@ def set_attention(net, backend: str, quiet: bool = False) -> None:
         net.enable_xformers_memory_efficient_attention()
     elif not quiet:
         warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")
+
+
+# -- prompts as conditions -----------------------------------------------------------------------
+# Text conditions as prompt ids into a cache of encoded prompts.
+#
+# ``encode_condition(prompts)`` returns a LongTensor of ids; the embeddings (computed once per distinct
+# prompt with the pipeline's own ``encode_prompt``, so penultimate hidden states, pooled embeddings and
+# SD3's T5 tokens are exactly diffusers') live in a ``PromptBank`` shared by the teacher, the student and
+# the critic. Id -1 is the unconditional input the pipeline uses for guidance: zeros for SDXL
+# (``force_zeros_for_empty_prompt``), the empty-prompt embedding for SD1.5 and SD3. Ids behave like class
+# labels, so objectives slice, concatenate and drop them (label -1) without knowing about text.
+
+NULL = -1
+
+
+def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool = False,
+                   max_sequence_length: int = 256) -> dict[str, Tensor]:
+    """The pipeline's own prompt encoding: ``{"text": [N, L, D]}`` plus ``"pooled": [N, P]`` (SDXL, SD3).
+    With ``negative`` it returns the unconditional input the pipeline pairs with an absent negative prompt."""
+    if family == "sd15":
+        pos, neg = pipe.encode_prompt(prompts, device, 1, negative)
+        return {"text": neg if negative else pos}
+    if family == "sdxl":
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=negative)
+    else:  # sd3
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, None, None, device=device,
+                                                          do_classifier_free_guidance=negative,
+                                                          max_sequence_length=max_sequence_length)
+    return {"text": neg, "pooled": neg_pooled} if negative else {"text": pos, "pooled": pooled}
+
+
+def size_condition(prompt: str) -> tuple[int, int, int, int] | None:
+    """SDXL's (original H, W, crop top, left) carried by a real image's caption (data.ImageCaption), else None:
+    generated images are conditioned on their own size with crop 0, as the pipelines do."""
+    size, crop = getattr(prompt, "original_size", None), getattr(prompt, "crop_top_left", None)
+    return None if size is None or crop is None else (*size, *crop)
+
+
+class PromptBank:
+    """Encoded prompts by id and the null condition. Rows live in a bounded in-memory LRU (``max_items``, CPU,
+    the teacher's dtype) backed by an on-disk ``TensorStore`` when given: prompts already encoded by an earlier
+    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn.
+
+    An id names a condition: a prompt and, for a real image's caption, that image's size conditioning
+    (``size_condition``); ``lookup`` returns it as ``"size"`` [B, 4], NaN where the image is generated."""
+
+    def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
+                 max_items: int = 1024):
+        self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
+        self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
+        self.ids: dict[str, int] = {}  # prompt -> row index
+        self.prompts: list[str] = []
+        self.conditions: dict[tuple, int] = {}  # (prompt, size condition) -> id
+        self.entries: list[tuple[int, tuple | None]] = []  # id -> (row index, size condition)
+        self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
+        with torch.no_grad():
+            null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
+        self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
+
+    def __deepcopy__(self, memo):  # shared, never copied (EMA and critic copies of the student)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _condition(self, prompt: str) -> int:
+        key = (str(prompt), size_condition(prompt))
+        if key not in self.conditions:
+            self.conditions[key] = len(self.entries)
+            self.entries.append((self.ids[key[0]], key[1]))
+        return self.conditions[key]
+
+    def _keep(self, i: int, row: dict[str, Tensor]) -> None:
+        self.rows[i] = row
+        self.rows.move_to_end(i)
+        while len(self.rows) > self.max_items and self.store is not None:  # without a store nothing can be evicted
+            self.rows.popitem(last=False)
+
+    def _row(self, i: int) -> dict[str, Tensor]:
+        row = self.rows.get(i)
+        if row is None:
+            row = self.store.get(data.content_key(self.prompts[i])) if self.store is not None else None
+            if row is None:  # the cache entry vanished: encode again
+                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.device, False,
+                                     self.max_sequence_length)
+                row = {k: v[0].to("cpu", self.dtype) for k, v in enc.items()}
+            self._keep(i, row)
+        else:
+            self.rows.move_to_end(i)
+        return row
+
+    @torch.no_grad()
+    def add(self, prompts: list[str]) -> Tensor:
+        """Ids of ``prompts``; new ones are read from the disk cache or encoded in one batch (and stored)."""
+        new = list(dict.fromkeys(str(p) for p in prompts if p not in self.ids))
+        missing = []
+        for p in new:
+            self.ids[p] = len(self.prompts)
+            self.prompts.append(p)
+            hit = self.store.get(data.content_key(p)) if self.store is not None else None
+            if hit is None:
+                missing.append(p)
+            else:
+                self._keep(self.ids[p], hit)
+        if missing:
+            enc = encode_prompts(self.pipe, self.family, missing, self.device, False, self.max_sequence_length)
+            for j, p in enumerate(missing):
+                row = {k: v[j].to("cpu", self.dtype) for k, v in enc.items()}
+                if self.store is not None:
+                    self.store.put(data.content_key(p), row)
+                self._keep(self.ids[p], row)
+        return torch.tensor([self._condition(p) for p in prompts], dtype=torch.long, device=self.device)
+
+    def lookup(self, cond: Tensor | None, batch: int, device, dtype) -> dict[str, Tensor]:
+        """Batched embeddings for ids ``cond`` ([B], -1 = unconditional; None = all unconditional), and the
+        size conditions ``"size"`` [B, 4] (float32, NaN rows: none)."""
+        ids = [NULL] * batch if cond is None else torch.as_tensor(cond).reshape(-1).tolist()
+        if len(ids) != batch:
+            raise ValueError(f"got {len(ids)} prompt ids for a batch of {batch}")
+        entries = [(NULL, None) if i < 0 else self.entries[i] for i in ids]
+        rows = [self.null if r < 0 else self._row(r) for r, _ in entries]
+        out = {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}
+        out["size"] = torch.tensor([size or (math.nan,) * 4 for _, size in entries], dtype=torch.float32,
+                                   device=device)
+        return out

@@ -1,10 +1,14 @@
 """Where a teacher pipeline comes from: a diffusers folder, a single-file ``.safetensors`` checkpoint (converted
 once into a diffusers folder in the cache with ``from_single_file``), any fsspec URL of either (copied once to
-a local cache), or a Hugging Face hub id where a hub is reachable. Pickled checkpoints are refused."""
+a local cache), or a Hugging Face hub id where a hub is reachable. Pickled checkpoints are refused.
+
+diffusers, transformers and peft are optional: ``require`` imports them lazily, with one clear error when missing.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 
@@ -12,8 +16,45 @@ import fsspec
 import torch
 
 from core.errors import UsageError
-from plugins.diffusers._require import dtype_kwarg, require
+from plugins.diffusers.data import cache_root
 
+def require(module: str = "diffusers"):
+    """Import an optional dependency of the diffusers plugin or raise a UsageError naming the fix."""
+    _quiet_libraries()
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"the diffusers plugin needs '{module}' ({exc}); install it with "
+                         "pip install 'fewstep[diffusers]'") from None
+
+
+def dtype_kwarg(dtype) -> dict:
+    """``{"dtype": d}`` where diffusers takes it, ``{"torch_dtype": d}`` on versions before the rename."""
+    import importlib.util
+
+    renamed = importlib.util.find_spec("diffusers.utils.deprecation_utils") is not None and hasattr(
+        importlib.import_module("diffusers.utils.deprecation_utils"), "_resolve_dtype")
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
+def _quiet_libraries() -> None:
+    """Loading a pipeline prints progress bars and import-time notices from diffusers and transformers; fewstep's
+    own output (and its one-line errors) should stand alone. FEWSTEP_LIBRARY_LOGS=1 keeps them."""
+    if os.environ.get("FEWSTEP_LIBRARY_LOGS") == "1":
+        return
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers"):
+        try:
+            logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+# -- the teacher's pipeline ------------------------------------------------------------------------
 PICKLED = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flow": "StableDiffusion3Pipeline"}
@@ -45,8 +86,6 @@ def vae_forces_upcast(folder: str) -> bool:
 def single_file_folder(path: str, config, family: str) -> str:
     """Convert a single-file checkpoint once (diffusers' ``from_single_file``, offline) into a diffusers folder under
     ``FEWSTEP_CACHE/teachers/<hash>``, so trainable copies and exports load it like any pipeline folder."""
-    from plugins.diffusers.cache import cache_root
-
     diffusers = require("diffusers")
     cache_dir = config.cache_dir or os.path.join(cache_root(), "teachers")
     fs, root = fsspec.core.url_to_fs(path)
@@ -110,8 +149,6 @@ def local_folder(path: str, cache_dir: str = "") -> str:
                              "(the output of save_pretrained)")
         return path
     if "://" in path:
-        from plugins.diffusers.cache import cache_root
-
         return _copy_remote(path, cache_dir or os.path.join(cache_root(), "teachers"))
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise UsageError(f"teacher.path={path}: no such folder")
