@@ -353,7 +353,7 @@ def test_cli_samples_one_and_k_step_students(tmp_path, capsys, steps):
 class GuidedGaussianTeacher:
     """The exact CFG denoiser on EDM for class-conditional data N(mu_c, V) with unconditional data N(0, V):
     x0_u + w (x0_c - x0_u) = (w mu_c sigma^2 + V x) / (V + sigma^2), the denoiser of N(w mu_c, V); w defaults to
-    the teacher's own scale 2.5."""
+    the teacher's own scale 2.5 (a guidance of None means w = 1); without labels it is x0_u = V x / (V + sigma^2)."""
 
     V, data_shape, sigma_data, guidance = 0.6, (2,), 0.5, 2.5
     MU = torch.tensor([[1.0, -0.5], [-0.8, 0.3], [0.2, 1.1], [-1.2, -0.9]], dtype=torch.float64)
@@ -364,17 +364,18 @@ class GuidedGaussianTeacher:
 
     def denoise(self, x_t, t, cond=None, guidance=None):
         self.guidance_seen.add(guidance)
-        w = 1.0 if guidance is None else guidance
         s2 = t.to(x_t.dtype)[:, None] ** 2
-        return (w * self.MU[cond].to(x_t.dtype) * s2 + self.V * x_t) / (self.V + s2)
+        mean = 0.0 if cond is None else (1.0 if guidance is None else guidance) * self.MU[cond].to(x_t.dtype)
+        return (mean * s2 + self.V * x_t) / (self.V + s2)
 
 
-@pytest.mark.parametrize("guidance", [None, 4.0])
+@pytest.mark.parametrize(("guidance", "labelled"), [(None, True), (4.0, True), (None, False)])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidance, batch):
+def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidance, labelled, batch):
     """For N(m, V) data (m = w mu_c) the PF-ODE from x at sigma_0 to 0 ends at m + (x - m) sqrt(V / (V + sigma_0^2))
-    (closed form). The target starts at the generator's time tau_0 = 2 (not at sigma_max) and uses the objective's
-    guidance scale, else the teacher's; regression_loss(x = that closed form) is then ~0 (64 DPM-Solver++(2M) steps)."""
+    (closed form). The target starts at the generator's time tau_0 = 2 (not at sigma_max), on the batch's labels,
+    with the objective's guidance scale, else the teacher's, and no guidance argument without labels;
+    regression_loss(x = that closed form) is then ~0 (64 DPM-Solver++(2M) steps)."""
     torch.set_default_dtype(torch.float64)
     try:
         teacher = GuidedGaussianTeacher()
@@ -383,15 +384,15 @@ def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidanc
                               guidance=guidance))
         nets = {"teacher": teacher, "student": student, "critic": RawNet(teacher.schedule, "x0", 2, seed=41)}
         obj.build(nets)
-        cond = torch.arange(batch) % 4
+        cond = torch.arange(batch) % 4 if labelled else None
         ctx = Context(nets, {"x": None, "cond": cond}, iteration=0, batch_size=batch, device="cpu")
         x_in, t_in = obj.generator_input(ctx)
         assert torch.equal(t_in, torch.full((batch,), 2.0))
         w = 2.5 if guidance is None else guidance
-        m = w * teacher.MU[cond]
+        m = w * teacher.MU[cond] if labelled else torch.zeros(2)
         closed_form = m + (x_in - m) * math.sqrt(teacher.V / (teacher.V + 2.0**2))
         reg = obj.regression_loss(ctx, closed_form)
-        assert teacher.guidance_seen == {w}
+        assert teacher.guidance_seen == ({w} if labelled else {None})
         assert float(reg) < 1e-6 * float(closed_form.square().mean())
     finally:
         torch.set_default_dtype(torch.float32)
