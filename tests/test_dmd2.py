@@ -369,30 +369,47 @@ class GuidedGaussianTeacher:
         return (mean * s2 + self.V * x_t) / (self.V + s2)
 
 
+@pytest.fixture
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.mark.parametrize(("guidance", "labelled"), [(None, True), (4.0, True), (None, False)])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidance, labelled, batch):
+def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidance, labelled, batch, float64_default):
     """For N(m, V) data (m = w mu_c) the PF-ODE from x at sigma_0 to 0 ends at m + (x - m) sqrt(V / (V + sigma_0^2))
     (closed form). The target starts at the generator's time tau_0 = 2 (not at sigma_max), on the batch's labels,
     with the objective's guidance scale, else the teacher's, and no guidance argument without labels;
     regression_loss(x = that closed form) is then ~0 (64 DPM-Solver++(2M) steps)."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        teacher = GuidedGaussianTeacher()
-        student = RawNet(teacher.schedule, "x0", 2, seed=40)
-        obj = DMD2(DMD2Config(gan="off", timesteps=[2.0], regression_weight=1.0, regression_steps=64,
-                              guidance=guidance))
-        nets = {"teacher": teacher, "student": student, "critic": RawNet(teacher.schedule, "x0", 2, seed=41)}
-        obj.build(nets)
-        cond = torch.arange(batch) % 4 if labelled else None
-        ctx = Context(nets, {"x": None, "cond": cond}, iteration=0, batch_size=batch, device="cpu")
-        x_in, t_in = obj.generator_input(ctx)
-        assert torch.equal(t_in, torch.full((batch,), 2.0))
-        w = 2.5 if guidance is None else guidance
-        m = w * teacher.MU[cond] if labelled else torch.zeros(2)
-        closed_form = m + (x_in - m) * math.sqrt(teacher.V / (teacher.V + 2.0**2))
-        reg = obj.regression_loss(ctx, closed_form)
-        assert teacher.guidance_seen == ({w} if labelled else {None})
-        assert float(reg) < 1e-6 * float(closed_form.square().mean())
-    finally:
-        torch.set_default_dtype(torch.float32)
+    teacher = GuidedGaussianTeacher()
+    obj = DMD2(DMD2Config(gan="off", timesteps=[2.0], regression_weight=1.0, regression_steps=64, guidance=guidance))
+    nets = {"teacher": teacher, "student": RawNet(teacher.schedule, "x0", 2, seed=40),
+            "critic": RawCritic(teacher.schedule, "x0", 2, seed=41)}
+    obj.build(nets)
+    cond = torch.arange(batch) % 4 if labelled else None
+    ctx = Context(nets, {"x": None, "cond": cond}, iteration=0, batch_size=batch, device="cpu")
+    x_in, t_in = obj.generator_input(ctx)
+    assert torch.equal(t_in, torch.full((batch,), 2.0))
+    w = 2.5 if guidance is None else guidance
+    m = w * teacher.MU[cond] if labelled else torch.zeros(2)
+    closed_form = m + (x_in - m) * math.sqrt(teacher.V / (teacher.V + 2.0**2))
+    reg = obj.regression_loss(ctx, closed_form)
+    assert teacher.guidance_seen == ({w} if labelled else {None})
+    assert float(reg) < 1e-6 * float(closed_form.square().mean())
+
+
+def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):
+    """In an iteration with both phases, the critic's L_fake is on the very x the generator phase made (before its
+    update), not on a second generator pass."""
+    teacher = GuidedGaussianTeacher()
+    student = RawNet(teacher.schedule, "x0", 2, seed=50)
+    nets = {"teacher": teacher, "student": student, "critic": RawCritic(teacher.schedule, "x0", 2, seed=51)}
+    obj = DMD2(DMD2Config(gan="off", regression_weight=0.0))
+    obj.build(nets)
+    ctx = Context(nets, {"x": None, "cond": None}, iteration=0, batch_size=8, device="cpu")
+    obj.loss("generator", ctx)
+    calls, x = len(student.calls), ctx.cache["dmd2.x"]
+    obj.loss("critic", ctx)
+    assert len(student.calls) == calls and ctx.cache["dmd2.x"] is x
