@@ -402,7 +402,7 @@ def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidanc
 
 def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):
     """In an iteration with both phases, the critic's L_fake is on the very x the generator phase made (before its
-    update), not on a second generator pass."""
+    update), not on a second generator pass; a critic-only iteration makes x once, and keeps it for the iteration."""
     teacher = GuidedGaussianTeacher()
     student = RawNet(teacher.schedule, "x0", 2, seed=50)
     nets = {"teacher": teacher, "student": student, "critic": RawCritic(teacher.schedule, "x0", 2, seed=51)}
@@ -413,3 +413,8 @@ def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):
     calls, x = len(student.calls), ctx.cache["dmd2.x"]
     obj.loss("critic", ctx)
     assert len(student.calls) == calls and ctx.cache["dmd2.x"] is x
+    ctx = Context(nets, {"x": None, "cond": None}, iteration=1, batch_size=8, device="cpu")
+    obj.loss("critic", ctx)
+    calls, x = len(student.calls), ctx.cache["dmd2.x"]
+    obj.loss("critic", ctx)
+    assert len(student.calls) == calls and ctx.cache["dmd2.x"] is x and x.shape == (8, 2)
