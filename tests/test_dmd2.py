@@ -360,10 +360,11 @@ class GuidedGaussianTeacher:
 
     def __init__(self):
         self.schedule = make_schedule("edm")
-        self.guidance_seen = set()
+        self.guidance_seen, self.times = set(), []
 
     def denoise(self, x_t, t, cond=None, guidance=None):
         self.guidance_seen.add(guidance)
+        self.times.append(t)
         s2 = t.to(x_t.dtype)[:, None] ** 2
         mean = 0.0 if cond is None else (1.0 if guidance is None else guidance) * self.MU[cond].to(x_t.dtype)
         return (mean * s2 + self.V * x_t) / (self.V + s2)
@@ -418,3 +419,18 @@ def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):
     calls, x = len(student.calls), ctx.cache["dmd2.x"]
     obj.loss("critic", ctx)
     assert len(student.calls) == calls and ctx.cache["dmd2.x"] is x and x.shape == (8, 2)
+
+
+def test_fake_score_times_are_float64_draws_replayed_from_the_seed():
+    """L_fake's t = t_from_fraction(u), u ~ U(0, 1) drawn in float64 whatever the batch's dtype (Karras spacing on
+    EDM, written out here), then handed to the critic in the batch's dtype."""
+    teacher, critic = GuidedGaussianTeacher(), GuidedGaussianTeacher()
+    x = torch.randn(256, 2)
+    torch.manual_seed(3)
+    DMD2(DMD2Config(gan="off")).fake_score_loss(x, None, critic, teacher)
+    torch.manual_seed(3)
+    u = torch.rand(256, dtype=torch.float64)
+    sigma = (0.002 ** (1 / 7) + u * (80.0 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    (t,) = critic.times
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(t.double(), sigma, rtol=2e-7, atol=0)
