@@ -434,3 +434,15 @@ def test_fake_score_times_are_float64_draws_replayed_from_the_seed():
     (t,) = critic.times
     assert t.dtype == torch.float32
     torch.testing.assert_close(t.double(), sigma, rtol=2e-7, atol=0)
+
+
+def test_critic_phase_with_the_gan_is_fake_score_plus_weighted_discriminator_loss(tmp_path):
+    """L_critic = L_fake + lambda_D L_D, both reported under their own names (lambda_D = objective.gan_disc_weight)."""
+    from core.runner import Trainer
+
+    tr = Trainer(run_config(*TINY, "train.steps=1", "objective.gan_disc_weight=0.3", f"out={tmp_path}"))
+    tr.build()
+    ctx = Context(tr.nets, tr.parallel.micro_batches(tr.networks.dataset, tr.teacher)[0], 0, tr.micro, tr.device)
+    loss, metrics = tr.objective.loss("critic", ctx)
+    assert set(metrics) == {"fake", "gan"} and float(metrics["gan"]) > 0
+    torch.testing.assert_close(loss.detach(), metrics["fake"] + 0.3 * metrics["gan"])
