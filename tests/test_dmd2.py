@@ -421,19 +421,26 @@ def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):
     assert len(student.calls) == calls and ctx.cache["dmd2.x"] is x and x.shape == (8, 2)
 
 
-def test_fake_score_times_are_float64_draws_replayed_from_the_seed():
+def test_fake_score_draws_replayed_from_the_seed_and_the_teachers_sigma_data():
     """L_fake's t = t_from_fraction(u), u ~ U(0, 1) drawn in float64 whatever the batch's dtype (Karras spacing on
-    EDM, written out here), then handed to the critic in the batch's dtype."""
+    EDM, written out here), handed to the critic in the batch's dtype; x_t = x + sigma eps; a critic that declares
+    no sigma_data is weighted with the teacher's: lambda = 1/sigma^2 + 1/sigma_d^2, sigma_d = 1.3."""
     teacher, critic = GuidedGaussianTeacher(), GuidedGaussianTeacher()
+    teacher.sigma_data, critic.sigma_data = 1.3, None
     x = torch.randn(256, 2)
     torch.manual_seed(3)
-    DMD2(DMD2Config(gan="off")).fake_score_loss(x, None, critic, teacher)
+    loss = DMD2(DMD2Config(gan="off")).fake_score_loss(x, None, critic, teacher)
     torch.manual_seed(3)
     u = torch.rand(256, dtype=torch.float64)
     sigma = (0.002 ** (1 / 7) + u * (80.0 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    eps = torch.randn(256, 2)
     (t,) = critic.times
     assert t.dtype == torch.float32
     torch.testing.assert_close(t.double(), sigma, rtol=2e-7, atol=0)
+    x_t = (x + sigma.float()[:, None] * eps).double()
+    d = critic.V * x_t / (critic.V + t.double()[:, None] ** 2)
+    lam = 1 / sigma**2 + 1 / 1.3**2
+    torch.testing.assert_close(loss.double(), (lam * (d - x.double()).square().mean(1)).mean(), rtol=1e-5, atol=0)
 
 
 def test_critic_phase_with_the_gan_is_fake_score_plus_weighted_discriminator_loss(tmp_path):
