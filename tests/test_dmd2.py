@@ -443,6 +443,17 @@ def test_fake_score_draws_replayed_from_the_seed_and_the_teachers_sigma_data():
     torch.testing.assert_close(loss.double(), (lam * (d - x.double()).square().mean(1)).mean(), rtol=1e-5, atol=0)
 
 
+def test_dm_loss_times_are_float64_draws_on_a_float32_batch():
+    """L_DM's t = t_from_fraction(lo + (hi - lo) u) with u drawn in float64 whatever the batch's dtype."""
+    teacher, critic, x = GuidedGaussianTeacher(), GuidedGaussianTeacher(), torch.randn(128, 2)
+    torch.manual_seed(5)
+    DMD2(DMD2Config(gan="off", dm_t_range=(0.1, 0.6))).distribution_matching_loss(x, None, teacher, critic)
+    torch.manual_seed(5)
+    u = 0.1 + 0.5 * torch.rand(128, dtype=torch.float64)
+    sigma = (0.002 ** (1 / 7) + u * (80.0 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    torch.testing.assert_close(teacher.times[0].double(), sigma, rtol=2e-7, atol=0)
+
+
 def test_critic_phase_with_the_gan_is_fake_score_plus_weighted_discriminator_loss(tmp_path):
     """L_critic = L_fake + lambda_D L_D, both reported under their own names (lambda_D = objective.gan_disc_weight)."""
     from core.runner import Trainer
