@@ -46,7 +46,7 @@ digits-quick: setup
 MUTANTS ?=
 mutation: setup
 	$(BIN)/python -m pip install -q -e ".[mutation]"
-	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
 	$(BIN)/python tests/mutation_report.py benchmarks/results/mutation.md
 
 clean:
