@@ -194,7 +194,7 @@ def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last
     ``SharedBase`` skips under autocast (two launches per adapted layer, 788 in SDXL, that change nothing):
     the row that measures what skipping it saves."""
     from core import ops
-    from plugins.diffusers.networks import SharedBase
+    from plugins.diffusers.shared import SharedBase
 
     dev = pb.device
     shared = SharedBase(build_unet(config, dev, torch.bfloat16), rank=LORA["rank"], alpha=LORA["alpha"])

@@ -100,7 +100,7 @@ def test_diffusers_counts_equal_the_loaded_pipeline(family, lora, request):
 def test_shared_base_counts_equal_a_materialised_shared_base(sdxl_dir):
     from diffusers import UNet2DConditionModel
 
-    from plugins.diffusers.networks import SharedBase
+    from plugins.diffusers.shared import SharedBase
 
     cfg = run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=none", "objective.gan=off")
     plan = make_plan(cfg, Setting(batch=2, shared_base=True, student_lora=4), simulate=False)

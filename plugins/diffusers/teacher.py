@@ -234,6 +234,8 @@ class DiffusersTeacher:
             return None
         from plugins.diffusers.export import export_pipeline
 
+        if hasattr(model, "standalone"):  # student=shared-lora: its adapter on a plain copy of the base
+            model = model.standalone()
         return export_pipeline(self, model, spec, out_dir)
 
 
