@@ -98,13 +98,14 @@ def test_each_phase_trains_only_its_adapter(sdxl_dir, prompts, tmp_path, checkpo
     shared = trainer.teacher.shared_base
     student_ids = {id(p) for p in shared.adapter_parameters("student")}
     critic_ids = {id(p) for p in shared.adapter_parameters("critic")}
+    head_ids = {id(p) for p in trainer.nets["gan_head"].parameters()}  # sized through the critic's gan_tap
     phases = [name for name, _, _ in probe.seen]
     assert phases.count("generator") == 2 and phases.count("critic") == 2
     for name, reached, stepped in probe.seen:
         trained = "student" if name == "generator" else "critic"
         other = "critic" if trained == "student" else "student"
         assert reached[trained] and not reached[other] and not reached["base"], (name, reached)
-        assert stepped == (student_ids if trained == "student" else critic_ids)
+        assert stepped == (student_ids if trained == "student" else critic_ids | head_ids)
 
 
 def _adapter_grads(sdxl_dir, role: str, checkpointing: bool):
@@ -185,9 +186,12 @@ def test_run_exports_merged_unet_and_lora_that_reproduce_core_sample(sdxl_dir, p
 
 
 def test_resume_is_bit_identical(sdxl_dir, prompts, tmp_path):
-    straight = shared_run(sdxl_dir, prompts, tmp_path / "straight", "train.steps=4", "train.ckpt_every=2")
-    first = shared_run(sdxl_dir, prompts, tmp_path / "split", "train.steps=2")
-    resumed = shared_run(sdxl_dir, prompts, tmp_path / "split", "train.steps=4", "train.ckpt_every=2")
+    """Extending a finished 2-step run to 4 steps equals one 4-step run (constant learning rate: a decay
+    depends on train.steps). The checkpoint holds the two adapters, their optimizers and the RNG."""
+    const = ["train.lr_decay=none", "train.ckpt_every=2"]
+    straight = shared_run(sdxl_dir, prompts, tmp_path / "straight", "train.steps=4", *const)
+    first = shared_run(sdxl_dir, prompts, tmp_path / "split", "train.steps=2", *const)
+    resumed = shared_run(sdxl_dir, prompts, tmp_path / "split", "train.steps=4", *const)
     assert first["start"] == 0 and resumed["start"] == 2
     for role in ("student", "critic"):
         a = straight["trainer"].nets[role].state_dict()
@@ -197,13 +201,14 @@ def test_resume_is_bit_identical(sdxl_dir, prompts, tmp_path):
     assert any(not torch.equal(ref[k], a) for k, a in straight["trainer"].student.state_dict().items())
 
 
-def test_planner_plans_the_run_option_as_the_shared_base(sdxl_dir):
+def test_planner_plans_the_run_option_as_the_shared_base(sdxl_dir, prompts):
     """``plan`` with the run's own overrides counts one base in the teacher's dtype and two adapters: exactly
     the parameters the run builds."""
     from core.plan_model import make_plan, setting_of
     from core.roles import Networks
 
-    cfg = run_config(*SHARED, f"teacher.path={sdxl_dir}", "teacher.dtype=bf16", "train.device=cpu")
+    cfg = run_config(*SHARED, f"teacher.path={sdxl_dir}", "teacher.dtype=bf16", "train.device=cpu", "data=prompts",
+                     f"data.path={prompts}")
     setting = setting_of(cfg)
     assert setting.shared_base and setting.student_lora == 4
     plan = make_plan(cfg, setting, simulate=False)
@@ -226,8 +231,13 @@ def test_planner_plans_the_run_option_as_the_shared_base(sdxl_dir):
 def test_bad_combinations_say_what_to_do(sdxl_dir, prompts, tmp_path, extra, message):
     args = [*SHARED, f"teacher.path={sdxl_dir}", "data=prompts", f"data.path={prompts}", f"out={tmp_path / 'r'}",
             *FAST, "train.steps=1", *extra]
-    if message is None:  # a full critic beside a shared-lora student is allowed
-        shared_run(sdxl_dir, prompts, tmp_path / "r", "train.steps=1", *extra)
+    if message is None:  # a full critic beside a shared-lora student is allowed (the critic adapter idles)
+        from core.runner import Trainer
+
+        args = [a for a in args if not a.startswith("critic.")]
+        trainer = Trainer(run_config(*args))
+        trainer.train()
+        assert type(trainer.nets["critic"]).__name__ == "DiffusersDenoiser"
         return
     proc = cli("core.run", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

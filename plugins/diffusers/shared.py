@@ -188,26 +188,29 @@ class SharedRole(DiffusersDenoiser):
             return super().raw(x_t, t, emb)
 
     def __deepcopy__(self, memo):
-        raise UsageError("student=shared-lora keeps no EMA copy of the student (it would be a third adapter); "
-                         "set train.ema=0")
+        if self.role == "teacher":  # e.g. critic=fake-score's trainable copy: the plain base, adapters left out
+            return self._plain(self.dtype, self.net.device)
+        raise UsageError(f"{self.role}=shared-lora keeps no EMA or other copy of its adapter; set train.ema=0")
+
+    def _plain(self, dtype, device) -> DiffusersDenoiser:
+        """The base network alone (no adapters) as a new UNet in ``dtype``."""
+        unet = self.net
+        plain = type(unet).from_config(unet.config)
+        plain.load_state_dict({k.replace(".base_layer.", "."): v.detach() for k, v in unet.state_dict().items()
+                               if "lora_" not in k})
+        return DiffusersDenoiser(plain.to(device, dtype), self.family, self.schedule, self.prediction, self.bank,
+                                 self.resolution, self.time_scale, self.vae_scale)
 
     def standalone(self) -> DiffusersDenoiser:
-        """A plain float32 copy of the UNet with this role's adapter as peft's "default" one (what export,
+        """A plain float32 CPU copy of the UNet with this role's adapter as peft's "default" one (what export,
         merged UNet and LoRA file alike, expects of a LoRA student)."""
         if self.role == "teacher":
             raise ValueError("the teacher role has no adapter to export")
-        unet = self.net
-        plain = type(unet).from_config(unet.config)
-        base = {k.replace(".base_layer.", "."): v.detach().float().cpu() for k, v in unet.state_dict().items()
-                if "lora_" not in k}
-        plain.load_state_dict(base)
-        out = DiffusersDenoiser(plain, self.family, self.schedule, self.prediction, self.bank, self.resolution,
-                                self.time_scale, self.vae_scale)
-        s = self.shared
+        out, s = self._plain(torch.float32, "cpu"), self.shared
         add_lora(out, NetConfig(lora_rank=s.rank, lora_alpha=s.alpha, lora_targets=s.targets))
         adapter = {k.replace(f".{self.role}.", ".default."): v.detach().float().cpu()
                    for k, v in s.adapter_named_parameters(self.role)}
-        missing, unexpected = plain.load_state_dict(adapter, strict=False)
+        missing, unexpected = out.net.load_state_dict(adapter, strict=False)
         if unexpected or any("lora_" in k for k in missing):
             raise RuntimeError(f"adapter keys do not match: unexpected {unexpected[:3]}")
         return out.eval()
@@ -238,7 +241,6 @@ def shared_base_of(teacher, config: SharedLoraConfig, role: str) -> SharedBase:
             shared.unet.enable_gradient_checkpointing(gradient_checkpointing_func=shared.checkpoint)
         teacher.shared_base = shared
         teacher.denoiser = SharedRole(shared, "teacher", teacher.denoiser)
-        teacher.gan_feature_module = teacher.denoiser.gan_feature_module  # DMD2 looks it up in the critic
     elif (shared.rank, shared.alpha) != (config.lora_rank, config.lora_alpha):
         raise UsageError(f"student and critic share one base: give both the same lora_rank and lora_alpha "
                          f"(student: {shared.rank}/{shared.alpha:g}, critic: {config.lora_rank}/{config.lora_alpha:g})")
@@ -254,6 +256,7 @@ def shared_critic(config: SharedLoraConfig, teacher, student, device="cpu"):
     """DMD2's fake score as a second LoRA adapter on the teacher's network (needs student=shared-lora)."""
     if not isinstance(student, SharedRole):
         raise UsageError("critic=shared-lora shares the student's base: use student=shared-lora too")
-    shared = shared_base_of(teacher, config, "critic")
-    return SharedRole(shared, "critic", teacher.denoiser).to(device)
+    critic = SharedRole(shared_base_of(teacher, config, "critic"), "critic", teacher.denoiser).to(device)
+    teacher.gan_feature_module = critic.gan_feature_module  # where DMD2's GAN head reads this critic
+    return critic
 
