@@ -60,7 +60,7 @@ def levers(cfg: RunConfig, s: Setting) -> list[tuple[str, Setting]]:
         if s.teacher_on_gpu and not s.shared_base:
             out.append(("teacher CPU offload (planned)", attrs.evolve(s, teacher_on_gpu=False)))
         if not s.shared_base:
-            out.append(("shared base: one bf16 network + two rank-64 adapters (planned)",
+            out.append(("student=shared-lora critic=shared-lora (one base + two rank-64 adapters)",
                         attrs.evolve(s, shared_base=True, student_lora=64, critic_lora=64)))
     return out
 

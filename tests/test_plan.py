@@ -206,6 +206,16 @@ def test_plan_table_and_levers(capsys):
     assert "does not fit" in text and "train.optimizer=adamw8bit" in text and "train.ema=0" in text
 
 
+def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    from core.run import main
+
+    assert main(["plan", "train.batch=64", "train.ema=0.9"]) == 0
+    planned = capsys.readouterr().out
+    assert main(["train.batch=64", "train.dry_run=true", "train.ema=0.9", f"out={tmp_path / 'run'}"]) == 0
+    assert capsys.readouterr().out == planned and "peak:" in planned
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["teacher.bogus=1"], "unknown key 'teacher.bogus'"),
     (["plan.gpu_memory=lots"], "plan.gpu_memory"),
