@@ -12,8 +12,10 @@ Modes:
   critic fp32 with AdamW), separate cond and uncond teacher passes, eager torch math, no compile;
 - ``baseline-lora``: the official code's LoRA setting: the same, but the student trains a LoRA adapter
   (rank 64, alpha 8) on its fp32 UNet;
-- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.networks``), the teacher's
-  cond and uncond passes batched into one call, and the fused ``core.ops``.
+- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.shared``, the run option
+  ``student=shared-lora critic=shared-lora``), the teacher's cond and uncond passes batched into one call, and
+  the fused ``core.ops``; option ``compile_mode``: the UNet under ``torch.compile`` (as ``train.compile=true``
+  compiles it), the first iteration compiling.
 UNets are built on the meta device from a config (no weights read) and materialised with random weights.
 """
 
@@ -187,12 +189,13 @@ def baseline_step(config: dict, pb: Problem, *, lora_student: bool, checkpointin
 
 
 def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last: bool = False,
-                lora_input_cast: bool = False):
+                lora_input_cast: bool = False, compile_mode: str | None = None):
     """One bf16 UNet, two LoRA adapters, batched CFG, fused ops.
 
     lora_input_cast=True keeps peft's cast of each adapted layer's input to the fp32 adapter dtype, which
     ``SharedBase`` skips under autocast (two launches per adapted layer, 788 in SDXL, that change nothing):
-    the row that measures what skipping it saves."""
+    the row that measures what skipping it saves. compile_mode: ``torch.compile`` the UNet in place, with
+    checkpointing through ``SharedBase.checkpoint`` as the run option does."""
     from core import ops
     from plugins.diffusers.shared import SharedBase
 
@@ -200,9 +203,12 @@ def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last
     shared = SharedBase(build_unet(config, dev, torch.bfloat16), rank=LORA["rank"], alpha=LORA["alpha"])
     shared.unet.train()
     if checkpointing:
-        shared.unet.enable_gradient_checkpointing()
+        func = {"gradient_checkpointing_func": shared.checkpoint} if compile_mode else {}
+        shared.unet.enable_gradient_checkpointing(**func)
     if channels_last:
         shared.unet.to(memory_format=torch.channels_last)
+    if compile_mode:
+        shared.unet.compile(mode=compile_mode)
     if lora_input_cast:
         shared._cast_adapter_inputs = lambda enabled: None  # peft's cast stays on, as before SharedBase skipped it
     opt_g, opt_c = (_adamw(shared.adapter_parameters(r), dev) for r in ("student", "critic"))
@@ -258,7 +264,8 @@ def _sync(device):
 
 def run_mode(name: str, config: dict, batch: int, device: torch.device, *, iterations: int = 3,
              checkpointing: bool = True, forward_flops: dict | None = None, cudnn_benchmark: bool = False,
-             channels_last: bool = False, lora_input_cast: bool = False, profile: bool = False) -> dict:
+             channels_last: bool = False, lora_input_cast: bool = False, compile_mode: str | None = None,
+             profile: bool = False) -> dict:
     """Build, warm up, time ``iterations`` iterations; seconds (median), peak memory, model FLOPs, MFU.
 
     forward_flops caches the counted forward FLOPs per batch size across modes (same architecture).
@@ -275,7 +282,7 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
         start = time.perf_counter()
         if name == "shared":
             step, forward = shared_step(config, pb, checkpointing=checkpointing, channels_last=channels_last,
-                                        lora_input_cast=lora_input_cast)
+                                        lora_input_cast=lora_input_cast, compile_mode=compile_mode)
         else:
             step, forward = baseline_step(config, pb, lora_student=name == "baseline-lora",
                                           checkpointing=checkpointing, channels_last=channels_last)
@@ -286,8 +293,10 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
             with FlopCounterMode(display=False) as counter:
                 forward()
             cache[batch] = float(counter.get_total_flops())
+        start = time.perf_counter()
         step()  # warm-up: allocator, kernels' compilation, optimizer state, cuDNN's search when benchmarking
         _sync(device)
+        warmup_s = time.perf_counter() - start  # with compile_mode: torch.compile's compile time
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
@@ -307,8 +316,8 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
     peak = peak_flops(device)
     result = dict(mode=name, batch=batch, checkpointing=checkpointing, status="ok", seconds_per_iteration=seconds,
                   options=dict(cudnn_benchmark=cudnn_benchmark, channels_last=channels_last,
-                               lora_input_cast=lora_input_cast),
-                  iteration_times=times, build_seconds=build_s,
+                               lora_input_cast=lora_input_cast, compile_mode=compile_mode),
+                  iteration_times=times, build_seconds=build_s, warmup_seconds=warmup_s,
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                   forward_tflop=cache[batch] / 1e12, model_tflop_per_iteration=flops["total"] / 1e12,
                   passes_in_forwards=flops["passes_in_forwards"],

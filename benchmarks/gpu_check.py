@@ -15,8 +15,9 @@ run's files stay as they are::
 
 ``make gpu-check`` does the same (``PY=python3`` by default). Output: ``benchmarks/results/gpu-<device>.json``
 and ``.md`` (a markdown table), copied into ``$OUT`` when that is set; both are rewritten after every
-section, so a run cut short still leaves what it measured. Each section has a time budget (total about
-6 minutes on one H100); a section that fails records its error and the next one runs.
+section, so a run cut short still leaves what it measured. Each section has a time budget (total under
+8 minutes on one H100, the last section ``dmd2_compile`` -- the shared mode eager vs ``torch.compile`` -- about
+2 of them); a section that fails records its error and the next one runs.
 
     python3 benchmarks/gpu_check.py [--tiny] [--quick] [--sections a,b] [--out DIR] [--budget SCALE]
 
@@ -48,8 +49,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
-BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80}  # seconds per section, in the order they run
-TOTAL = 345  # seconds for all three (the lent machine's start and the wheel install come on top)
+BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80, "dmd2_compile": 130}  # seconds per section, in run order
+TOTAL = 475  # seconds for all four, under 8 minutes (the lent machine's start and the wheel install come on top)
+DEFAULT_SECTIONS = "dmd2,ops,kernel_tests,dmd2_compile"  # --tiny leaves dmd2_compile out (minutes of CPU compile)
 QUICK_BUDGET = {"kernel_tests": 65, "dmd2": 110}  # --quick: kernel tests first (their messages), then DMD2
 QUICK_TOTAL = 175  # a row started in time may run ~20 s over; the wheel install and imports come on top
 OP_SIZES = {"sdxl-b1": (1, 4, 128, 128), "sdxl-b4": (4, 4, 128, 128), "large": (32, 16, 256, 256)}
@@ -238,6 +240,34 @@ def dmd2_bench(clock: Clock, device, save=lambda partial: None) -> dict:
             "speedup": speedups}
 
 
+def dmd2_compile_bench(clock: Clock, device) -> dict:
+    """The shared mode at batch 1 with checkpointing, eager then under ``torch.compile`` (mode default, as
+    ``train.compile=true``), side by side: seconds per iteration, the compiled / eager ratio, and the compile
+    time (the compiled row's warm-up iteration). Last in the suite: compile time is not bounded by the clock."""
+    import dmd2_iteration as it
+
+    config = it.TINY_CONFIG if TINY else it.sdxl_config()
+    rows, flops = [], {}
+    for options in ({}, {"compile_mode": "default"}):
+        entry = dict(mode="shared", batch=1, checkpointing=True, options=options)
+        if clock.left() < (5 if TINY else 60):
+            rows.append({**entry, "status": "skipped: time budget"})
+            continue
+        try:
+            rows.append(it.run_mode("shared", config, 1, device, iterations=1 if TINY else 3, checkpointing=True,
+                                    forward_flops=flops, **options))
+        except Exception as e:
+            rows.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
+                         "traceback": traceback.format_exc()[-1500:]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ok = [r for r in rows if r["status"] == "ok"]
+    ratio = ok[0]["seconds_per_iteration"] / ok[1]["seconds_per_iteration"] if len(ok) == 2 else None
+    return {"status": "ok", "unet": "tiny" if TINY else "SDXL (random weights)", "modes": rows,
+            "speedup_compiled_over_eager": ratio}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -292,6 +322,16 @@ def markdown(report: dict) -> str:
                           f"{r['checkpointing']}", "", f"wall {_fmt(p['wall_seconds'])} s under the profiler, self CPU "
                           f"{_fmt(p['self_cpu_seconds'])} s, self GPU {_fmt(p['self_gpu_seconds'])} s, "
                           f"{p['aten_calls']} aten calls", "", "```", p["top_gpu"], p["top_cpu"], "```", ""]
+    dc = report["sections"].get("dmd2_compile")
+    if dc and dc.get("modes"):
+        lines += ["## DMD2 iteration, shared mode, eager vs torch.compile (batch 1, checkpointing)", "",
+                  "| compile | status | s / iteration | warm-up s (compile) | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+        for r in dc["modes"]:
+            lines.append(f"| {r['options'].get('compile_mode', 'eager')} | {r['status']} | "
+                         f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('warmup_seconds'))} | "
+                         f"{_fmt(r.get('peak_memory_gib'))} | {_fmt(r.get('mfu'))} |")
+        lines += ["", f"- speed-up compiled over eager: {_fmt(dc.get('speedup_compiled_over_eager'))}x",
+                  *[f"- {_fmt(r['error'])}" for r in dc["modes"] if "error" in r], ""]
     for name, section in report["sections"].items():
         if section.get("status") not in ("ok", None) and "error" in section:
             lines += [f"## {name}: {section['status']}", "", "    " + section["error"], ""]
@@ -318,10 +358,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="scale every section's time budget")
     parser.add_argument("--quick", action="store_true",
                         help="the short rerun: kernel tests first, DMD2 at batch 1 with a profile (files *-rerun.*)")
-    parser.add_argument("--sections", default="dmd2,ops,kernel_tests",
-                        help="comma-separated subset of dmd2, ops, kernel_tests (run in the mode's order)")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of {DEFAULT_SECTIONS} (run in the mode's order; default: all, "
+                             "--tiny: all but dmd2_compile)")
     args = parser.parse_args(argv)
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    sections = args.sections or (DEFAULT_SECTIONS.replace(",dmd2_compile", "") if args.tiny else DEFAULT_SECTIONS)
+    wanted = [s.strip() for s in sections.split(",") if s.strip()]
     if unknown := [s for s in wanted if s not in BUDGET]:
         print(f"fewstep: error: unknown section {unknown[0]!r}; choose from {', '.join(BUDGET)}", file=sys.stderr)
         return 2
@@ -350,8 +392,9 @@ def main(argv=None) -> int:
         write(report, args.out)
 
     runs = {"dmd2": lambda c: dmd2_bench(c, device, save_dmd2), "ops": lambda c: ops_bench(c, device),
-            "kernel_tests": lambda c: kernel_tests(c)}
-    order = ["kernel_tests", "dmd2", "ops"] if args.quick else ["dmd2", "ops", "kernel_tests"]
+            "kernel_tests": lambda c: kernel_tests(c), "dmd2_compile": lambda c: dmd2_compile_bench(c, device)}
+    order = (["kernel_tests", "dmd2", "ops", "dmd2_compile"] if args.quick
+             else ["dmd2", "ops", "kernel_tests", "dmd2_compile"])
     budgets = QUICK_BUDGET if args.quick else BUDGET
     total = Clock((QUICK_TOTAL if args.quick else TOTAL) * args.budget)
     paths = []

@@ -113,9 +113,12 @@ class SharedBase(torch.nn.Module):
     @contextlib.contextmanager
     def role_call(self, role: str):
         """``active(role)`` that leaves every adapter parameter's ``requires_grad`` as it found it."""
+        self._cast_adapter_inputs(not torch.is_autocast_enabled(self.unet.device.type))
+        if role == self.current:  # no switch, so peft sets no flag: nothing to put back
+            yield self.unet
+            return
         params = self.adapter_parameters("student") + self.adapter_parameters("critic")
         flags = [p.requires_grad for p in params]
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self.unet.device.type))
         try:
             with self.active(role) as unet:
                 yield unet
@@ -129,7 +132,7 @@ class SharedBase(torch.nn.Module):
         role = self.current
 
         def run(*a, **k):
-            with self.role_call(role):
+            with self.role_call(role):  # free when the role is still active (a phase's own role)
                 return block(*a, **k)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
