@@ -298,6 +298,7 @@ def setting_of(cfg: RunConfig) -> Setting:
         shared = cfg.student.name == "shared-lora"  # student=shared-lora: one base, the student's and critic's adapters
         fields.update(teacher_dtype=DTYPES.get(tc.dtype, torch.bfloat16), checkpointing=tc.gradient_checkpointing,
                       shared_base=shared, lora_alpha=getattr(cfg.student.config, "lora_alpha", 8.0),
+                      encoders_on_gpu=getattr(tc, "encoders_on_device", True),
                       latent=(hw[0] // 8, hw[1] // 8) if hw else None,
                       student_lora=getattr(cfg.student.config, "lora_rank", 0) or 0,
                       critic_lora=getattr(cfg.critic.config, "lora_rank", 0) if cfg.critic is not None else 0)

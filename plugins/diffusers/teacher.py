@@ -57,6 +57,9 @@ class DiffusersTeacherConfig:
                "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
     prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
         "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
+    encoders_on_device: bool = attrs.field(default=True, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "false: the text encoders and the VAE stay on the CPU and encode/decode there (prompt embeddings "
+               "and latents are cached on disk once), freeing their GPU memory for training"})
 
 
 def height_width(value, name: str) -> tuple[int, int] | None:
@@ -149,13 +152,15 @@ class DiffusersTeacher:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.requires_grad_(False).eval().to(self.device)
+                on_device = name == self.net_name or config.encoders_on_device
+                module.requires_grad_(False).eval().to(self.device if on_device else "cpu")
         self.vae_fingerprint = data.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         store = data.store_for(config.embedding_cache, "prompts", data.fingerprint(
             self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
         self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
-                               store=store, max_items=config.prompt_cache_items)
+                               store=store, max_items=config.prompt_cache_items,
+                               encode_device=None if config.encoders_on_device else "cpu")
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
                                           self.resolution, time_scale, self.vae_scale).to(self.device)
@@ -191,7 +196,7 @@ class DiffusersTeacher:
         cfg = self.vae.config
         out = []
         for start in range(0, x.shape[0], 8):
-            dist = self.vae.encode(x[start:start + 8].to(self.device, self.vae_dtype)).latent_dist
+            dist = self.vae.encode(x[start:start + 8].to(self.vae.device, self.vae_dtype)).latent_dist
             if seeds is None:
                 z = dist.sample()
             else:
@@ -199,7 +204,7 @@ class DiffusersTeacher:
                                      for s in seeds[start:start + 8]])
                 z = dist.mean + dist.std * noise.to(dist.mean)
             out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
-        return torch.cat(out)
+        return torch.cat(out).to(self.device)
 
     @torch.no_grad()
     def to_data_space(self, z: Tensor) -> Tensor:
@@ -208,8 +213,8 @@ class DiffusersTeacher:
         out = []
         for chunk in z.split(8):
             lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-            out.append(self.vae.decode(lat.to(self.device, self.vae_dtype)).sample.float().clamp(-1, 1))
-        return torch.cat(out)
+            out.append(self.vae.decode(lat.to(self.vae.device, self.vae_dtype)).sample.float().clamp(-1, 1))
+        return torch.cat(out).to(self.device)
 
     def trainable_copy(self) -> DiffusersDenoiser:
         """A float32 trainable copy of the teacher network, from the stored weights (never from a bf16 cast)."""
@@ -292,14 +297,15 @@ class PromptBank:
     run with the same encoders are read instead of encoded, and evicted rows are read back when drawn."""
 
     def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
-                 max_items: int = 1024):
+                 max_items: int = 1024, encode_device=None):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
+        self.encode_device = torch.device(encode_device or device)  # where the text encoders run
         self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
         self.ids: dict[str, int] = {}
         self.prompts: list[str] = []
         self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
         with torch.no_grad():
-            null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
+            null = encode_prompts(pipe, family, [""], self.encode_device, True, max_sequence_length)
         self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
 
     def __deepcopy__(self, memo):  # shared, never copied (EMA and critic copies of the student)
@@ -319,7 +325,7 @@ class PromptBank:
         if row is None:
             row = self.store.get(data.content_key(self.prompts[i])) if self.store is not None else None
             if row is None:  # the cache entry vanished: encode again
-                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.device, False,
+                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.encode_device, False,
                                      self.max_sequence_length)
                 row = {k: v[0].to("cpu", self.dtype) for k, v in enc.items()}
             self._keep(i, row)
@@ -341,7 +347,8 @@ class PromptBank:
             else:
                 self._keep(self.ids[p], hit)
         if missing:
-            enc = encode_prompts(self.pipe, self.family, missing, self.device, False, self.max_sequence_length)
+            enc = encode_prompts(self.pipe, self.family, missing, self.encode_device, False,
+                                 self.max_sequence_length)
             for j, p in enumerate(missing):
                 row = {k: v[j].to("cpu", self.dtype) for k, v in enc.items()}
                 if self.store is not None:
