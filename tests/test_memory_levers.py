@@ -1,6 +1,8 @@
-"""``teacher.encoders_on_device=false``: the text encoders and the VAE stay on the CPU (their outputs are cached
-on disk), everything they give is what the default teacher gives, on the training device, and the planner
-counts them off the GPU. The CPU test checks the plumbing; the GPU test, the placement and memory."""
+"""Memory levers of a diffusers teacher. ``teacher.encoders_on_device=false``: the text encoders and the VAE stay
+on the CPU (their outputs are cached on disk), and everything they give is what the default teacher gives, on
+the training device. ``teacher.offload=true``: the teacher's UNet is on the device only during its forwards,
+with the same outputs. The planner counts both off the GPU. The CPU tests check the plumbing; the GPU tests,
+the placement and the memory."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from conftest import run_config  # noqa: E402
 PROMPTS = ["a red cube", "two cats on a mat"]
 
 
-def teacher(path, device, on_device):
+def teacher(path, device, on_device, offload=False):
     from plugins.diffusers.teacher import DiffusersTeacher, DiffusersTeacherConfig
 
-    return DiffusersTeacher(DiffusersTeacherConfig(path=path, encoders_on_device=on_device, embedding_cache="none"),
-                            device, "sdxl")
+    return DiffusersTeacher(DiffusersTeacherConfig(path=path, encoders_on_device=on_device, embedding_cache="none",
+                                                   offload=offload), device, "sdxl")
 
 
 def outputs(t, device):
@@ -37,6 +39,11 @@ def outputs(t, device):
 
 def compare(device, path, tol):
     ref, off = teacher(path, device, True), teacher(path, device, False)
+    offloaded = teacher(path, device, True, offload=True)
+    assert all(p.device.type == "cpu" for p in offloaded.pipe.unet.parameters())
+    a, c = outputs(ref, device), outputs(offloaded, device)
+    assert all(torch.equal(a[k], c[k]) and a[k].device == c[k].device for k in a)  # same device, same kernels
+    assert all(p.device.type == "cpu" for p in offloaded.pipe.unet.parameters())  # back after each forward
     assert all(p.device.type == "cpu" for m in (off.pipe.text_encoder, off.pipe.text_encoder_2, off.vae)
                for p in m.parameters())
     assert all(p.device.type == torch.device(device).type for p in off.pipe.unet.parameters())
@@ -78,3 +85,6 @@ def test_planner_reads_the_option(sdxl_dir, tmp_path):
     on, off = (setting_of(run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
                                      f"data.path={prompts}", f"teacher.encoders_on_device={v}")) for v in ("true", "false"))
     assert on.encoders_on_gpu and not off.encoders_on_gpu
+    offload = setting_of(run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
+                                    f"data.path={prompts}", "teacher.offload=true"))
+    assert on.teacher_on_gpu and not offload.teacher_on_gpu

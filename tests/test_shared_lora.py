@@ -227,6 +227,7 @@ def test_planner_plans_the_run_option_as_the_shared_base(sdxl_dir, prompts):
     (["student=diffusers"], "critic=shared-lora shares the student's base"),
     (["critic.lora_rank=8"], "same lora_rank"),
     (["train.ema=0.99"], "train.ema=0"),
+    (["teacher.offload=true"], "drop teacher.offload=true"),
 ])
 def test_bad_combinations_say_what_to_do(sdxl_dir, prompts, tmp_path, extra, message):
     args = [*SHARED, f"teacher.path={sdxl_dir}", "data=prompts", f"data.path={prompts}", f"out={tmp_path / 'r'}",

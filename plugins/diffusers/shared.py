@@ -236,6 +236,9 @@ def shared_base_of(teacher, config: SharedLoraConfig, role: str) -> SharedBase:
         raise UsageError(f"{role}=shared-lora needs a UNet diffusers teacher (sdxl, sd15); got "
                          f"{getattr(teacher, 'family', type(teacher).__name__)}. Use {role}=diffusers with "
                          f"{role}.lora_rank=64 instead")
+    if teacher.config.offload:
+        raise UsageError(f"{role}=shared-lora trains adapters on the teacher's own UNet, which cannot leave the "
+                         "device between forwards: drop teacher.offload=true")
     shared = getattr(teacher, "shared_base", None)
     if shared is None:
         shared = SharedBase(teacher.denoiser.net, rank=config.lora_rank, alpha=config.lora_alpha,

@@ -57,6 +57,9 @@ class DiffusersTeacherConfig:
                "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
     prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
         "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
+    offload: bool = attrs.field(default=False, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "keep the teacher's UNet/transformer on the CPU and move it to the device for each of its forwards "
+               "(frees its GPU memory between them, at a host-to-device copy per teacher call)"})
     encoders_on_device: bool = attrs.field(default=True, metadata={  # issue 15 (docs/memory.md), "shared" helper
         "doc": "false: the text encoders and the VAE stay on the CPU and encode/decode there (prompt embeddings "
                "and latents are cached on disk once), freeing their GPU memory for training"})
@@ -152,7 +155,7 @@ class DiffusersTeacher:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                on_device = name == self.net_name or config.encoders_on_device
+                on_device = not config.offload if name == self.net_name else config.encoders_on_device
                 module.requires_grad_(False).eval().to(self.device if on_device else "cpu")
         self.vae_fingerprint = data.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
@@ -163,7 +166,8 @@ class DiffusersTeacher:
                                encode_device=None if config.encoders_on_device else "cpu")
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
-                                          self.resolution, time_scale, self.vae_scale).to(self.device)
+                                          self.resolution, time_scale, self.vae_scale)
+        self.denoiser.to("cpu" if config.offload else self.device)
         self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
@@ -171,7 +175,13 @@ class DiffusersTeacher:
     @torch.no_grad()
     def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
         """x0 of the teacher, with classifier-free guidance ``guidance`` on the raw outputs (None or 1: off)."""
-        return self.denoiser.guided(x_t, t, cond, guidance)
+        if not self.config.offload:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        self.denoiser.to(self.device)  # teacher.offload: on the device for this forward only
+        try:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        finally:
+            self.denoiser.to("cpu")
 
     def encode_condition(self, raw) -> Tensor | None:
         """Prompts (a string or a list) -> prompt ids; ids (ints, -1 = unconditional) pass through."""
