@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from tiny_pipelines import sdxl_dir  # noqa: E402,F401  (fixture)
-from test_diffusers_e2e import FAST, cli, prompts  # noqa: E402,F401  (helpers and fixture)
+from test_diffusers_e2e import FAST, cli, images, prompts  # noqa: E402,F401  (helpers and fixtures)
 
 from conftest import run_config, train  # noqa: E402
 
@@ -106,6 +106,34 @@ def test_each_phase_trains_only_its_adapter(sdxl_dir, prompts, tmp_path, checkpo
         other = "critic" if trained == "student" else "student"
         assert reached[trained] and not reached[other] and not reached["base"], (name, reached)
         assert stepped == (student_ids if trained == "student" else critic_ids | head_ids)
+
+
+def test_gan_term_reads_the_critic_adapter_and_trains_only_each_phase_s_adapter(sdxl_dir, images, tmp_path):
+    """With real images DMD2's GAN term runs: the generator's loss goes through the critic (with grad, to reach
+    x) yet only the student adapter gets gradients; the head reads the mid block of critic forwards only."""
+    from core.runner import Trainer
+
+    probe = GradProbe()
+    trainer = Trainer(run_config(*SHARED, f"teacher.path={sdxl_dir}", "data=images", f"data.path={images}",
+                                 "objective.gan=on", f"out={tmp_path / 'run'}", *FAST), plugins=[probe])
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r[k])) for r in records for k in ("generator/gan", "critic/gan"))
+    for name, reached, _ in probe.seen:
+        trained, other = ("student", "critic") if name == "generator" else ("critic", "student")
+        assert reached[trained] and not reached[other] and not reached["base"], (name, reached)
+    student, critic = trainer.nets["student"], trainer.nets["critic"]
+    seen = []
+    handle = critic.gan_tap.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    cond = trainer.teacher.encode_condition(["a red cube"])
+    x, t = torch.randn(1, *trainer.teacher.data_shape), torch.tensor([500.0])
+    with torch.no_grad():
+        student.denoise(x, t, cond)
+        trainer.teacher.denoise(x, t, cond)
+        assert not seen
+        critic.denoise(x, t, cond)
+    handle.remove()
+    assert len(seen) == 1
 
 
 def _adapter_grads(sdxl_dir, role: str, checkpointing: bool):
