@@ -240,10 +240,11 @@ def dmd2_bench(clock: Clock, device, save=lambda partial: None) -> dict:
             "speedup": speedups}
 
 
-def dmd2_compile_bench(clock: Clock, device) -> dict:
+def dmd2_compile_bench(clock: Clock, device, save=lambda partial: None) -> dict:
     """The shared mode at batch 1 with checkpointing, eager then under ``torch.compile`` (mode default, as
     ``train.compile=true``), side by side: seconds per iteration, the compiled / eager ratio, and the compile
-    time (the compiled row's warm-up iteration). Last in the suite: compile time is not bounded by the clock."""
+    time (the compiled row's warm-up iteration). Last in the suite: compile time is not bounded by the clock,
+    so the eager row is saved before the compiled one starts."""
     import dmd2_iteration as it
 
     config = it.TINY_CONFIG if TINY else it.sdxl_config()
@@ -262,6 +263,7 @@ def dmd2_compile_bench(clock: Clock, device) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save({"status": "running", "unet": "tiny" if TINY else "SDXL (random weights)", "modes": rows})
     ok = [r for r in rows if r["status"] == "ok"]
     ratio = ok[0]["seconds_per_iteration"] / ok[1]["seconds_per_iteration"] if len(ok) == 2 else None
     return {"status": "ok", "unet": "tiny" if TINY else "SDXL (random weights)", "modes": rows,
@@ -391,8 +393,13 @@ def main(argv=None) -> int:
         report["sections"]["dmd2"] = partial
         write(report, args.out)
 
+    def save_compile(partial):
+        report["sections"]["dmd2_compile"] = partial
+        write(report, args.out)
+
     runs = {"dmd2": lambda c: dmd2_bench(c, device, save_dmd2), "ops": lambda c: ops_bench(c, device),
-            "kernel_tests": lambda c: kernel_tests(c), "dmd2_compile": lambda c: dmd2_compile_bench(c, device)}
+            "kernel_tests": lambda c: kernel_tests(c),
+            "dmd2_compile": lambda c: dmd2_compile_bench(c, device, save_compile)}
     order = (["kernel_tests", "dmd2", "ops", "dmd2_compile"] if args.quick
              else ["dmd2", "ops", "kernel_tests", "dmd2_compile"])
     budgets = QUICK_BUDGET if args.quick else BUDGET
