@@ -329,7 +329,7 @@ def markdown(report: dict) -> str:
         lines += ["## DMD2 iteration, shared mode, eager vs torch.compile (batch 1, checkpointing)", "",
                   "| compile | status | s / iteration | warm-up s (compile) | peak GiB | MFU |", "|---|---|---|---|---|---|"]
         for r in dc["modes"]:
-            lines.append(f"| {r['options'].get('compile_mode', 'eager')} | {r['status']} | "
+            lines.append(f"| {r['options'].get('compile_mode') or 'eager'} | {r['status']} | "
                          f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('warmup_seconds'))} | "
                          f"{_fmt(r.get('peak_memory_gib'))} | {_fmt(r.get('mfu'))} |")
         lines += ["", f"- speed-up compiled over eager: {_fmt(dc.get('speedup_compiled_over_eager'))}x",
