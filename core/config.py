@@ -48,14 +48,6 @@ def unit_interval(instance, attribute, value):
         raise FieldError(attribute.name, f"must be in [0, 1], got {value}")
 
 
-def in_range(lo: float, hi: float):
-    """Validator: lo <= value <= hi."""
-    def check(instance, attribute, value):
-        if value is not None and not lo <= value <= hi:
-            raise FieldError(attribute.name, f"must be in [{lo}, {hi}], got {value}")
-    return check
-
-
 def importable_optimizer(instance, attribute, value):
     """Checked when the config is read, so a missing optional package stops a run before it touches disk."""
     if value == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -334,6 +326,8 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
+        elif isinstance(v, dict) and k in out and not isinstance(out[k], dict) and "name" not in v:
+            out[k] = {"name": out[k], **v}  # ``callbacks: [a]`` plus ``callbacks.a.FIELD=VALUE``, as parse_overrides nests
         elif isinstance(out.get(k), dict) and not isinstance(v, dict):
             # ``teacher=gmm`` on top of a loaded ``teacher: {name: ...}``: switching plugin drops its fields
             out[k] = {"name": v} if out[k].get("name") != v else out[k]

@@ -101,15 +101,21 @@ DAMAGED_FIX = ("restore the file, point checkpoints/latest.json at an older step
 
 
 def read_bytes(url: str, what: str = "", fix: str = DAMAGED_FIX) -> bytes:
-    fs, path = url_to_fs(url)
     what = what or "file"
+    return _read(url, f"missing {what} ({url}); {fix}", f"{what} is a directory ({url}); {fix}")
+
+
+def _read(url: str, missing: str, directory: str, error: type = CheckpointError) -> bytes:
+    """The file's bytes; a missing file or a directory raises ``error`` with the given message, any other
+    failure a one-line storage error."""
+    fs, path = url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise CheckpointError(f"missing {what} ({url}); {fix}") from None
+        raise error(missing) from None
     except IsADirectoryError:
-        raise CheckpointError(f"{what} is a directory ({url}); {fix}") from None
+        raise error(directory) from None
     except OSError as exc:
         raise storage_error(exc, url, "reading") or exc from None
 
@@ -149,16 +155,8 @@ def read_yaml(url: str, what: str = "", fix: str = DAMAGED_FIX):
     from core.errors import ConfigError
 
     label = what or url
-    fs, path = url_to_fs(url)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: no such file ({url}); {fix}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{label}: a directory, not a YAML file ({url}); {fix}") from None
-    except OSError as exc:
-        raise storage_error(exc, url, "reading") or exc from None
+    data = _read(url, f"{label}: no such file ({url}); {fix}", f"{label}: a directory, not a YAML file ({url}); {fix}",
+                 ConfigError)
     try:
         return yaml.safe_load(data.decode())
     except UnicodeDecodeError:

@@ -62,8 +62,9 @@ def fewstep_phase_loss(trainer, phase, loss, metrics):
 
 
 @hookspec
-def fewstep_before_optimizer_step(trainer, phase, optimizer):
-    """``phase``'s gradients are accumulated and clipped; ``optimizer`` steps next."""
+def fewstep_before_optimizer_step(trainer, phase, optimizer, grad_norm):
+    """``phase``'s gradients are accumulated and clipped; ``optimizer`` steps next. ``grad_norm``: their total norm
+    before clipping (a 0-d tensor on the device), None when ``train.grad_clip`` is off."""
 
 
 @hookspec

@@ -1,6 +1,7 @@
 """Built-in: a non-finite loss or gradient never trains silently (``train.nan_policy``).
 
-Every optimizer step's losses and gradient norms are checked on the device.
+Every optimizer step's losses and gradient norm (the clip's, when ``train.grad_clip`` is on) are checked on the
+device.
     stop (default): the first non-finite step is remembered on the device (no host sync in the loop) and the
                     run stops at the next log, preview or checkpoint step, before anything is written, with a
                     ``DivergedError`` naming the phase and the first bad step; the last checkpoint stays good.
@@ -18,10 +19,13 @@ from core.errors import DivergedError
 
 
 class NonFiniteGuard:
+    FOLD = 256  # optimizer steps held as 0-d device tensors before they are folded into the verdict
+
     def __init__(self, cfg, log):
         self.policy, self.log, self.train = cfg.train.nan_policy, log, cfg.train
         self.iteration = 0
-        self.loss_bad: torch.Tensor | None = None  # this optimizer step's losses, on the device
+        self.losses: list[torch.Tensor] = []  # this optimizer step's losses, on the device
+        self.pending: list[tuple] = []  # (phase, step, loss, gradient probe) per step not yet folded
         self.first_bad: dict[str, torch.Tensor] = {}  # phase -> first bad step (-1: none), on the device
         self.what: dict[str, torch.Tensor] = {}  # phase -> 1 when the first bad value was a loss, 0 a gradient
         self.skipped = 0
@@ -32,31 +36,44 @@ class NonFiniteGuard:
 
     @hookimpl
     def fewstep_phase_loss(self, trainer, phase, loss, metrics):
-        flag = ~torch.isfinite(loss.detach()).all()
-        self.loss_bad = flag if self.loss_bad is None else self.loss_bad | flag
+        self.losses.append(loss.detach())
 
     @hookimpl(tryfirst=True)
-    def fewstep_before_optimizer_step(self, trainer, phase, optimizer):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shards
-        loss_bad = (self.loss_bad if self.loss_bad is not None else torch.zeros((), dtype=torch.bool))
-        loss_bad, self.loss_bad = loss_bad.to(trainer.device), None
-        bad = loss_bad
-        if grads:
-            bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).to(trainer.device)).all()
+    def fewstep_before_optimizer_step(self, trainer, phase, optimizer, grad_norm):
+        losses, self.losses = self.losses, []
+        loss = losses[0] if len(losses) == 1 else torch.stack([v.float().sum() for v in losses]).sum()
+        # the clip's norm is non-finite exactly when a gradient is; without a clip (or under FSDP, whose norm
+        # is a DTensor) this rank's gradients are probed here
+        probe = grad_norm if torch.is_tensor(grad_norm) and not hasattr(grad_norm, "full_tensor") else \
+            _gradient_probe(optimizer, trainer.device)
         step = self.iteration + 1
         if self.policy == "skip":
-            if _any_rank(bad):  # one host sync per optimizer step
+            loss_bad = ~torch.isfinite(loss.to(trainer.device)).all()
+            if _any_rank(loss_bad | ~torch.isfinite(probe)):  # one host sync per optimizer step
                 optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
                 self.skipped += 1
                 self.log(f"fewstep: warning: non-finite {'loss' if bool(loss_bad) else 'gradient'} in phase "
                          f"'{phase.name}' at step {step}; skipped that optimizer step ({self.skipped} so far; "
                          "train.nan_policy=skip)")
             return
-        first = self.first_bad.setdefault(phase.name, torch.full((), -1, dtype=torch.long, device=trainer.device))
-        new = bad & (first < 0)
-        self.what[phase.name] = torch.where(new, loss_bad.long(), self.what.get(phase.name, torch.zeros_like(first)))
-        first.copy_(torch.where(new, torch.full_like(first, step), first))
+        self.pending.append((phase.name, step, loss, probe))  # no device work on the hot path
+        if len(self.pending) >= self.FOLD:
+            self._fold(trainer.device)
+
+    def _fold(self, device) -> None:
+        """The pending steps into ``first_bad`` and ``what``, on the device (no host sync)."""
+        rows: dict[str, list] = {}
+        for name, *row in self.pending:
+            rows.setdefault(name, []).append(row)
+        self.pending = []
+        for name, steps in rows.items():
+            loss_bad = ~torch.isfinite(torch.stack([loss.float().sum().to(device) for _, loss, _ in steps]))
+            bad = loss_bad | ~torch.isfinite(torch.stack([probe.float().to(device) for _, _, probe in steps]))
+            i = bad.int().argmax()  # the first bad step of these (0 when none is)
+            first = self.first_bad.setdefault(name, torch.full((), -1, dtype=torch.long, device=device))
+            new = bad[i] & (first < 0)
+            self.what[name] = torch.where(new, loss_bad[i].long(), self.what.get(name, torch.zeros_like(first)))
+            first.copy_(torch.where(new, torch.tensor([s for s, _, _ in steps], device=device)[i], first))
 
     @hookimpl(tryfirst=True)
     def fewstep_log(self, trainer, record):
@@ -71,7 +88,11 @@ class NonFiniteGuard:
         self.iteration = step
 
     def _check(self, trainer) -> None:
-        if self.policy != "stop" or not self.first_bad:
+        if self.policy != "stop":
+            return
+        if self.pending:
+            self._fold(trainer.device)
+        if not self.first_bad:
             return
         names = list(self.first_bad)
         firsts = torch.stack([self.first_bad[n] for n in names])
@@ -88,6 +109,15 @@ class NonFiniteGuard:
         raise DivergedError(f"training diverged: {where} ({kept}); "
                             "lower the learning rate (train.lr or the objective's lr), check the data, or pass "
                             "train.nan_policy=skip to skip such steps")
+
+
+def _gradient_probe(optimizer, device) -> torch.Tensor:
+    """A 0-d value that is finite exactly when every gradient this optimizer steps is (this rank's shards)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm(grads)).sum().to(device)
 
 
 def _any_rank(flag: torch.Tensor) -> bool:

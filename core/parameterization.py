@@ -67,3 +67,10 @@ def precondition(alpha, sigma, sigma_data: float, like: Tensor):
     c_skip = a * sigma_data**2 / var
     c_out = s * sigma_data * c_in
     return c_in, c_skip, c_out
+
+
+def edm_weight(sigma, sigma_data: float):
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022,
+    Table 1) for an x0-MSE at VE noise level sigma (= sigma/alpha of any schedule): the preconditioned
+    network's target then has unit variance at every sigma."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2

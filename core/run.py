@@ -7,7 +7,7 @@ import sys
 from core.cli import guard, help_text, load_tree
 from core.errors import ConfigError, UsageError
 from core.registry import get_registry
-from core.runconfig import resolve
+from core.runconfig import DEFAULTS, resolve
 
 
 @guard
@@ -30,7 +30,12 @@ def main(argv: list[str]) -> int:
     if any(arg.split("=", 1)[0].split(".", 1)[0] == "sampler" for arg in argv):
         raise UsageError("sampler= is not a training setting (a run previews and exports with its objective's "
                          "sampler); use it with python -m core.sample teacher=NAME sampler=NAME")
-    cfg = resolve(load_tree(argv))
+    tree = load_tree(argv)
+    if "sampler" in tree:  # from config=FILE: older runs saved the default sampler, which nothing read
+        if tree.pop("sampler") != _legacy_sampler_entry():
+            raise UsageError("the config.yaml sets a sampler, which is not a training setting (a run previews and "
+                             "exports with its objective's sampler); delete its sampler: entry")
+    cfg = resolve(tree)
     if cfg.train.dry_run:  # an alias of `python -m core.run plan` with the same overrides (issue 15)
         from core import plan
 
@@ -49,6 +54,11 @@ def main(argv: list[str]) -> int:
         print(f"metrics:    {metrics}")
     print(f"sample it:  python -m core.sample run={result['out']} num=10000 out=samples.npz")
     return 0
+
+
+def _legacy_sampler_entry() -> dict:
+    """What config.yaml held as ``sampler`` before training runs stopped saving one: the default, resolved."""
+    return resolve({"objective": "denoise", "sampler": DEFAULTS["sampler"]}).to_dict()["sampler"]
 
 
 if __name__ == "__main__":

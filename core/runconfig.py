@@ -31,24 +31,30 @@ class RunConfig:
     teacher: Choice
     student: Choice
     critic: Choice | None
-    sampler: Choice
+    sampler: Choice | None  # python -m core.sample's choice; None for a training run (its objective's sampler)
     data: Choice | None
     train: TrainConfig
     seed: int = 0
     out: str = ""
     callbacks: list[str] = attrs.Factory(list)
+    callback_configs: dict[str, Any] = attrs.Factory(dict)  # name -> its config (absent: the defaults)
 
     def to_dict(self) -> dict:
         d: dict = {}
         for group in PLUGIN_GROUPS:
             choice = getattr(self, group)
+            if choice is None and group == "sampler":  # a training run's config.yaml has no sampler to read
+                continue
             if choice is None:
                 d[group] = None
                 continue
             fields = unstructure(choice.config) if choice.config is not None else {}
             d[group] = {"name": choice.name, **fields}
         d["train"] = unstructure(self.train)
-        d.update(seed=self.seed, out=self.out, callbacks=list(self.callbacks))
+        # callbacks=[a, b] alone, or with their configs in the shape callbacks.a.FIELD=VALUE parses to
+        configs = {n: unstructure(c) for n, c in self.callback_configs.items() if c is not None}
+        d.update(seed=self.seed, out=self.out,
+                 callbacks={"name": list(self.callbacks), **configs} if configs else list(self.callbacks))
         return d
 
 
@@ -114,8 +120,9 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
     elif critic_fields or critic_name != "auto":
         raise UsageError(f"objective '{obj_name}' uses no critic; drop critic={critic_name}")
 
-    sampler_name, sampler_fields = group("sampler", DEFAULTS["sampler"])
-    sampler = build("sampler", sampler_name, sampler_fields)
+    sampler = None
+    if "sampler" in tree:  # python -m core.sample; training runs preview and export with the objective's
+        sampler = build("sampler", *group("sampler", DEFAULTS["sampler"]))
 
     data = None
     data_name, data_fields = group("data", DEFAULTS["data"])
@@ -133,10 +140,36 @@ def resolve(tree: dict, registry: Registry | None = None) -> RunConfig:
         seed = converter.structure(tree.get("seed", 0), int)
     except ValueError as exc:
         raise UsageError(f"seed: {exc}") from None
-    callbacks = tree.get("callbacks") or []
-    if isinstance(callbacks, str):
-        callbacks = [c for c in callbacks.strip("[]").split(",") if c.strip()]
-    for cb in callbacks:
-        registry.get("callback", cb)
+    callbacks, configs = _callbacks(tree.get("callbacks"), registry)
     out = str(tree.get("out") or f"runs/{obj_name}-{teacher_name}")
-    return RunConfig(objective, teacher, student, critic, sampler, data, train, seed, out, list(callbacks))
+    return RunConfig(objective, teacher, student, critic, sampler, data, train, seed, out, callbacks, configs)
+
+
+def _callbacks(value, registry: Registry) -> tuple[list[str], dict]:
+    """``callbacks=[a,b]`` (a list or its string), optionally with ``callbacks.a.FIELD=VALUE`` settings, which
+    parse to ``{"name": "[a,b]", "a": {FIELD: VALUE}}``: the names and each named callback's config."""
+    fields = {}
+    if isinstance(value, dict):
+        fields = {k: v for k, v in value.items() if k != "name"}
+        value = value.get("name")
+    names = value or []
+    if isinstance(names, str):
+        names = [c.strip() for c in names.strip("[]").split(",") if c.strip()]
+    if not isinstance(names, list):
+        raise UsageError(f"callbacks takes a list of callback names, got {names!r}; e.g. callbacks=[NAME]")
+    for name, settings in fields.items():
+        if name not in names:
+            raise UsageError(f"callbacks.{name} is set but '{name}' is not in callbacks={names}; "
+                             f"add it: callbacks=[{','.join([*names, name])}]")
+        if not isinstance(settings, dict):
+            raise UsageError(f"callbacks.{name} takes callbacks.{name}.FIELD=VALUE settings, got {settings!r}")
+    configs = {}
+    for name in names:
+        info = registry.get("callback", name)
+        settings = fields.get(name, {})
+        if info.config is None:
+            if settings:
+                raise UsageError(f"callback '{name}' takes no options, got callbacks.{name}.{next(iter(settings))}")
+            continue
+        configs[name] = structure(settings, info.config, f"callbacks.{name}")
+    return [str(n) for n in names], configs

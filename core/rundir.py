@@ -47,6 +47,8 @@ def claim(cfg) -> None:
     diffs = []
     for group in set(old) | set(new):
         a, b = old.get(group), new.get(group)
+        if group == "sampler":  # older runs saved an unread default sampler in config.yaml
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             for k in set(a) | set(b):
                 if (group, k) not in ignore and a.get(k) != b.get(k):

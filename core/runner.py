@@ -66,6 +66,7 @@ class Trainer:
         self.hooks.add_hookspecs(hookspecs)
         self.hook = self.hooks.hook
         self.evaluation = Evaluation(self)
+        self.sums, self.counts, self.t0 = {}, {}, time.perf_counter()  # the metrics since the last record
         for name, plugin in self._builtins():
             self.hooks.register(plugin, name=name)
         if self.cfg.train.rng == "per-rank" and self.rank > 0:
@@ -87,8 +88,10 @@ class Trainer:
             return
         yield "metrics-log", MetricsLog(self.out)
         for name in self.cfg.callbacks:
-            info = self.registry.get("callback", name)
-            yield f"callback:{name}", info.factory(info.config() if info.config is not None else None)
+            info, config = self.registry.get("callback", name), self.cfg.callback_configs.get(name)
+            if config is None and info.config is not None:  # a RunConfig built without its callback configs
+                config = info.config()
+            yield f"callback:{name}", info.factory(config)
 
     def sampling_model(self):
         return self.state.sampling_model()
@@ -106,7 +109,7 @@ class Trainer:
     def _train(self) -> dict:
         self.build()
         start = self.state.restore()
-        total, tr = self.cfg.train.steps, self.cfg.train
+        total = self.cfg.train.steps
         if start:
             self.log(f"fewstep: {self.out} is complete (step {start}); raise train.steps to train on"
                      if start >= total else f"fewstep: resuming {self.out} from step {start}")
@@ -114,23 +117,9 @@ class Trainer:
             rundir.write_run_files(self.cfg, self.spec)
             self.hooks.register(ProgressBar(self.cfg, start), name="progress")
         self.hook.fewstep_run_start(trainer=self, start=start)
-        sums, counts, t0 = {}, {}, time.perf_counter()
+        self.t0 = time.perf_counter()
         for it in range(start, total):
-            for name, metrics in self.step(it).items():
-                for k, v in metrics.items():
-                    sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0) + _scalar(v)
-                    counts[f"{name}/{k}"] = counts.get(f"{name}/{k}", 0) + 1
-            step = it + 1
-            if step % tr.log_every == 0 or step == total:
-                means = distributed.all_mean({k: float(sums[k]) / counts[k] for k in sums})
-                self.hook.fewstep_log(trainer=self, record={"step": step, **means,
-                                                            "time": round(time.perf_counter() - t0, 3)})
-                sums, counts = {}, {}
-            self.hook.fewstep_iteration_end(trainer=self, step=step)
-            if step % tr.ckpt_every == 0 or step == total:
-                path = self.state.save(step, self.spec)
-                if self.main:
-                    self.hook.fewstep_checkpoint(trainer=self, path=path)
+            self.iterate(it)
         self.gather_full()
         result = {"out": self.out, "preview": None, "checkpoint": None, "export": None, "metrics": {},
                   "start": start, "rank": self.rank}
@@ -140,6 +129,27 @@ class Trainer:
         self.parallel.close()
         result["checkpoint"] = self.store.latest()
         return result
+
+    def iterate(self, it: int) -> None:
+        """Iteration ``it`` as the run makes it: ``step``, its metrics summed for the next record (written when
+        due), ``fewstep_iteration_end``, and the checkpoint when due."""
+        tr, sums, counts = self.cfg.train, self.sums, self.counts
+        for name, metrics in self.step(it).items():
+            for k, v in metrics.items():  # already scalars (run_phase)
+                key = f"{name}/{k}"
+                sums[key], counts[key] = (sums[key] + v, counts[key] + 1) if key in sums else (v, 1)
+        step = it + 1
+        if step % tr.log_every == 0 or step == tr.steps:
+            means = distributed.all_mean({k: float(sums[k]) / counts[k] for k in sums})
+            self.hook.fewstep_log(trainer=self, record={"step": step, **means,
+                                                        "time": round(time.perf_counter() - self.t0, 3)})
+            sums.clear()
+            counts.clear()
+        self.hook.fewstep_iteration_end(trainer=self, step=step)
+        if step % tr.ckpt_every == 0 or step == tr.steps:
+            path = self.state.save(step, self.spec)
+            if self.main:
+                self.hook.fewstep_checkpoint(trainer=self, path=path)
 
     def step(self, it: int) -> dict[str, dict]:
         """One iteration: a fresh batch, then every phase due; returns each phase's metrics."""
@@ -159,10 +169,11 @@ class Trainer:
             streams = [phase_losses(self.objective, phase.name, ctx) for ctx in ctxs]
             while (metrics := self._optimizer_step(phase, opt, clip, streams)) is not None:
                 for k, v in metrics.items():
-                    sums[k], counts[k] = sums.get(k, 0) + _scalar(v), counts.get(k, 0) + 1
-        # zero every grad so terms that reached other networks (e.g. GAN into the critic) don't leak
-        for module in self.networks.trainable.values():
-            module.zero_grad(set_to_none=True)
+                    v = _scalar(v)
+                    sums[k], counts[k] = (sums[k] + v, counts[k] + 1) if k in sums else (v, 1)
+        # drop every grad so terms that reached other networks (e.g. GAN into the critic) don't leak
+        for p in self.state.all_params:
+            p.grad = None
         metrics = {k: sums[k] / counts[k] if counts[k] > 1 else sums[k] for k in sums}
         self.hook.fewstep_after_phase(trainer=self, phase=phase, iteration=it, metrics=metrics)
         return metrics
@@ -188,10 +199,11 @@ class Trainer:
         metrics = parts[0] if A == 1 else {k: sum(_scalar(p[k]) for p in parts if k in p) / A for k in parts[0]}
         if stepped:
             self.parallel.average_unreached(phase.trains, self.state.params)
+            grad_norm = None
             if clip:
-                params = [p for group in opt.param_groups for p in group["params"]]
-                metrics = {**metrics, "grad_norm": torch.nn.utils.clip_grad_norm_(params, clip)}
-            self.hook.fewstep_before_optimizer_step(trainer=self, phase=phase, optimizer=opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.state.phase_params[phase.name], clip)
+                metrics = {**metrics, "grad_norm": grad_norm}
+            self.hook.fewstep_before_optimizer_step(trainer=self, phase=phase, optimizer=opt, grad_norm=grad_norm)
             opt.step()
         return metrics
 

@@ -49,13 +49,15 @@ class RunState:
         self.ema = copy.deepcopy(networks.student).requires_grad_(False) if tr.ema > 0 else None
         parallel.wrap(trainable, self.ema, networks.student)
         self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in trainable.items()}
+        self.all_params = [p for ps in self.params.values() for p in ps]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.phase_params: dict[str, list] = {}  # what each phase's optimizer steps (and its grad clip reads)
         for phase in phases:
             missing = [n for n in phase.trains if n not in self.params]
             if missing:
                 raise UsageError(f"objective phase '{phase.name}' trains {missing}, which this run does not have "
                                  f"(it has {sorted(self.params)})")
-            params = [p for n in phase.trains for p in self.params[n]]
+            params = self.phase_params[phase.name] = [p for n in phase.trains for p in self.params[n]]
             self.optimizers[phase.name] = make_optimizer(tr.optimizer, params, parallel.device, lr=tr.lr or phase.lr,
                                                          betas=phase.betas, eps=phase.eps,
                                                          weight_decay=phase.weight_decay)

@@ -73,7 +73,7 @@ def _picture(images, labels) -> bytes:
 def main(argv: list[str]) -> int:
     from core.generation import generate
     from core.roles import resolve_device, set_seed
-    from core.runconfig import resolve
+    from core.runconfig import DEFAULTS, resolve
     from core.rundir import load_run
 
     tree = load_tree(argv)
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> int:
         if "teacher" not in tree:
             raise UsageError("give run=RUN_DIR (a trained student) or teacher=NAME (sample a teacher)")
         tree.setdefault("objective", "denoise")
+        tree.setdefault("sampler", DEFAULTS["sampler"])
         cfg = resolve(tree, registry)
         teacher = registry.get("teacher", cfg.teacher.name).factory(cfg.teacher.config, device)
         model = teacher

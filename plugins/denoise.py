@@ -13,6 +13,7 @@ import torch
 
 from core import hookimpl, ops
 from core.config import positive, unit_interval
+from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec
 from core.timesteps import make_grid, ve_sigma
 
@@ -51,8 +52,7 @@ class Denoise:
         t = sched.t_from_logsnr(-2 * sigma_ve.log()).clamp(sched.t_min, sched.t_max)
         sigma_ve = ve_sigma(sched, t)  # after clamping
         x_t = ops.add_noise(x0, torch.randn_like(x0), sched.alpha(t), sched.sigma(t))
-        sd = net.sigma_data
-        weight = (sigma_ve**2 + sd**2) / (sigma_ve * sd) ** 2
+        weight = edm_weight(sigma_ve, net.sigma_data)
         loss = ops.weighted_loss(net.denoise(x_t, t.to(x0.dtype), labels), x0, weight.to(x0.dtype), "l2")
         return loss, {}
 

@@ -21,6 +21,7 @@ from core import distributed, gan, hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
 from core.networks import ResidualMLP
+from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
 from core.generation import multistep
 from core.registry import get_registry
@@ -292,8 +293,7 @@ class DMD2:
         t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64, device=x.device))
         alpha, sigma = sched.alpha(t), sched.sigma(t)
         x_t = ops.add_noise(x, torch.randn_like(x), alpha.to(x.dtype), sigma.to(x.dtype))
-        sd = sigma_data_of(critic, teacher)
-        weight = (alpha / sigma) ** 2 + 1 / sd**2
+        weight = edm_weight(sigma / alpha, sigma_data_of(critic, teacher))
         return ops.weighted_loss(critic.denoise(x_t, time_batch(t, x_t), cond), x, weight.to(x.dtype), "l2")
 
     def discriminate(self, ctx, xs: list[Tensor], cond) -> list[Tensor]:

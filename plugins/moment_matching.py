@@ -24,8 +24,9 @@ from torch import Tensor
 from core import hookimpl, ops
 from core.config import non_negative, positive, unit_interval
 from core.errors import UsageError
+from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of
-from core.timesteps import fraction_grid
+from core.timesteps import fraction_grid, ve_sigma
 
 WEIGHTINGS = ("edm", "flat", "snr", "snr+1")
 
@@ -52,10 +53,9 @@ def loss_weight(schedule, s: Tensor, kind: str, sigma_data: float) -> Tensor:
     """w(s) for an x-space loss, evaluated at s (not t). With sigma = exp(-logSNR/2) (the VE sigma):
     edm: (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 (Karras et al. 2022, eq. 8); flat: 1;
     snr: alpha^2/sigma^2 (the eps-loss); snr+1: the v-loss."""
-    snr = torch.exp(schedule.logsnr(s))
     if kind == "edm":
-        sig2 = 1 / snr
-        return (sig2 + sigma_data**2) / (sig2 * sigma_data**2)
+        return edm_weight(ve_sigma(schedule, s), sigma_data)
+    snr = torch.exp(schedule.logsnr(s))
     if kind == "flat":
         return torch.ones_like(snr)
     if kind == "snr":

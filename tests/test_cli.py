@@ -114,3 +114,27 @@ def test_config_file_reruns_the_same_run(existing_run, tmp_path, capsys):
     assert run_main([f"config={existing_run}/config.yaml", f"out={out}"]) == 0
     again = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert {k: v for k, v in again.items() if k != "out"} == {k: v for k, v in cfg.items() if k != "out"}
+
+
+def test_a_training_config_yaml_holds_no_sampler_and_a_set_one_is_refused(tmp_path, capsys):
+    """A run previews and exports with its objective's sampler, so its config.yaml saves none. Runs made before
+    this saved the default ``sampler: {name: euler}``, which nothing read: they still resume; a config.yaml
+    that sets another sampler is refused (one line, exit 2, nothing changed)."""
+    fast = ["objective=denoise", "train.batch=16", "student.hidden=16", "student.depth=1", "train.eval_every=0",
+            "train.preview_every=0", "train.eval_samples=64", "train.progress=false"]
+    out = tmp_path / "run"
+    assert run_main([*fast, "train.steps=2", f"out={out}"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert "sampler" not in config
+    legacy = {"sampler": {"name": "euler"}, **config}  # as an older fewstep wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(legacy, sort_keys=False))
+    assert run_main([f"config={out / 'config.yaml'}", "train.steps=3"]) == 0
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump({**legacy, "sampler": {"name": "heun"}, "out": str(out)}, sort_keys=False))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert run_main([f"config={edited}", "train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fewstep: error: the config.yaml sets a sampler, which is not a training setting (a run previews "
+                   "and exports with its objective's sampler); delete its sampler: entry"]
+    assert _snapshot(out) == before

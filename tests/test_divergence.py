@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import run_config
 from core import files
 from core import hookimpl
+from core.nanguard import NonFiniteGuard
 from core.run import main as run_main
 from core.runner import Trainer
 
@@ -51,7 +52,12 @@ def nan_at_step_7(request, monkeypatch):
     return request.param
 
 
-def test_stop_names_phase_and_step_and_keeps_the_last_checkpoint(tmp_path, capsys, nan_at_step_7):
+@pytest.mark.parametrize("fold", [256, 2], ids=["checked-at-log", "folded-every-2-steps"])
+def test_stop_names_phase_and_step_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, nan_at_step_7,
+                                                                  fold):
+    """The guard queues each step's loss and gradient norm on the device and folds them into its verdict every
+    ``FOLD`` steps or at a check; either way the first bad step is the one named."""
+    monkeypatch.setattr(NonFiniteGuard, "FOLD", fold)
     ref = tmp_path / "ref"  # the same run stopped at step 5 on purpose: the checkpoint the failed run must keep
     assert run_main([*FAST, "train.steps=5", f"out={ref}"]) == 0
     out = tmp_path / "run"

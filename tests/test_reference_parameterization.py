@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.parameterization import bcast, from_x0, precondition, to_x0
+from core.parameterization import bcast, edm_weight, from_x0, precondition, to_x0
 
 A = torch.tensor([0.9, 0.4, 1.0], dtype=torch.float64)
 S = torch.tensor([0.3, 1.7, 0.05], dtype=torch.float64)
@@ -51,3 +51,15 @@ def test_unknown_prediction_names_it_and_the_choices():
     for fn in (to_x0, from_x0):
         with pytest.raises(ValueError, match=r"unknown prediction type 'score'.*eps.*v.*x0.*flow"):
             fn(x0, x_t, A, S, "score")
+
+
+def test_edm_weight_is_one_over_c_out_squared():
+    """EDM (Karras et al. 2022, sec. 5 and Table 1) picks lambda(sigma) = 1 / c_out(sigma)^2, which with
+    c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2) is 1/sigma^2 + 1/sigma_d^2; both forms, and the
+    preconditioner's own c_out at alpha = 1, agree with the helper."""
+    sigma_d = 0.5
+    sigma = torch.tensor([0.002, 0.05, 0.5, 1.0, 80.0], dtype=torch.float64)
+    weight = edm_weight(sigma, sigma_d)
+    torch.testing.assert_close(weight, 1 / sigma**2 + 1 / sigma_d**2, rtol=1e-13, atol=0)
+    _, _, c_out = precondition(torch.ones_like(sigma), sigma, sigma_d, sigma)
+    torch.testing.assert_close(weight * c_out**2, torch.ones_like(sigma), rtol=1e-13, atol=0)

@@ -50,6 +50,19 @@ def interpreting() -> bool:
 
 
 
+@triton.jit
+def block_offsets(N, BLOCK: tl.constexpr):
+    """This program's flat element offsets and the mask of those below N."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < N
+
+
+@triton.jit
+def load_per_sample(ptr, offs, D, stride, mask, other):
+    """Each flat [B, D] element's per-sample factor (sample offs // D; stride 0 or 1, ``stride_of``), in fp32."""
+    return tl.load(ptr + (offs // D) * stride, mask=mask, other=other).to(tl.float32)
+
+
 def flat(x: torch.Tensor) -> torch.Tensor:
     """A contiguous view (or copy) of x; kernels index [B, D] row-major."""
     return x if x.is_contiguous() else x.contiguous()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import (NUM_WARPS, KernelOp, block_offsets, elementwise, flat, rows, stride_of, tl,
+                                  triton)
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -31,8 +32,7 @@ def add_fresh_noise_reference(x0: Tensor, alpha, sigma, generator=None) -> tuple
 @triton.jit
 def _add_noise_kernel(x0_ptr, eps_ptr, alpha_ptr, sigma_ptr, out_ptr, N, D, f_stride, seed,
                       DRAW: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    offs, mask = block_offsets(N, BLOCK)
     row = (offs // D) * f_stride
     a = tl.load(alpha_ptr + row, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sigma_ptr + row, mask=mask, other=0.0).to(tl.float32)

@@ -74,6 +74,8 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
     if choice == "torch":
         return False
     tensors = tuple(t for t in tensors if t is not None)
+    if choice == "auto" and not (tensors[0].device.type == "cuda" and _triton_installed()):
+        return False  # the common CPU case, decided before the per-tensor checks
     if not covered(tensors, factors):
         return False
     on_cuda = tensors[0].device.type == "cuda"
@@ -81,7 +83,7 @@ def use_triton(tensors: tuple[Tensor | None, ...], factors: tuple = ()) -> bool:
             None, torch.cuda.current_device()):
         return False  # Triton launches on the current device; the runner sets it per rank
     if choice == "auto":
-        return on_cuda and _triton_installed()
+        return True  # on CUDA with triton installed (checked above)
     if not _triton_installed():
         raise UsageError(f"{ENV}=triton but triton is not installed; pip install triton or set {ENV}=torch")
     if not on_cuda:

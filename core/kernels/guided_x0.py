@@ -13,7 +13,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import (NUM_WARPS, KernelOp, block_offsets, elementwise, flat, load_per_sample, rows,
+                                  stride_of, tl, triton)
 from core.parameterization import PREDICTIONS, to_x0, x0_to_score
 
 OUTPUTS = ("x0", "score")
@@ -71,19 +72,23 @@ def _coefficients(a, s, PREDICTION: tl.constexpr, SCORE: tl.constexpr):
 
 
 @triton.jit
+def _row_coefficients(alpha_ptr, sigma_ptr, offs, D, f_stride, mask, PREDICTION: tl.constexpr, SCORE: tl.constexpr):
+    """``_coefficients`` of each element's sample, from its per-sample alpha and sigma."""
+    a = load_per_sample(alpha_ptr, offs, D, f_stride, mask, 1.0)
+    s = load_per_sample(sigma_ptr, offs, D, f_stride, mask, 1.0)
+    return _coefficients(a, s, PREDICTION, SCORE)
+
+
+@triton.jit
 def _guided_x0_kernel(cond_ptr, uncond_ptr, xt_ptr, alpha_ptr, sigma_ptr, out_ptr, N, D, f_stride, scale,
                       HAS_UNCOND: tl.constexpr, PREDICTION: tl.constexpr, SCORE: tl.constexpr,
                       BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = (offs // D) * f_stride
-    a = tl.load(alpha_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    s = tl.load(sigma_ptr + row, mask=mask, other=1.0).to(tl.float32)
+    offs, mask = block_offsets(N, BLOCK)
+    A, S = _row_coefficients(alpha_ptr, sigma_ptr, offs, D, f_stride, mask, PREDICTION, SCORE)
     p = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
         u = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = u + scale * (p - u)
-    A, S = _coefficients(a, s, PREDICTION, SCORE)
     if PREDICTION == 0 and not SCORE:
         out = p
     else:
@@ -97,13 +102,9 @@ def _guided_x0_bwd_kernel(grad_ptr, alpha_ptr, sigma_ptr, gcond_ptr, guncond_ptr
                           HAS_UNCOND: tl.constexpr, PREDICTION: tl.constexpr, SCORE: tl.constexpr,
                           BLOCK: tl.constexpr):
     """The op is linear: d/dc = S w, d/du = S (1 - w), d/dx_t = A, all in one read of the upstream grad."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = (offs // D) * f_stride
-    a = tl.load(alpha_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    s = tl.load(sigma_ptr + row, mask=mask, other=1.0).to(tl.float32)
+    offs, mask = block_offsets(N, BLOCK)
+    A, S = _row_coefficients(alpha_ptr, sigma_ptr, offs, D, f_stride, mask, PREDICTION, SCORE)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    A, S = _coefficients(a, s, PREDICTION, SCORE)
     if HAS_UNCOND:
         tl.store(gcond_ptr + offs, (scale * S * g).to(gcond_ptr.dtype.element_ty), mask=mask)
         tl.store(guncond_ptr + offs, ((1.0 - scale) * S * g).to(guncond_ptr.dtype.element_ty), mask=mask)

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from core.kernels import reduction
-from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import (NUM_WARPS, KernelOp, block_offsets, elementwise, flat, rows, stride_of, tl,
+                                  triton)
+from core.kernels.reduction import mean_grad_scale
 
 # --------------------------------------------------------------------------- torch reference
 
@@ -33,11 +35,8 @@ def mm_generator_loss_reference(x_tilde: Tensor, aux_x0: Tensor, teacher_x0: Ten
 @triton.jit
 def _mm_generator_loss_bwd_kernel(grad_ptr, aux_ptr, teacher_ptr, weight_ptr, gx_ptr, N, inv_bd, D,
                                   w_stride, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    scale = tl.load(grad_ptr).to(tl.float32) * inv_bd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + (offs // D) * w_stride, mask=mask, other=0.0).to(tl.float32)
+    offs, mask = block_offsets(N, BLOCK)
+    scale = mean_grad_scale(grad_ptr, weight_ptr, offs, mask, inv_bd, D, w_stride, HAS_WEIGHT)
     a = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(teacher_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(gx_ptr + offs, (scale * (a - t)).to(gx_ptr.dtype.element_ty), mask=mask)

@@ -14,7 +14,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import (NUM_WARPS, KernelOp, block_offsets, elementwise, flat, load_per_sample, rows,
+                                  stride_of, tl, triton)
 from core.parameterization import bcast
 
 # --------------------------------------------------------------------------- torch reference
@@ -54,16 +55,20 @@ def _coefficients(at, st, as_, ss, eta):
 
 
 @triton.jit
+def _row_coefficients(at_ptr, st_ptr, as_ptr, ss_ptr, offs, D, f_stride, mask, eta):
+    """``_coefficients`` of each element's sample, from the four per-sample factors."""
+    at = load_per_sample(at_ptr, offs, D, f_stride, mask, 1.0)
+    st = load_per_sample(st_ptr, offs, D, f_stride, mask, 1.0)
+    as_ = load_per_sample(as_ptr, offs, D, f_stride, mask, 1.0)
+    ss = load_per_sample(ss_ptr, offs, D, f_stride, mask, 1.0)
+    return _coefficients(at, st, as_, ss, eta)
+
+
+@triton.jit
 def _posterior_sample_kernel(zt_ptr, x0_ptr, noise_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, out_ptr, N, D,
                              f_stride, eta, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = (offs // D) * f_stride
-    at = tl.load(at_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    st = tl.load(st_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    as_ = tl.load(as_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    ss = tl.load(ss_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    P, Q, c = _coefficients(at, st, as_, ss, eta)
+    offs, mask = block_offsets(N, BLOCK)
+    P, Q, c = _row_coefficients(at_ptr, st_ptr, as_ptr, ss_ptr, offs, D, f_stride, mask, eta)
     z = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = P * x0 + Q * z
@@ -76,14 +81,8 @@ def _posterior_sample_kernel(zt_ptr, x0_ptr, noise_ptr, at_ptr, st_ptr, as_ptr, 
 def _posterior_sample_bwd_kernel(grad_ptr, at_ptr, st_ptr, as_ptr, ss_ptr, gzt_ptr, gx0_ptr, gnoise_ptr, N, D,
                                  f_stride, eta, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     """Linear in (z_t, x0, noise): the gradients are Q g, P g, c g from one read of g."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = (offs // D) * f_stride
-    at = tl.load(at_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    st = tl.load(st_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    as_ = tl.load(as_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    ss = tl.load(ss_ptr + row, mask=mask, other=1.0).to(tl.float32)
-    P, Q, c = _coefficients(at, st, as_, ss, eta)
+    offs, mask = block_offsets(N, BLOCK)
+    P, Q, c = _row_coefficients(at_ptr, st_ptr, as_ptr, ss_ptr, offs, D, f_stride, mask, eta)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(gzt_ptr + offs, (Q * g).to(gzt_ptr.dtype.element_ty), mask=mask)
     tl.store(gx0_ptr + offs, (P * g).to(gx0_ptr.dtype.element_ty), mask=mask)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.kernels._triton import NUM_WARPS, chunking, flat, rows, stride_of, tl, triton
+from core.kernels._triton import NUM_WARPS, chunking, flat, load_per_sample, rows, stride_of, tl, triton
 
 TERMS = {"abs": 0, "square": 1, "dot": 2}  # the TERM constexpr
 
@@ -41,6 +41,16 @@ def _partial_sums_kernel(x_ptr, y_ptr, z_ptr, weight_ptr, partial_ptr, inv_bd, D
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + b * w_stride).to(tl.float32)
     tl.store(partial_ptr + b * C + c, tl.sum(acc, axis=0) * scale)
+
+
+@triton.jit
+def mean_grad_scale(grad_ptr, weight_ptr, offs, mask, inv_bd, D, w_stride, HAS_WEIGHT: tl.constexpr):
+    """The backward of a loss ``sum_b w_b sum_i term_i * inv_bd``: each element's term gets the upstream
+    scalar gradient times inv_bd (times its sample's w_b)."""
+    scale = tl.load(grad_ptr).to(tl.float32) * inv_bd
+    if HAS_WEIGHT:
+        scale = scale * load_per_sample(weight_ptr, offs, D, w_stride, mask, 0.0)
+    return scale
 
 
 def partial_sums(term: str, x: Tensor, y: Tensor, z: Tensor | None = None, weight: Tensor | None = None,

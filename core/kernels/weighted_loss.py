@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 
 from core.kernels import reduction
-from core.kernels._triton import NUM_WARPS, KernelOp, elementwise, flat, rows, stride_of, tl, triton
+from core.kernels._triton import (NUM_WARPS, KernelOp, block_offsets, elementwise, flat, rows, stride_of, tl,
+                                  triton)
+from core.kernels.reduction import mean_grad_scale
 
 KINDS = ("l2", "l1")
 
@@ -36,11 +38,8 @@ def weighted_loss_reference(pred: Tensor, target: Tensor, weight=None, kind: str
 @triton.jit
 def _weighted_loss_bwd_kernel(grad_ptr, pred_ptr, target_ptr, weight_ptr, gpred_ptr, N, inv_bd, D,
                               w_stride, HAS_WEIGHT: tl.constexpr, L1: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    scale = tl.load(grad_ptr).to(tl.float32) * inv_bd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + (offs // D) * w_stride, mask=mask, other=0.0).to(tl.float32)
+    offs, mask = block_offsets(N, BLOCK)
+    scale = mean_grad_scale(grad_ptr, weight_ptr, offs, mask, inv_bd, D, w_stride, HAS_WEIGHT)
     p = tl.load(pred_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(target_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     diff = p - t
