@@ -328,6 +328,36 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
     return result
 
 
+def compile_comparison(config: dict, device: torch.device, time_left, save, *, need: float, iterations: int,
+                       unet: str) -> dict:
+    """The shared mode at batch 1 with checkpointing, eager then under ``torch.compile`` (mode default, as
+    ``train.compile=true``), side by side: seconds per iteration, the compiled / eager ratio, and the compile
+    time (the compiled row's warm-up iteration). Compile time is not bounded by ``time_left``, so the eager row
+    goes to ``save`` before the compiled one starts; a row starts only with ``need`` seconds left."""
+    import gc
+    import traceback
+
+    rows, flops = [], {}
+    for options in ({}, {"compile_mode": "default"}):
+        entry = dict(mode="shared", batch=1, checkpointing=True, options=options)
+        if time_left() < need:
+            rows.append({**entry, "status": "skipped: time budget"})
+            continue
+        try:
+            rows.append(run_mode("shared", config, 1, device, iterations=iterations, checkpointing=True,
+                                 forward_flops=flops, **options))
+        except Exception as e:
+            rows.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
+                         "traceback": traceback.format_exc()[-1500:]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save({"status": "running", "unet": unet, "modes": rows})
+    ok = [r for r in rows if r["status"] == "ok"]
+    ratio = ok[0]["seconds_per_iteration"] / ok[1]["seconds_per_iteration"] if len(ok) == 2 else None
+    return {"status": "ok", "unet": unet, "modes": rows, "speedup_compiled_over_eager": ratio}
+
+
 def profile_summary(step, device: torch.device) -> dict:
     """One iteration under torch.profiler: wall time, summed self CPU and self GPU time, the number of aten
     calls, and key_averages tables (top 20 by GPU time, top 10 by CPU time). GPU time far below the wall

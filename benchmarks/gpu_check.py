@@ -241,33 +241,12 @@ def dmd2_bench(clock: Clock, device, save=lambda partial: None) -> dict:
 
 
 def dmd2_compile_bench(clock: Clock, device, save=lambda partial: None) -> dict:
-    """The shared mode at batch 1 with checkpointing, eager then under ``torch.compile`` (mode default, as
-    ``train.compile=true``), side by side: seconds per iteration, the compiled / eager ratio, and the compile
-    time (the compiled row's warm-up iteration). Last in the suite: compile time is not bounded by the clock,
-    so the eager row is saved before the compiled one starts."""
+    """The shared mode eager vs torch.compile (``dmd2_iteration.compile_comparison``); last in the suite."""
     import dmd2_iteration as it
 
-    config = it.TINY_CONFIG if TINY else it.sdxl_config()
-    rows, flops = [], {}
-    for options in ({}, {"compile_mode": "default"}):
-        entry = dict(mode="shared", batch=1, checkpointing=True, options=options)
-        if clock.left() < (5 if TINY else 60):
-            rows.append({**entry, "status": "skipped: time budget"})
-            continue
-        try:
-            rows.append(it.run_mode("shared", config, 1, device, iterations=1 if TINY else 3, checkpointing=True,
-                                    forward_flops=flops, **options))
-        except Exception as e:
-            rows.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
-                         "traceback": traceback.format_exc()[-1500:]})
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        save({"status": "running", "unet": "tiny" if TINY else "SDXL (random weights)", "modes": rows})
-    ok = [r for r in rows if r["status"] == "ok"]
-    ratio = ok[0]["seconds_per_iteration"] / ok[1]["seconds_per_iteration"] if len(ok) == 2 else None
-    return {"status": "ok", "unet": "tiny" if TINY else "SDXL (random weights)", "modes": rows,
-            "speedup_compiled_over_eager": ratio}
+    return it.compile_comparison(it.TINY_CONFIG if TINY else it.sdxl_config(), device, clock.left, save,
+                                 need=5 if TINY else 60, iterations=1 if TINY else 3,
+                                 unet="tiny" if TINY else "SDXL (random weights)")
 
 
 # --------------------------------------------------------------------------- report
@@ -327,11 +306,10 @@ def markdown(report: dict) -> str:
     dc = report["sections"].get("dmd2_compile")
     if dc and dc.get("modes"):
         lines += ["## DMD2 iteration, shared mode, eager vs torch.compile (batch 1, checkpointing)", "",
-                  "| compile | status | s / iteration | warm-up s (compile) | peak GiB | MFU |", "|---|---|---|---|---|---|"]
-        for r in dc["modes"]:
-            lines.append(f"| {r['options'].get('compile_mode') or 'eager'} | {r['status']} | "
-                         f"{_fmt(r.get('seconds_per_iteration'))} | {_fmt(r.get('warmup_seconds'))} | "
-                         f"{_fmt(r.get('peak_memory_gib'))} | {_fmt(r.get('mfu'))} |")
+                  "| compile | status | s / iteration | warm-up s (compile) | peak GiB | MFU |", "|---|" * 6]
+        lines += [f"| {r['options'].get('compile_mode') or 'eager'} | {r['status']} | " + " | ".join(
+            _fmt(r.get(k)) for k in ("seconds_per_iteration", "warmup_seconds", "peak_memory_gib", "mfu")) + " |"
+            for r in dc["modes"]]
         lines += ["", f"- speed-up compiled over eager: {_fmt(dc.get('speedup_compiled_over_eager'))}x",
                   *[f"- {_fmt(r['error'])}" for r in dc["modes"] if "error" in r], ""]
     for name, section in report["sections"].items():
@@ -389,19 +367,14 @@ def main(argv=None) -> int:
     # the headline first; the kernel tests run in their own process, so a CUDA fault there harms nothing else
     # --quick: the kernel tests' messages first (one minute), then the DMD2 rows, each saved as it finishes
 
-    def save_dmd2(partial):
-        report["sections"]["dmd2"] = partial
-        write(report, args.out)
+    def saver(name):  # rows are written as they finish, so a run cut short keeps them
+        return lambda partial: (report["sections"].__setitem__(name, partial), write(report, args.out))
 
-    def save_compile(partial):
-        report["sections"]["dmd2_compile"] = partial
-        write(report, args.out)
-
-    runs = {"dmd2": lambda c: dmd2_bench(c, device, save_dmd2), "ops": lambda c: ops_bench(c, device),
-            "kernel_tests": lambda c: kernel_tests(c),
-            "dmd2_compile": lambda c: dmd2_compile_bench(c, device, save_compile)}
-    order = (["kernel_tests", "dmd2", "ops", "dmd2_compile"] if args.quick
-             else ["dmd2", "ops", "kernel_tests", "dmd2_compile"])
+    runs = {"dmd2": lambda c: dmd2_bench(c, device, saver("dmd2")), "ops": lambda c: ops_bench(c, device),
+            "kernel_tests": kernel_tests,
+            "dmd2_compile": lambda c: dmd2_compile_bench(c, device, saver("dmd2_compile"))}
+    order = ["kernel_tests", "dmd2", "ops"] if args.quick else ["dmd2", "ops", "kernel_tests"]
+    order.append("dmd2_compile")
     budgets = QUICK_BUDGET if args.quick else BUDGET
     total = Clock((QUICK_TOTAL if args.quick else TOTAL) * args.budget)
     paths = []

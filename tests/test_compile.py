@@ -35,7 +35,8 @@ def test_compiled_step_matches_eager_and_keeps_the_state_dict():
     assert compile_networks({"student": compiled, "same": compiled}) == ["student"]  # a shared network once
     assert inner_module(compiled) is compiled.backbone and list(compiled.state_dict()) == keys
     g = torch.Generator().manual_seed(1)
-    x, t, target = torch.randn(64, 2, generator=g), torch.rand(64, generator=g) * 10 + 0.01, torch.randn(64, 2, generator=g)
+    x, target = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    t = torch.rand(64, generator=g) * 10 + 0.01
     loss_e, grads_e = one_step(eager, x, t, target)
     loss_c, grads_c = one_step(compiled, x, t, target)
     assert torch.allclose(loss_c, loss_e, rtol=1e-5)

@@ -82,9 +82,8 @@ def test_planner_reads_the_option(sdxl_dir, tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
-    on, off = (setting_of(run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
-                                     f"data.path={prompts}", f"teacher.encoders_on_device={v}")) for v in ("true", "false"))
+    run = ["objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts", f"data.path={prompts}"]
+    on, off = (setting_of(run_config(*run, f"teacher.encoders_on_device={v}")) for v in ("true", "false"))
     assert on.encoders_on_gpu and not off.encoders_on_gpu
-    offload = setting_of(run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
-                                    f"data.path={prompts}", "teacher.offload=true"))
+    offload = setting_of(run_config(*run, "teacher.offload=true"))
     assert on.teacher_on_gpu and not offload.teacher_on_gpu
