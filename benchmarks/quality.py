@@ -10,7 +10,8 @@ then draws ``--samples`` samples and scores them against as many exact samples w
 ``plugins.gmm_quality.mixture_quality``: energy distance, mode-mass TV, lost modes, off-manifold share.
 The exact teacher's Euler, DPM-Solver++(2M) and ancestral samplers at NFE 1, 2, 4, 8 are the references.
 Variants that need a network teacher (``mm-param``, ``sfd``) distil a ``denoise``-trained MLP of the mixture
-(trained once per mixture in the work dir) and are scored against the exact mixture all the same.
+(trained once per mixture in the work dir) and are scored against the exact mixture all the same; ``sfd-1``
+(SFD's second stage) distils an ``sfd-v`` model of that MLP (also trained once per mixture).
 ``cls4`` runs with guidance 3 (teacher.guidance) and is scored against exact class samples, so its rows measure
 class correctness and balance rather than a guided law (docs/methods/quality.md).
 
@@ -32,13 +33,15 @@ from pathlib import Path
 PRESETS = ("ring8", "grid25", "hd16", "cls4")
 GUIDANCE = {"cls4": 3.0}
 NETWORK_TEACHER = ("objective=denoise", "train.steps=1500", "train.batch=512", "seed=0")
-VARIANTS = {  # name -> (overrides, needs a network teacher)
-    "dmd2": (("objective=dmd2",), False),
-    "dmd2-4": (("objective=dmd2", "objective.steps=4"), False),
-    "mm": (("objective=mm",), False),
-    "mm-3x": (("objective=mm", "train.steps=6000"), False),
-    "mm-param": (("objective=mm-param",), True),
-    "sfd": (("objective=sfd",), True),
+FIRST_STAGE = ("objective=sfd-v",)  # SFD's second stage distils an SFD-v model of the network teacher
+VARIANTS = {  # name -> (overrides, teacher: None = the exact mixture, "network", or "first-stage")
+    "dmd2": (("objective=dmd2",), None),
+    "dmd2-4": (("objective=dmd2", "objective.steps=4"), None),
+    "mm": (("objective=mm",), None),
+    "mm-3x": (("objective=mm", "train.steps=6000"), None),
+    "mm-param": (("objective=mm-param",), "network"),
+    "sfd": (("objective=sfd",), "network"),
+    "sfd-1": (("objective=sfd-1",), "first-stage"),
 }
 NETWORK_ONLY = ("objective=mm-param", "objective=sfd", "student=copy")  # variants that distil a network teacher
 SAMPLERS = ("euler", "dpmpp-2m", "ancestral")
@@ -110,7 +113,9 @@ def run_job(job: dict) -> dict:
     trainer = _train(overrides)
     seconds = time.perf_counter() - t0
     teacher = trainer.teacher
-    mixture = getattr(teacher, "source", teacher)  # a checkpoint teacher is scored against its exact mixture
+    mixture = teacher
+    while hasattr(mixture, "source"):  # a checkpoint teacher is scored against its exact mixture
+        mixture = mixture.source
     student = trainer.sampling_model()
 
     def sample(n, labels):
@@ -120,7 +125,8 @@ def run_job(job: dict) -> dict:
     with torch.no_grad():
         metrics = score(mixture, sample, job["samples"], 7 + job["seed"])
     return {"variant": job["variant"], "mixture": job["mixture"], "seed": job["seed"], **metrics,
-            "nfe": len(trainer.spec.times) - 1, "train_steps": trainer.cfg.train.steps,
+            "nfe": len(trainer.spec.times) - 1 - int(bool(trainer.spec.options.get("afs"))),  # AFS makes no call
+            "train_steps": trainer.cfg.train.steps,
             "train_seconds": round(seconds, 1)}
 
 
@@ -134,6 +140,14 @@ def network_teacher(workdir: Path, mixture: str, spec: str | None) -> str:
     out = workdir / f"teacher-{mixture}"
     _train([*mixture_overrides(mixture, spec), *NETWORK_TEACHER, f"out={out}", "train.eval_every=0",
             "train.preview_every=0"])
+    return str(out)
+
+
+def first_stage(workdir: Path, mixture: str, teacher_dir: str) -> str:
+    _quiet_torch()
+    out = workdir / f"sfd-v-{mixture}"
+    _train([*FIRST_STAGE, "teacher=checkpoint", f"teacher.path={teacher_dir}", "seed=0", f"out={out}",
+            "train.eval_every=0", "train.preview_every=0"])
     return str(out)
 
 
@@ -322,7 +336,8 @@ def main(argv=None) -> int:
             print(f"fewstep: error: --define '{d}' is not NAME:KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
             return 2
         overrides = tuple(body.split(","))
-        table[name] = (overrides, any(o.startswith(NETWORK_ONLY) for o in overrides))
+        table[name] = (overrides, "first-stage" if "objective=sfd-1" in overrides
+                       else "network" if any(o.startswith(NETWORK_ONLY) for o in overrides) else None)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in table]
     if unknown:
@@ -339,10 +354,12 @@ def main(argv=None) -> int:
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        teachers = {}
+        teachers, stages = {}, {}
         if any(table[v][1] for v in variants):
             teachers = {m: pool.submit(network_teacher, workdir, m, spec) for m in mixtures}
         refs = [pool.submit(teacher_rows, m, spec, seeds, args.samples) for m in mixtures]
+        if any(table[v][1] == "first-stage" for v in variants):
+            stages = {m: pool.submit(first_stage, workdir, m, teachers[m].result()) for m in mixtures}
         jobs = []
         for v in variants:
             overrides, needs_net = table[v]
@@ -357,7 +374,8 @@ def main(argv=None) -> int:
         jobs.sort(key=lambda j: -_cost(j["overrides"]))  # longest first, for the pool's balance
         for job in jobs:
             if job["needs_net"]:
-                job["teacher_dir"] = teachers[job["mixture"]].result()
+                source = stages if job["needs_net"] == "first-stage" else teachers
+                job["teacher_dir"] = source[job["mixture"]].result()
             futures.append(pool.submit(run_job, job))
         rows = [r for f in refs for r in f.result()]
         progress = Path(args.json).with_suffix(".rows.jsonl")  # every finished run at once, for long sweeps

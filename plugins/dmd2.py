@@ -187,7 +187,9 @@ class DMD2:
         if "dmd2.input" not in ctx.cache:
             K, teacher, cond = len(self.times), ctx.teacher, ctx.batch["cond"]
             k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
-            noise = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+            # at the real batch's size where there is one (aspect-ratio buckets: each batch one size)
+            shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
+            noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
             if k == 0 or self.config.backward_simulation:
                 x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
             else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)

@@ -1,4 +1,5 @@
-"""Objectives ``sfd`` and ``sfd-v``: Simple and Fast Distillation (Zhou et al., NeurIPS 2024, arXiv 2409.19681).
+"""Objectives ``sfd``, ``sfd-v`` and ``sfd-1``: Simple and Fast Distillation (Zhou et al., NeurIPS 2024,
+arXiv 2409.19681).
 
 SFD fine-tunes a copy of the teacher's own network so that a few plain Euler steps land on the states of
 an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/methods/sfd.md):
@@ -12,7 +13,9 @@ an accurate teacher solver at the same times. Per iteration (paper Alg. 1, docs/
 
 ``sfd-v`` draws the NFE per iteration from [nfe_min, nfe_max] and feeds it to the student through
 zero-initialised embedding layers (``student=copy-nfe``), so one network serves every NFE in the range
-and starts exactly equal to the teacher.
+and starts exactly equal to the teacher. ``sfd-1`` is the second stage (note sec. 7): NFE 1 (N = 3, M = 2)
+from a first-stage SFD/SFD-v run that takes its own Euler + AFS steps (NFE 5), L1 plus an optional LPIPS
+term on the last step (``plugins.perceptual``).
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ import attrs
 import torch
 from torch import nn
 
-from core import hookimpl, ops
+from core import files, hookimpl, ops
 from core.config import positive
 from core.errors import UsageError
 from core.pfode import PFODE
 from core.protocols import Phase, SamplingSpec, sigma_data_of
 from core.registry import get_registry, warn
 from core.timesteps import nested_grids, ve_sigma
-
+from plugins.perceptual import load_lpips, lpips_term
 
 
 @attrs.define(kw_only=True)
@@ -72,6 +75,31 @@ class SFDVConfig(SFDConfig):
                              f"[{self.nfe_min}, {self.nfe_max}]")
 
 
+@attrs.define(kw_only=True)
+class SFD1Config(SFDConfig):
+    """The second stage (note sec. 7): a 1-NFE student (N = 3, M = 2) distilled from a first-stage SFD or
+    SFD-v model (``teacher=checkpoint teacher.path=RUN``) that runs its own Euler steps on the 7-point grid."""
+
+    nfe: int = attrs.field(default=1, validator=positive, metadata={"doc": "student network calls (NFE)"})
+    substeps: int = attrs.field(default=2, validator=attrs.validators.ge(0),
+                                metadata={"doc": "M: teacher timestamps inserted per student step"})
+    teacher_solver: typing.Literal["euler-afs", "dpmpp-3m", "dpmpp-2m", "heun", "ipndm"] = attrs.field(
+        default="euler-afs", metadata={"doc": "the first-stage model's solver on the fine grid"})
+    teacher_afs: bool = attrs.field(default=True, metadata={
+        "doc": "the first-stage model's analytical first step (it was trained with it; euler-afs only)"})
+    lpips_path: str = attrs.field(default="", metadata={
+        "doc": "LPIPS-VGG weights (state dict of lpips.LPIPS(net='vgg')) for an LPIPS term on the last step "
+               "of image students; never downloaded"})
+    lpips_weight: float = attrs.field(default=1.0, validator=attrs.validators.ge(0), metadata={
+        "doc": "LPIPS weight against the per-element mean L1 (1 = the reference's sum-L1 + C*H*W*LPIPS, rescaled)"})
+
+    def __attrs_post_init__(self):
+        super().__attrs_post_init__()
+        if self.lpips_path and not files.exists(self.lpips_path):
+            raise ValueError(f"lpips_path={self.lpips_path}: no such file; pass the LPIPS-VGG weights file "
+                             "(docs/methods/sfd.md) or drop objective.lpips_path")
+
+
 class SFD:
     """SFD: Euler steps of a teacher copy regressed onto the teacher's DPM-Solver++(3M) trajectory. With an
     ``SFDVConfig`` (``sfd-v``) the NFE is drawn per iteration from [nfe_min, nfe_max] and fed to the student."""
@@ -82,6 +110,12 @@ class SFD:
         self.config = config
         self.conditioned = isinstance(config, SFDVConfig)
         self.nfe_range = (config.nfe_min, config.nfe_max) if self.conditioned else (config.nfe, config.nfe)
+        self.second_stage = isinstance(config, SFD1Config)
+        # the first stage runs the pretrained network's solver without AFS; the second stage runs the
+        # first-stage model as it samples, AFS included
+        euler = config.teacher_solver == "euler-afs"
+        self.teacher_options = {"afs": self.second_stage and config.teacher_afs} if euler else {}
+        self.teacher_model, self.lpips = None, None
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self, nets):
@@ -90,9 +124,16 @@ class SFD:
             raise UsageError("objective=sfd-v needs a step-conditioned student; pass student=copy-nfe")
         if teacher.schedule.config() != student.schedule.config():
             raise UsageError("objective=sfd needs the student on the teacher's schedule; use student=copy")
-        self._grids(student.schedule, self.nfe_range[0])  # validates sigma_min / sigma_max early
+        _, fine = self._grids(student.schedule, self.nfe_range[0])  # validates sigma_min / sigma_max early
         # the teacher's solver is a sampler plugin (plugins/samplers/ode.py registers them)
         self.teacher_solver = get_registry().get("sampler", self.config.teacher_solver).factory
+        if self.second_stage:
+            self.teacher_model = FirstStage(teacher, len(fine) - 1 - int(self.teacher_options.get("afs", False)))
+            if self.config.lpips_path:
+                if len(teacher.data_shape) != 3:
+                    raise UsageError(f"objective.lpips_path needs image data (C, H, W); this teacher's samples have "
+                                     f"shape {tuple(teacher.data_shape)}: drop objective.lpips_path")
+                self.lpips = load_lpips(self.config.lpips_path, next(student.parameters()).device)
         return {}
 
     def phases(self):
@@ -122,7 +163,9 @@ class SFD:
         if spec is not None and not lo <= steps <= hi:
             warn(f"this student was distilled for NFE {lo}-{hi}; steps={steps} runs it off its training grid")
         coarse, _ = self._grids(student.schedule, steps)
-        options = {"afs": self.config.afs, **({"model_kwargs": {"nfe": steps}} if self.conditioned else {})}
+        # an NFE-conditioned second-stage student (the copy of an SFD-v model) is conditioned on its own NFE
+        conditioned = self.conditioned or isinstance(student, NFEConditioned)
+        options = {"afs": self.config.afs, **({"model_kwargs": {"nfe": steps}} if conditioned else {})}
         return SamplingSpec("euler-afs", coarse.tolist(), options)
 
     # -- one iteration: paper Algorithm 1 ----------------------------------------------------------------
@@ -133,14 +176,14 @@ class SFD:
         lo, hi = self.nfe_range
         nfe = lo if lo == hi else int(torch.randint(lo, hi + 1, ()))
         times, fine = self._grids(teacher.schedule, nfe)
-        kwargs = {"nfe": nfe} if self.conditioned else {}
+        kwargs = {"nfe": nfe} if self.conditioned or isinstance(ctx.student, NFEConditioned) else {}
         with torch.no_grad():
             cond = ctx.batch.get("cond")
             if cond is None and getattr(teacher, "num_classes", 0):
                 cond = teacher.encode_condition(torch.randint(0, teacher.num_classes, (ctx.batch_size,)))
             z = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
-            _, trajectory = self.teacher_solver(teacher, z, fine, cond, return_trajectory=True,
-                                   **({"afs": False} if c.teacher_solver == "euler-afs" else {}))
+            _, trajectory = self.teacher_solver(self.teacher_model or teacher, z, fine, cond, return_trajectory=True,
+                                                **self.teacher_options)
             targets = trajectory[::c.substeps + 1]  # y_0 .. y_N on the student grid
             x, first = targets[0], 0
             if c.afs:  # step 0 needs no network: take it analytically
@@ -152,7 +195,32 @@ class SFD:
             y = x.detach() / ode.alpha[0]  # the student's own previous output, detached (paper sec. 3.2)
             x = ode.x(ode.euler(y, ode.denoised(y, 0), 0), 1)
             loss = ops.weighted_loss(x, targets[i + 1], None, c.loss)
+            if self.lpips is not None and i == len(times) - 2:  # the last step only (note sec. 7)
+                loss = loss + c.lpips_weight * lpips_term(self.lpips, x, targets[i + 1])
             yield loss, {"nfe": nfe, f"step{i}": loss.detach()}
+
+
+# -- the second stage's teacher ----------------------------------------------------------------------------
+class FirstStage:
+    """A first-stage SFD/SFD-v model as the second stage's teacher: its denoiser, conditioned on the NFE it
+    runs at (``nfe``) when it is an SFD-v model."""
+
+    def __init__(self, teacher, nfe: int):
+        self.teacher, self.schedule, self.nfe = teacher, teacher.schedule, nfe
+        net = getattr(teacher, "net", None)
+        self.conditioned_net = net if isinstance(net, NFEConditioned) else None
+        source = getattr(getattr(getattr(teacher, "run_config", None), "objective", None), "name", None)
+        if source not in ("sfd", "sfd-v"):
+            warn(f"objective=sfd-1 distils a first-stage SFD or SFD-v run; teacher.path holds a {source or 'non-run'} "
+                 "teacher, which runs its plain Euler steps as the target")
+        elif source == "sfd" and teacher.run_config.objective.config.nfe != nfe:
+            warn(f"the first-stage SFD run was trained for NFE {teacher.run_config.objective.config.nfe}; "
+                 f"the second stage runs it at NFE {nfe} (train it with objective.nfe={nfe}, or use sfd-v)")
+
+    def denoise(self, x_t, t, cond=None, guidance=None):
+        if self.conditioned_net is not None:
+            return self.conditioned_net.denoise(x_t, t, cond, nfe=self.nfe)
+        return self.teacher.denoise(x_t, t, cond, guidance)
 
 
 # -- SFD-v's student -----------------------------------------------------------------------------------
@@ -184,10 +252,12 @@ class NFEConditioned(nn.Module):
     def denoise(self, x_t, t, cond=None, nfe=None, **kwargs):
         if nfe is None:
             return self.net.denoise(x_t, t, cond, **kwargs)
-        n = torch.full((x_t.shape[0], 1), float(nfe), device=x_t.device)
-        angle = n * self.freqs[None]
-        emb = self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
-        return self.net.denoise(x_t, t, cond, extra_emb=emb, **kwargs)
+        return self.net.denoise(x_t, t, cond, extra_emb=self.nfe_embedding(nfe, x_t.shape[0], x_t.device), **kwargs)
+
+    def nfe_embedding(self, nfe: int, batch: int, device) -> torch.Tensor:
+        """[batch, width]: what ``denoise(..., nfe=nfe)`` adds to the time embedding (exports fold it in)."""
+        angle = torch.full((batch, 1), float(nfe), device=device) * self.freqs[None]
+        return self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
 
 
 @attrs.define(kw_only=True)
@@ -209,6 +279,7 @@ def register_objectives(register):
     register("sfd", SFD, config=SFDConfig, train_defaults={"steps": 150, "batch": 128, "lr_decay": "cosine"})
     register("sfd-v", SFD, config=SFDVConfig, default_student="copy-nfe",
              train_defaults={"steps": 300, "batch": 128, "lr_decay": "cosine"})
+    register("sfd-1", SFD, config=SFD1Config, train_defaults={"steps": 300, "batch": 128, "lr_decay": "cosine"})
 
 
 @hookimpl

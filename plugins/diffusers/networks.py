@@ -50,11 +50,41 @@ class DiffusersDenoiser(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
-    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        return self.denoise(x_t, t, cond)
+    def forward(self, x_t: Tensor, t: Tensor, cond=None, extra_emb: Tensor | None = None) -> Tensor:
+        return self.denoise(x_t, t, cond, extra_emb)
 
-    def raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor]) -> Tensor:
-        """The network's own output (eps / v / velocity) for embeddings ``emb`` from the prompt bank."""
+    # -- SFD-v's step-count conditioning (plugins/sfd.py, student=copy-nfe) -------------------------------------
+    # NFEConditioned adds its NFE embedding ``extra_emb`` [B, emb_width] to the network's time embedding, the
+    # vector every ResNet block (UNet) or AdaLayerNorm (SD3) reads. It enters after the time embedding's last
+    # linear layer, so for one fixed NFE it is a constant shift of that layer's bias: ``fold_time_shift`` writes
+    # it there, and the exported network is a plain diffusers model that needs no extra input.
+    @property
+    def backbone(self) -> DiffusersDenoiser:
+        """The network that takes ``extra_emb``: this wrapper (NFEConditioned looks for ``backbone``)."""
+        return self
+
+    @property
+    def time_embedding(self) -> nn.Module:
+        """The module whose output is the time embedding: TimestepEmbedding (UNet), the SD3 transformer's
+        timestep MLP (its output is summed with the pooled-text MLP's into the block conditioning)."""
+        return self.net.time_text_embed.timestep_embedder if self.family == "sd3" else self.net.time_embedding
+
+    @property
+    def emb_width(self) -> int:
+        return self.time_embedding.linear_2.out_features
+
+    def raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor], extra_emb: Tensor | None = None) -> Tensor:
+        """The network's own output (eps / v / velocity) for embeddings ``emb`` from the prompt bank, with
+        ``extra_emb`` added to the time embedding for this call."""
+        if extra_emb is None:
+            return self._raw(x_t, t, emb)
+        handle = self.time_embedding.register_forward_hook(lambda mod, args, out: out + extra_emb.to(out.dtype))
+        try:
+            return self._raw(x_t, t, emb)
+        finally:
+            handle.remove()
+
+    def _raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor]) -> Tensor:
         dtype = self.dtype
         x = x_t.to(dtype)
         steps = (t.to(torch.float32) * self.time_scale)
@@ -64,15 +94,20 @@ class DiffusersDenoiser(nn.Module):
                             pooled_projections=emb["pooled"], return_dict=False)[0]
         extra = {}
         if self.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x)}
+            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x, emb.get("size"))}
         return self.net(x, steps, encoder_hidden_states=emb["text"], return_dict=False, **extra)[0]
 
-    def time_ids(self, x: Tensor) -> Tensor:
-        """SDXL micro-conditioning from the real image size (H, W) = latent size x VAE factor, as the SDXL
-        pipeline builds it for a generated image: (original H, W; crop top, left = 0, 0; target H, W)."""
+    def time_ids(self, x: Tensor, size: Tensor | None = None) -> Tensor:
+        """SDXL's micro-conditioning (original H, W; crop top, left; target H, W) with the target size (H, W) =
+        latent size x VAE factor. ``size`` [B, 4] holds each real image's (original H, W, crop top, left)
+        (``PromptBank.lookup``); its NaN rows, and every row without it, are generated images, conditioned
+        as the SDXL pipeline conditions them by default: (H, W, 0, 0, H, W)."""
         h, w = (int(v) * self.vae_scale for v in x.shape[-2:])
-        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype, device=x.device)
-        return ids.expand(x.shape[0], -1)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device).repeat(x.shape[0], 1)
+        if size is not None:
+            real = ~size[:, 0].isnan()
+            ids[real, :4] = size[real].to(ids)
+        return ids.to(x.dtype)
 
     def embed(self, cond, batch: int, device) -> dict[str, Tensor]:
         return self.bank.lookup(cond, batch, device, self.dtype)
@@ -94,16 +129,28 @@ class DiffusersDenoiser(nn.Module):
         if guidance is None or guidance == 1:
             return self.to_x0(self.raw(x_t, t, self.embed(cond, b, x_t.device)), x_t, t)
         emb_c, emb_u = self.embed(cond, b, x_t.device), self.embed(None, b, x_t.device)
+        if "size" in emb_c:  # the pipelines pair the unconditional half with the same time ids
+            emb_u["size"] = emb_c["size"]
         emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
         out_c, out_u = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
         t64 = t.to(torch.float64)
         return ops.guided_x0(out_c, out_u, x_t.float(), self.schedule.alpha(t64).float(),
                              self.schedule.sigma(t64).float(), guidance, self.prediction)
 
-    def denoise(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+    def denoise(self, x_t: Tensor, t: Tensor, cond=None, extra_emb: Tensor | None = None) -> Tensor:
         t = self.times(t, x_t)
-        out = self.raw(x_t, t, self.embed(cond, x_t.shape[0], x_t.device))
+        out = self.raw(x_t, t, self.embed(cond, x_t.shape[0], x_t.device), extra_emb)
         return self.to_x0(out, x_t, t).to(torch.promote_types(x_t.dtype, torch.float32))
+
+
+def fold_time_shift(net: nn.Module, family: str, shift: Tensor) -> None:
+    """Add the constant ``shift`` [emb_width] to the time embedding of a plain diffusers ``net`` for good (its
+    last linear layer's bias), which equals ``DiffusersDenoiser.raw(..., extra_emb=shift)`` on every input."""
+    module = net.time_text_embed.timestep_embedder if family == "sd3" else net.time_embedding
+    if getattr(module, "post_act", None) is not None:
+        raise ValueError("the time embedding has an activation after its last layer; a shift cannot be folded")
+    with torch.no_grad():
+        module.linear_2.bias.add_(shift.to(module.linear_2.bias))
 
 
 # -- LoRA -------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from typing import Any, Literal
 
@@ -245,7 +246,9 @@ class DiffusersTeacher:
 
     def export(self, model, spec, out_dir: str) -> str | None:
         """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""
-        if not self.config.export or not isinstance(model, DiffusersDenoiser):
+        # SFD-v's student (NFEConditioned) wraps the diffusers network
+        inner = model if isinstance(model, DiffusersDenoiser) else getattr(model, "net", None)
+        if not self.config.export or not isinstance(inner, DiffusersDenoiser):
             return None
         from plugins.diffusers.export import export_pipeline
 
@@ -301,18 +304,30 @@ def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool
     return {"text": neg, "pooled": neg_pooled} if negative else {"text": pos, "pooled": pooled}
 
 
+def size_condition(prompt: str) -> tuple[int, int, int, int] | None:
+    """SDXL's (original H, W, crop top, left) carried by a real image's caption (data.ImageCaption), else None:
+    generated images are conditioned on their own size with crop 0, as the pipelines do."""
+    size, crop = getattr(prompt, "original_size", None), getattr(prompt, "crop_top_left", None)
+    return None if size is None or crop is None else (*size, *crop)
+
+
 class PromptBank:
     """Encoded prompts by id and the null condition. Rows live in a bounded in-memory LRU (``max_items``, CPU,
     the teacher's dtype) backed by an on-disk ``TensorStore`` when given: prompts already encoded by an earlier
-    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn."""
+    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn.
+
+    An id names a condition: a prompt and, for a real image's caption, that image's size conditioning
+    (``size_condition``); ``lookup`` returns it as ``"size"`` [B, 4], NaN where the image is generated."""
 
     def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
                  max_items: int = 1024, encode_device=None):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
         self.encode_device = torch.device(encode_device or device)  # where the text encoders run
         self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
-        self.ids: dict[str, int] = {}
+        self.ids: dict[str, int] = {}  # prompt -> row index
         self.prompts: list[str] = []
+        self.conditions: dict[tuple, int] = {}  # (prompt, size condition) -> id
+        self.entries: list[tuple[int, tuple | None]] = []  # id -> (row index, size condition)
         self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
         with torch.no_grad():
             null = encode_prompts(pipe, family, [""], self.encode_device, True, max_sequence_length)
@@ -323,6 +338,13 @@ class PromptBank:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def _condition(self, prompt: str) -> int:
+        key = (str(prompt), size_condition(prompt))
+        if key not in self.conditions:
+            self.conditions[key] = len(self.entries)
+            self.entries.append((self.ids[key[0]], key[1]))
+        return self.conditions[key]
 
     def _keep(self, i: int, row: dict[str, Tensor]) -> None:
         self.rows[i] = row
@@ -346,7 +368,7 @@ class PromptBank:
     @torch.no_grad()
     def add(self, prompts: list[str]) -> Tensor:
         """Ids of ``prompts``; new ones are read from the disk cache or encoded in one batch (and stored)."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self.ids))
+        new = list(dict.fromkeys(str(p) for p in prompts if p not in self.ids))
         missing = []
         for p in new:
             self.ids[p] = len(self.prompts)
@@ -364,12 +386,17 @@ class PromptBank:
                 if self.store is not None:
                     self.store.put(data.content_key(p), row)
                 self._keep(self.ids[p], row)
-        return torch.tensor([self.ids[p] for p in prompts], dtype=torch.long, device=self.device)
+        return torch.tensor([self._condition(p) for p in prompts], dtype=torch.long, device=self.device)
 
     def lookup(self, cond: Tensor | None, batch: int, device, dtype) -> dict[str, Tensor]:
-        """Batched embeddings for ids ``cond`` ([B], -1 = unconditional; None = all unconditional)."""
+        """Batched embeddings for ids ``cond`` ([B], -1 = unconditional; None = all unconditional), and the
+        size conditions ``"size"`` [B, 4] (float32, NaN rows: none)."""
         ids = [NULL] * batch if cond is None else torch.as_tensor(cond).reshape(-1).tolist()
         if len(ids) != batch:
             raise ValueError(f"got {len(ids)} prompt ids for a batch of {batch}")
-        rows = [self.null if i < 0 else self._row(i) for i in ids]
-        return {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}
+        entries = [(NULL, None) if i < 0 else self.entries[i] for i in ids]
+        rows = [self.null if r < 0 else self._row(r) for r, _ in entries]
+        out = {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}
+        out["size"] = torch.tensor([size or (math.nan,) * 4 for _, size in entries], dtype=torch.float32,
+                                   device=device)
+        return out
