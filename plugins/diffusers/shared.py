@@ -186,9 +186,9 @@ class SharedRole(DiffusersDenoiser):
         if self.shared.current == self.role:
             self.gan_tap(output)
 
-    def raw(self, x_t, t, emb):
+    def raw(self, *args, **kwargs):
         with self.shared.role_call(self.role):
-            return super().raw(x_t, t, emb)
+            return super().raw(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         if self.role == "teacher":  # e.g. critic=fake-score's trainable copy: the plain base, adapters left out
