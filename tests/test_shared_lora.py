@@ -271,3 +271,4 @@ def test_bad_combinations_say_what_to_do(sdxl_dir, prompts, tmp_path, extra, mes
     proc = cli("core.run", *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before the run directory is claimed
