@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from tiny_pipelines import sdxl_dir  # noqa: E402,F401  (fixture)
+from tiny_pipelines import exported_images, sdxl_dir  # noqa: E402,F401  (fixture)
 from test_diffusers_e2e import FAST, cli, images, prompts  # noqa: E402,F401  (helpers and fixtures)
 
 from conftest import run_config, train  # noqa: E402
@@ -176,8 +176,6 @@ def test_checkpointed_backward_reruns_each_block_with_its_own_adapter(sdxl_dir, 
 def test_run_exports_merged_unet_and_lora_that_reproduce_core_sample(sdxl_dir, prompts, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from plugins.diffusers.export import FewstepScheduler
-
     out = tmp_path / "run"
     result = shared_run(sdxl_dir, prompts, out)
     student = result["trainer"].student
@@ -204,12 +202,7 @@ def test_run_exports_merged_unet_and_lora_that_reproduce_core_sample(sdxl_dir, p
     import numpy as np
 
     samples = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
-    exact = json.loads((out / "export" / "fewstep_sampling.json").read_text())["exact"]
-    pipe = DiffusionPipeline.from_pretrained(str(out / "export"))
-    pipe.scheduler = FewstepScheduler.from_pretrained(str(out / "export"), subfolder=exact["subfolder"])
-    torch.manual_seed(5)
-    with torch.no_grad():
-        theirs = pipe(["a red cube"] * 2, output_type="pt", **exact["call_kwargs"]).images
+    theirs, _ = exported_images(out / "export", ["a red cube"] * 2, seed=5)
     assert float((theirs - samples).abs().max()) <= 1e-3
 
 

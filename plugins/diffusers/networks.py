@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from core import ops
 from core.config import non_negative, positive
 from core.parameterization import to_x0
+from core.registry import warn
 from core.schedules import NoiseSchedule
 from plugins.diffusers.loading import require
 
@@ -225,3 +226,21 @@ def merged_copy(net: torch.nn.Module) -> torch.nn.Module:
 def lora_state_dict(net: torch.nn.Module) -> dict:
     peft = require("peft")
     return peft.get_peft_model_state_dict(net)
+
+
+def set_attention(net, backend: str, quiet: bool = False) -> None:
+    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
+    if backend != "xformers":
+        return
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "it needs CUDA"
+    else:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            reason = "the xformers package is not installed"
+    if reason is None:
+        net.enable_xformers_memory_efficient_attention()
+    elif not quiet:
+        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")

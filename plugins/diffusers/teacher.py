@@ -21,11 +21,10 @@ from torch import Tensor
 
 from core.config import positive
 from core.errors import UsageError
-from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
 from plugins.diffusers import data, loading
 from plugins.diffusers.loading import dtype_kwarg
-from plugins.diffusers.networks import DiffusersDenoiser
+from plugins.diffusers.networks import DiffusersDenoiser, set_attention
 
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
@@ -256,24 +255,6 @@ class DiffusersTeacher:
         if hasattr(model, "standalone"):  # student=shared-lora: its adapter on a plain copy of the base
             model = model.standalone()
         return export_pipeline(self, model, spec, out_dir)
-
-
-def set_attention(net, backend: str, quiet: bool = False) -> None:
-    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
-    if backend != "xformers":
-        return
-    reason = None
-    if not torch.cuda.is_available():
-        reason = "it needs CUDA"
-    else:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            reason = "the xformers package is not installed"
-    if reason is None:
-        net.enable_xformers_memory_efficient_attention()
-    elif not quiet:
-        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")
 
 
 # -- prompts as conditions -----------------------------------------------------------------------
