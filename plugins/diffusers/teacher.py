@@ -21,11 +21,10 @@ from torch import Tensor
 
 from core.config import positive
 from core.errors import UsageError
-from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
 from plugins.diffusers import data, loading
 from plugins.diffusers.loading import dtype_kwarg
-from plugins.diffusers.networks import DiffusersDenoiser
+from plugins.diffusers.networks import DiffusersDenoiser, set_attention
 
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
@@ -58,6 +57,12 @@ class DiffusersTeacherConfig:
                "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
     prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
         "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
+    offload: bool = attrs.field(default=False, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "keep the teacher's UNet/transformer on the CPU and move it to the device for each of its forwards "
+               "(frees its GPU memory between them, at a host-to-device copy per teacher call)"})
+    encoders_on_device: bool = attrs.field(default=True, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "false: the text encoders and the VAE stay on the CPU and encode/decode there (prompt embeddings "
+               "and latents are cached on disk once), freeing their GPU memory for training"})
 
 
 def height_width(value, name: str) -> tuple[int, int] | None:
@@ -151,16 +156,19 @@ class DiffusersTeacher:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.requires_grad_(False).eval().to(self.device)
+                on_device = not config.offload if name == self.net_name else config.encoders_on_device
+                module.requires_grad_(False).eval().to(self.device if on_device else "cpu")
         self.vae_fingerprint = data.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         store = data.store_for(config.embedding_cache, "prompts", data.fingerprint(
             self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
         self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
-                               store=store, max_items=config.prompt_cache_items)
+                               store=store, max_items=config.prompt_cache_items,
+                               encode_device=None if config.encoders_on_device else "cpu")
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
-                                          self.resolution, time_scale, self.vae_scale).to(self.device)
+                                          self.resolution, time_scale, self.vae_scale)
+        self.denoiser.to("cpu" if config.offload else self.device)
         self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
@@ -168,7 +176,13 @@ class DiffusersTeacher:
     @torch.no_grad()
     def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
         """x0 of the teacher, with classifier-free guidance ``guidance`` on the raw outputs (None or 1: off)."""
-        return self.denoiser.guided(x_t, t, cond, guidance)
+        if not self.config.offload:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        self.denoiser.to(self.device)  # teacher.offload: on the device for this forward only
+        try:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        finally:
+            self.denoiser.to("cpu")
 
     def encode_condition(self, raw) -> Tensor | None:
         """Prompts (a string or a list) -> prompt ids; ids (ints, -1 = unconditional) pass through."""
@@ -193,7 +207,7 @@ class DiffusersTeacher:
         cfg = self.vae.config
         out = []
         for start in range(0, x.shape[0], 8):
-            dist = self.vae.encode(x[start:start + 8].to(self.device, self.vae_dtype)).latent_dist
+            dist = self.vae.encode(x[start:start + 8].to(self.vae.device, self.vae_dtype)).latent_dist
             if seeds is None:
                 z = dist.sample()
             else:
@@ -201,7 +215,7 @@ class DiffusersTeacher:
                                      for s in seeds[start:start + 8]])
                 z = dist.mean + dist.std * noise.to(dist.mean)
             out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
-        return torch.cat(out)
+        return torch.cat(out).to(self.device)
 
     @torch.no_grad()
     def to_data_space(self, z: Tensor) -> Tensor:
@@ -210,8 +224,8 @@ class DiffusersTeacher:
         out = []
         for chunk in z.split(8):
             lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-            out.append(self.vae.decode(lat.to(self.device, self.vae_dtype)).sample.float().clamp(-1, 1))
-        return torch.cat(out)
+            out.append(self.vae.decode(lat.to(self.vae.device, self.vae_dtype)).sample.float().clamp(-1, 1))
+        return torch.cat(out).to(self.device)
 
     def trainable_copy(self) -> DiffusersDenoiser:
         """A float32 trainable copy of the teacher network, from the stored weights (never from a bf16 cast)."""
@@ -238,25 +252,9 @@ class DiffusersTeacher:
             return None
         from plugins.diffusers.export import export_pipeline
 
+        if hasattr(model, "standalone"):  # student=shared-lora: its adapter on a plain copy of the base
+            model = model.standalone()
         return export_pipeline(self, model, spec, out_dir)
-
-
-def set_attention(net, backend: str, quiet: bool = False) -> None:
-    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
-    if backend != "xformers":
-        return
-    reason = None
-    if not torch.cuda.is_available():
-        reason = "it needs CUDA"
-    else:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            reason = "the xformers package is not installed"
-    if reason is None:
-        net.enable_xformers_memory_efficient_attention()
-    elif not quiet:
-        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")
 
 
 # -- prompts as conditions -----------------------------------------------------------------------
@@ -304,8 +302,9 @@ class PromptBank:
     (``size_condition``); ``lookup`` returns it as ``"size"`` [B, 4], NaN where the image is generated."""
 
     def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
-                 max_items: int = 1024):
+                 max_items: int = 1024, encode_device=None):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
+        self.encode_device = torch.device(encode_device or device)  # where the text encoders run
         self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
         self.ids: dict[str, int] = {}  # prompt -> row index
         self.prompts: list[str] = []
@@ -313,7 +312,7 @@ class PromptBank:
         self.entries: list[tuple[int, tuple | None]] = []  # id -> (row index, size condition)
         self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
         with torch.no_grad():
-            null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
+            null = encode_prompts(pipe, family, [""], self.encode_device, True, max_sequence_length)
         self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
 
     def __deepcopy__(self, memo):  # shared, never copied (EMA and critic copies of the student)
@@ -340,7 +339,7 @@ class PromptBank:
         if row is None:
             row = self.store.get(data.content_key(self.prompts[i])) if self.store is not None else None
             if row is None:  # the cache entry vanished: encode again
-                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.device, False,
+                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.encode_device, False,
                                      self.max_sequence_length)
                 row = {k: v[0].to("cpu", self.dtype) for k, v in enc.items()}
             self._keep(i, row)
@@ -362,7 +361,8 @@ class PromptBank:
             else:
                 self._keep(self.ids[p], hit)
         if missing:
-            enc = encode_prompts(self.pipe, self.family, missing, self.device, False, self.max_sequence_length)
+            enc = encode_prompts(self.pipe, self.family, missing, self.encode_device, False,
+                                 self.max_sequence_length)
             for j, p in enumerate(missing):
                 row = {k: v[j].to("cpu", self.dtype) for k, v in enc.items()}
                 if self.store is not None:
