@@ -104,10 +104,6 @@ def _steps_spec(student, steps: int, eta: float) -> SamplingSpec:
 # grad-norm clip 1, linear warm-up then linear decay to 0.
 ADAM = {"betas": (0.0, 0.99), "eps": 1e-12, "grad_clip": 1.0}
 TRAIN_DEFAULTS = {"warmup": 100, "lr_decay": "linear"}
-# Alg. 2 samples from an EMA of the generator: at 1:1 the generator's one-sample gradient makes its mode masses
-# random-walk (mode-mass TV 0.13-0.37 at the end of a ring8 run), and the average removes that walk
-# (docs/methods/quality.md, "Third pass").
-MM_TRAIN_DEFAULTS = {**TRAIN_DEFAULTS, "ema": 0.999}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,5 +373,5 @@ class MomentMatchingParam:
 
 @hookimpl
 def register_objectives(register):
-    register("mm", MomentMatching, config=MMConfig, default_critic="fake-score", train_defaults=MM_TRAIN_DEFAULTS)
+    register("mm", MomentMatching, config=MMConfig, default_critic="fake-score", train_defaults=TRAIN_DEFAULTS)
     register("mm-param", MomentMatchingParam, config=MMParamConfig, train_defaults=TRAIN_DEFAULTS)
