@@ -12,8 +12,10 @@ Modes:
   critic fp32 with AdamW), separate cond and uncond teacher passes, eager torch math, no compile;
 - ``baseline-lora``: the official code's LoRA setting: the same, but the student trains a LoRA adapter
   (rank 64, alpha 8) on its fp32 UNet;
-- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.networks``), the teacher's
-  cond and uncond passes batched into one call, and the fused ``core.ops``.
+- ``shared``: one frozen bf16 UNet with two LoRA adapters (``plugins.diffusers.shared``, the run option
+  ``student=shared-lora critic=shared-lora``), the teacher's cond and uncond passes batched into one call, and
+  the fused ``core.ops``; option ``compile_mode``: the UNet under ``torch.compile`` (as ``train.compile=true``
+  compiles it), the first iteration compiling.
 UNets are built on the meta device from a config (no weights read) and materialised with random weights.
 """
 
@@ -187,22 +189,26 @@ def baseline_step(config: dict, pb: Problem, *, lora_student: bool, checkpointin
 
 
 def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last: bool = False,
-                lora_input_cast: bool = False):
+                lora_input_cast: bool = False, compile_mode: str | None = None):
     """One bf16 UNet, two LoRA adapters, batched CFG, fused ops.
 
     lora_input_cast=True keeps peft's cast of each adapted layer's input to the fp32 adapter dtype, which
     ``SharedBase`` skips under autocast (two launches per adapted layer, 788 in SDXL, that change nothing):
-    the row that measures what skipping it saves."""
+    the row that measures what skipping it saves. compile_mode: ``torch.compile`` the UNet in place, with
+    checkpointing through ``SharedBase.checkpoint`` as the run option does."""
     from core import ops
-    from plugins.diffusers.networks import SharedBase
+    from plugins.diffusers.shared import SharedBase
 
     dev = pb.device
     shared = SharedBase(build_unet(config, dev, torch.bfloat16), rank=LORA["rank"], alpha=LORA["alpha"])
     shared.unet.train()
     if checkpointing:
-        shared.unet.enable_gradient_checkpointing()
+        func = {"gradient_checkpointing_func": shared.checkpoint} if compile_mode else {}
+        shared.unet.enable_gradient_checkpointing(**func)
     if channels_last:
         shared.unet.to(memory_format=torch.channels_last)
+    if compile_mode:
+        shared.unet.compile(mode=compile_mode)
     if lora_input_cast:
         shared._cast_adapter_inputs = lambda enabled: None  # peft's cast stays on, as before SharedBase skipped it
     opt_g, opt_c = (_adamw(shared.adapter_parameters(r), dev) for r in ("student", "critic"))
@@ -258,7 +264,8 @@ def _sync(device):
 
 def run_mode(name: str, config: dict, batch: int, device: torch.device, *, iterations: int = 3,
              checkpointing: bool = True, forward_flops: dict | None = None, cudnn_benchmark: bool = False,
-             channels_last: bool = False, lora_input_cast: bool = False, profile: bool = False) -> dict:
+             channels_last: bool = False, lora_input_cast: bool = False, compile_mode: str | None = None,
+             profile: bool = False) -> dict:
     """Build, warm up, time ``iterations`` iterations; seconds (median), peak memory, model FLOPs, MFU.
 
     forward_flops caches the counted forward FLOPs per batch size across modes (same architecture).
@@ -275,7 +282,7 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
         start = time.perf_counter()
         if name == "shared":
             step, forward = shared_step(config, pb, checkpointing=checkpointing, channels_last=channels_last,
-                                        lora_input_cast=lora_input_cast)
+                                        lora_input_cast=lora_input_cast, compile_mode=compile_mode)
         else:
             step, forward = baseline_step(config, pb, lora_student=name == "baseline-lora",
                                           checkpointing=checkpointing, channels_last=channels_last)
@@ -286,8 +293,10 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
             with FlopCounterMode(display=False) as counter:
                 forward()
             cache[batch] = float(counter.get_total_flops())
+        start = time.perf_counter()
         step()  # warm-up: allocator, kernels' compilation, optimizer state, cuDNN's search when benchmarking
         _sync(device)
+        warmup_s = time.perf_counter() - start  # with compile_mode: torch.compile's compile time
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
@@ -307,8 +316,8 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
     peak = peak_flops(device)
     result = dict(mode=name, batch=batch, checkpointing=checkpointing, status="ok", seconds_per_iteration=seconds,
                   options=dict(cudnn_benchmark=cudnn_benchmark, channels_last=channels_last,
-                               lora_input_cast=lora_input_cast),
-                  iteration_times=times, build_seconds=build_s,
+                               lora_input_cast=lora_input_cast, compile_mode=compile_mode),
+                  iteration_times=times, build_seconds=build_s, warmup_seconds=warmup_s,
                   peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                   forward_tflop=cache[batch] / 1e12, model_tflop_per_iteration=flops["total"] / 1e12,
                   passes_in_forwards=flops["passes_in_forwards"],
@@ -317,6 +326,36 @@ def run_mode(name: str, config: dict, batch: int, device: torch.device, *, itera
     if profiled:
         result["profile"] = profiled
     return result
+
+
+def compile_comparison(config: dict, device: torch.device, time_left, save, *, need: float, iterations: int,
+                       unet: str) -> dict:
+    """The shared mode at batch 1 with checkpointing, eager then under ``torch.compile`` (mode default, as
+    ``train.compile=true``), side by side: seconds per iteration, the compiled / eager ratio, and the compile
+    time (the compiled row's warm-up iteration). Compile time is not bounded by ``time_left``, so the eager row
+    goes to ``save`` before the compiled one starts; a row starts only with ``need`` seconds left."""
+    import gc
+    import traceback
+
+    rows, flops = [], {}
+    for options in ({}, {"compile_mode": "default"}):
+        entry = dict(mode="shared", batch=1, checkpointing=True, options=options)
+        if time_left() < need:
+            rows.append({**entry, "status": "skipped: time budget"})
+            continue
+        try:
+            rows.append(run_mode("shared", config, 1, device, iterations=iterations, checkpointing=True,
+                                 forward_flops=flops, **options))
+        except Exception as e:
+            rows.append({**entry, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
+                         "traceback": traceback.format_exc()[-1500:]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save({"status": "running", "unet": unet, "modes": rows})
+    ok = [r for r in rows if r["status"] == "ok"]
+    ratio = ok[0]["seconds_per_iteration"] / ok[1]["seconds_per_iteration"] if len(ok) == 2 else None
+    return {"status": "ok", "unet": unet, "modes": rows, "speedup_compiled_over_eager": ratio}
 
 
 def profile_summary(step, device: torch.device) -> dict:

@@ -15,8 +15,9 @@ run's files stay as they are::
 
 ``make gpu-check`` does the same (``PY=python3`` by default). Output: ``benchmarks/results/gpu-<device>.json``
 and ``.md`` (a markdown table), copied into ``$OUT`` when that is set; both are rewritten after every
-section, so a run cut short still leaves what it measured. Each section has a time budget (total about
-6 minutes on one H100); a section that fails records its error and the next one runs.
+section, so a run cut short still leaves what it measured. Each section has a time budget (total under
+8 minutes on one H100, the last section ``dmd2_compile`` -- the shared mode eager vs ``torch.compile`` -- about
+2 of them); a section that fails records its error and the next one runs.
 
     python3 benchmarks/gpu_check.py [--tiny] [--quick] [--sections a,b] [--out DIR] [--budget SCALE]
 
@@ -48,8 +49,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
-BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80}  # seconds per section, in the order they run
-TOTAL = 345  # seconds for all three (the lent machine's start and the wheel install come on top)
+BUDGET = {"dmd2": 165, "ops": 90, "kernel_tests": 80, "dmd2_compile": 130}  # seconds per section, in run order
+TOTAL = 475  # seconds for all four, under 8 minutes (the lent machine's start and the wheel install come on top)
+DEFAULT_SECTIONS = "dmd2,ops,kernel_tests,dmd2_compile"  # --tiny leaves dmd2_compile out (minutes of CPU compile)
 QUICK_BUDGET = {"kernel_tests": 65, "dmd2": 110}  # --quick: kernel tests first (their messages), then DMD2
 QUICK_TOTAL = 175  # a row started in time may run ~20 s over; the wheel install and imports come on top
 OP_SIZES = {"sdxl-b1": (1, 4, 128, 128), "sdxl-b4": (4, 4, 128, 128), "large": (32, 16, 256, 256)}
@@ -238,6 +240,15 @@ def dmd2_bench(clock: Clock, device, save=lambda partial: None) -> dict:
             "speedup": speedups}
 
 
+def dmd2_compile_bench(clock: Clock, device, save=lambda partial: None) -> dict:
+    """The shared mode eager vs torch.compile (``dmd2_iteration.compile_comparison``); last in the suite."""
+    import dmd2_iteration as it
+
+    return it.compile_comparison(it.TINY_CONFIG if TINY else it.sdxl_config(), device, clock.left, save,
+                                 need=5 if TINY else 60, iterations=1 if TINY else 3,
+                                 unet="tiny" if TINY else "SDXL (random weights)")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -292,6 +303,15 @@ def markdown(report: dict) -> str:
                           f"{r['checkpointing']}", "", f"wall {_fmt(p['wall_seconds'])} s under the profiler, self CPU "
                           f"{_fmt(p['self_cpu_seconds'])} s, self GPU {_fmt(p['self_gpu_seconds'])} s, "
                           f"{p['aten_calls']} aten calls", "", "```", p["top_gpu"], p["top_cpu"], "```", ""]
+    dc = report["sections"].get("dmd2_compile")
+    if dc and dc.get("modes"):
+        lines += ["## DMD2 iteration, shared mode, eager vs torch.compile (batch 1, checkpointing)", "",
+                  "| compile | status | s / iteration | warm-up s (compile) | peak GiB | MFU |", "|---|" * 6]
+        lines += [f"| {r['options'].get('compile_mode') or 'eager'} | {r['status']} | " + " | ".join(
+            _fmt(r.get(k)) for k in ("seconds_per_iteration", "warmup_seconds", "peak_memory_gib", "mfu")) + " |"
+            for r in dc["modes"]]
+        lines += ["", f"- speed-up compiled over eager: {_fmt(dc.get('speedup_compiled_over_eager'))}x",
+                  *[f"- {_fmt(r['error'])}" for r in dc["modes"] if "error" in r], ""]
     for name, section in report["sections"].items():
         if section.get("status") not in ("ok", None) and "error" in section:
             lines += [f"## {name}: {section['status']}", "", "    " + section["error"], ""]
@@ -318,10 +338,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="scale every section's time budget")
     parser.add_argument("--quick", action="store_true",
                         help="the short rerun: kernel tests first, DMD2 at batch 1 with a profile (files *-rerun.*)")
-    parser.add_argument("--sections", default="dmd2,ops,kernel_tests",
-                        help="comma-separated subset of dmd2, ops, kernel_tests (run in the mode's order)")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of {DEFAULT_SECTIONS} (run in the mode's order; default: all, "
+                             "--tiny: all but dmd2_compile)")
     args = parser.parse_args(argv)
-    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    sections = args.sections or (DEFAULT_SECTIONS.replace(",dmd2_compile", "") if args.tiny else DEFAULT_SECTIONS)
+    wanted = [s.strip() for s in sections.split(",") if s.strip()]
     if unknown := [s for s in wanted if s not in BUDGET]:
         print(f"fewstep: error: unknown section {unknown[0]!r}; choose from {', '.join(BUDGET)}", file=sys.stderr)
         return 2
@@ -345,13 +367,14 @@ def main(argv=None) -> int:
     # the headline first; the kernel tests run in their own process, so a CUDA fault there harms nothing else
     # --quick: the kernel tests' messages first (one minute), then the DMD2 rows, each saved as it finishes
 
-    def save_dmd2(partial):
-        report["sections"]["dmd2"] = partial
-        write(report, args.out)
+    def saver(name):  # rows are written as they finish, so a run cut short keeps them
+        return lambda partial: (report["sections"].__setitem__(name, partial), write(report, args.out))
 
-    runs = {"dmd2": lambda c: dmd2_bench(c, device, save_dmd2), "ops": lambda c: ops_bench(c, device),
-            "kernel_tests": lambda c: kernel_tests(c)}
+    runs = {"dmd2": lambda c: dmd2_bench(c, device, saver("dmd2")), "ops": lambda c: ops_bench(c, device),
+            "kernel_tests": kernel_tests,
+            "dmd2_compile": lambda c: dmd2_compile_bench(c, device, saver("dmd2_compile"))}
     order = ["kernel_tests", "dmd2", "ops"] if args.quick else ["dmd2", "ops", "kernel_tests"]
+    order.append("dmd2_compile")
     budgets = QUICK_BUDGET if args.quick else BUDGET
     total = Clock((QUICK_TOTAL if args.quick else TOTAL) * args.budget)
     paths = []

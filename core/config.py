@@ -103,6 +103,14 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit"] = attrs.field(
         default="adamw", validator=importable_optimizer,
         metadata={"doc": "adamw8bit: bitsandbytes' 8-bit AdamW (~2 bytes of state per parameter)"})
+    # -- issue 15 (docs/memory.md, docs/benchmarks.md): added by the "shared" helper -------------------------
+    dry_run: bool = attrs.field(default=False, metadata={
+        "doc": "print the memory plan of this run (python -m core.run plan, same overrides) and exit; writes nothing"})
+    compile: bool = attrs.field(default=False, metadata={
+        "doc": "torch.compile each network's inner module in place (fewer host-side launches; the first steps "
+               "compile); CPU needs a C compiler"})
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = attrs.field(
+        default="default", metadata={"doc": "torch.compile mode with train.compile=true"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
     parallel: Literal["auto", "none", "ddp", "fsdp"] = attrs.field(
         default="auto", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block); "

@@ -66,7 +66,9 @@ class GANHead(nn.Module):
     - [N, C]: mean over tokens, then the MLP (transformer critics).
     - [C, H, W]: DMD2's conv head: [4x4 conv stride 2, GroupNorm, SiLU] blocks while the map is larger than 4,
       then one conv over the whole remaining map (DMD2's 4x4 stride-4 conv at 4x4), GroupNorm, SiLU and a
-      1x1 conv to the logit. 32x32 gives DMD2's SDXL head, 8x8 its SD1.5 / ImageNet-64 head.
+      1x1 conv to the logit. 32x32 gives DMD2's SDXL head, 8x8 its SD1.5 / ImageNet-64 head. Maps of another
+      size (aspect-ratio buckets) are average-pooled to that last conv's window after the strided blocks, which
+      changes nothing at the size the head was built for.
     """
 
     def __init__(self, feature_shape: tuple[int, ...]):
@@ -82,6 +84,7 @@ class GANHead(nn.Module):
             while min(h, w) > 4:
                 layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU()]
                 h, w = h // 2, w // 2
+            self.window, self.strided = (h, w), len(layers)
             layers += [nn.Conv2d(c, c, (h, w)), nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, 1, 1)]
             self.net = nn.Sequential(*layers)
         else:
@@ -92,6 +95,11 @@ class GANHead(nn.Module):
         f = features.float()  # the reference reads the bottleneck in fp32
         if f.ndim == 3:
             f = f.mean(1)
+        if f.ndim == 4:
+            f = self.net[:self.strided](f)
+            if f.shape[-2:] != self.window:
+                f = F.adaptive_avg_pool2d(f, self.window)
+            return self.net[self.strided:](f).flatten(1).mean(1)
         return self.net(f).flatten(1).mean(1)
 
 

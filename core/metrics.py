@@ -1,7 +1,8 @@
 """Sample-quality metrics against reference samples: energy distance, sliced Wasserstein, mode mass.
 
 All computed in float64 on flattened samples; callable on tensors or on ``.npz`` files
-(``python -m core.metrics a.npz b.npz``); ``python -m core.metrics --digits x.npz`` scores digit images.
+(``python -m core.metrics a.npz b.npz``). Metrics that need a plugin's data live with that
+plugin and have their own command (the digits FID: docs/methods/digits.md).
 """
 
 from __future__ import annotations
@@ -67,19 +68,6 @@ def gmm_report(teacher, samples: Tensor, reference: Tensor) -> dict:
     return out
 
 
-def digits_main(argv: list[str]) -> int:
-    """``python -m core.metrics --digits SAMPLES.npz``: the digits FID, class accuracy and class shares
-    (docs/methods/digits.md). The metric lives with the digits data in plugins/digits; loaded on demand."""
-    from core.errors import ConfigError
-
-    if len(argv) != 1:
-        raise ConfigError("usage: python -m core.metrics --digits SAMPLES.npz (written by python -m core.sample)")
-    from plugins.digits.fid import format_report, report_npz
-
-    print(format_report(report_npz(argv[0])))
-    return 0
-
-
 def load_samples(path: str) -> np.ndarray:
     """The ``samples`` array of an ``.npz`` written by ``core.sample``, checked: at least 2 rows of finite numbers."""
     from core.errors import ConfigError
@@ -111,8 +99,6 @@ def main(argv: list[str]) -> int:
     """``python -m core.metrics SAMPLES.npz REFERENCE.npz``."""
     from core.errors import ConfigError
 
-    if argv[:1] == ["--digits"]:
-        return digits_main(argv[1:])
     if argv in (["-h"], ["--help"]):
         print("usage: python -m core.metrics SAMPLES.npz REFERENCE.npz  (each holding a 'samples' array)")
         return 0

@@ -56,11 +56,13 @@ def levers(cfg: RunConfig, s: Setting) -> list[tuple[str, Setting]]:
         out.append(("train.ema=0", attrs.evolve(s, ema=False)))
     if diffusers:
         if s.encoders_on_gpu:
-            out.append(("text-embedding and latent caches (planned)", attrs.evolve(s, encoders_on_gpu=False)))
+            out.append(("teacher.encoders_on_device=false (encoders on the CPU, outputs cached)",
+                        attrs.evolve(s, encoders_on_gpu=False)))
         if s.teacher_on_gpu and not s.shared_base:
-            out.append(("teacher CPU offload (planned)", attrs.evolve(s, teacher_on_gpu=False)))
+            out.append(("teacher.offload=true (teacher weights on the CPU between its forwards)",
+                        attrs.evolve(s, teacher_on_gpu=False)))
         if not s.shared_base:
-            out.append(("shared base: one bf16 network + two rank-64 adapters (planned)",
+            out.append(("student=shared-lora critic=shared-lora (one base + two rank-64 adapters)",
                         attrs.evolve(s, shared_base=True, student_lora=64, critic_lora=64)))
     return out
 

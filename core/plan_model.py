@@ -172,7 +172,7 @@ class Plan:
 
 def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidance: bool, cuda_norms=True,
                    simulate=True) -> Plan:
-    from plugins.diffusers.networks import SharedBase
+    from plugins.diffusers.shared import SharedBase
 
     fake = memsim.fake_mode()
     net_name = "transformer" if "transformer" in components else "unet"
@@ -185,7 +185,7 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
     opt = s.optimizer
     with torch.device("meta"):
         if s.shared_base:
-            shared = SharedBase(build_net(), rank=s.student_lora or 64, alpha=s.lora_alpha)
+            shared = SharedBase(build_net(), rank=s.student_lora or 64, alpha=s.lora_alpha, base_dtype=s.teacher_dtype)
         else:
             teacher = build_net().to(s.teacher_dtype).requires_grad_(False)
             student, critic = build_net(), build_net()
@@ -241,6 +241,10 @@ def plan_diffusers(cfg: RunConfig, s: Setting, components: dict, phases, guidanc
         with fake:
             it = Iteration(call, has, [teacher, student, critic])
             peaks = {p.name: phase_peak(it, p.trains, s, guidance, cuda_norms) for p in phases}
+    if simulate and not s.teacher_on_gpu:  # teacher.offload: its weights are on the GPU while the generator runs it
+        for p in phases:
+            if "student" in p.trains:
+                peaks[p.name] += sum(roles[0].params.values())
     grads = {p.name: sum(r.grad for r in roles if r.name in p.trains) for p in phases}
     return Plan(s, roles, peaks, components["reference"] + f"; latent {latent[0]}x{latent[1]} "
                 f"({latent[0] * vae_scale}x{latent[1] * vae_scale} px)", grads,
@@ -295,7 +299,11 @@ def setting_of(cfg: RunConfig) -> Setting:
         tc = cfg.teacher.config
         res = tc.resolution  # pixels: N or (H, W); the VAE's factor is 8 in every supported family
         hw = (res, res) if isinstance(res, int) else tuple(res) if res else None
+        shared = cfg.student.name == "shared-lora"  # student=shared-lora: one base, the student's and critic's adapters
         fields.update(teacher_dtype=DTYPES.get(tc.dtype, torch.bfloat16), checkpointing=tc.gradient_checkpointing,
+                      shared_base=shared, lora_alpha=getattr(cfg.student.config, "lora_alpha", 8.0),
+                      encoders_on_gpu=getattr(tc, "encoders_on_device", True),
+                      teacher_on_gpu=not getattr(tc, "offload", False),
                       latent=(hw[0] // 8, hw[1] // 8) if hw else None,
                       student_lora=getattr(cfg.student.config, "lora_rank", 0) or 0,
                       critic_lora=getattr(cfg.critic.config, "lora_rank", 0) if cfg.critic is not None else 0)

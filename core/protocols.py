@@ -45,7 +45,9 @@ class Teacher(Denoiser, Protocol):
     ``gan_feature_module`` / ``gan_feature_shape`` (None: DMD2's GAN head reads the critic's MLP trunk and
     probes the shape), ``sample_exact(n, labels=None)`` (absent: no quality metrics during training),
     ``export(model, spec, out)`` (absent: only ``student.safetensors``), ``real_data_hint`` (what moment
-    matching suggests to a run without real data; absent: data=gmm / data=teacher-samples).
+    matching suggests to a run without real data; absent: data=gmm / data=teacher-samples), ``expensive_calls``
+    (False: a call is cheap enough that objectives may spend optional extra teacher calls by default, such as
+    DMD's regression targets; the diffusers pipelines say True).
     """
 
     data_shape: tuple[int, ...]

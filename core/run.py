@@ -36,6 +36,10 @@ def main(argv: list[str]) -> int:
             raise UsageError("the config.yaml sets a sampler, which is not a training setting (a run previews and "
                              "exports with its objective's sampler); delete its sampler: entry")
     cfg = resolve(tree)
+    if cfg.train.dry_run:  # an alias of `python -m core.run plan` with the same overrides (issue 15)
+        from core import plan
+
+        return plan.main([arg for arg in argv if arg.split("=", 1)[0] != "train.dry_run"])
     trainer = Trainer(cfg)
     result = trainer.train()
     if result.get("rank", 0) != 0:  # under torchrun only rank 0 reports

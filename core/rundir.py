@@ -25,7 +25,18 @@ DAMAGED_FIX = "restore the file from a backup, or retrain into a new out="
 
 # Settings that may change when a run resumes: how long it trains and how the work is spread.
 RESUMABLE = {("train", "steps"), ("train", "progress"), ("train", "device"), ("train", "parallel"),
-             ("train", "fsdp_offload")}
+             ("train", "fsdp_offload"), ("train", "compile"), ("train", "compile_mode"), ("train", "dry_run")}
+
+
+def _with_current_defaults(tree: dict) -> dict:
+    """A saved config as this version resolves it: options added since the run was written take their
+    defaults, so upgrading fewstep does not make its runs look like different ones."""
+    from core.runconfig import resolve
+
+    try:
+        return resolve(tree).to_dict()
+    except Exception:  # noqa: BLE001 (no longer resolvable: compare as written, the diff names the keys)
+        return tree
 
 
 def claim(cfg) -> None:
@@ -39,7 +50,7 @@ def claim(cfg) -> None:
         if fs.exists(path) and [p for p in fs.ls(path, detail=False) if not p.rstrip("/").endswith(LOCK_NAME)]:
             raise RunDirError(f"out={out} exists and is not a fewstep run; choose an empty or new directory")
         return
-    old = _read_config(cfg_url)
+    old = _with_current_defaults(_read_config(cfg_url))
     new = cfg.to_dict()
     ignore = set(RESUMABLE)
     if new["train"].get("batch_scope") == "global":  # micro-batches of a fixed global batch

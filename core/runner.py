@@ -80,6 +80,10 @@ class Trainer:
             yield f"extra:{i}", plugin
         if self.ema is not None:
             yield "ema", EMA(self.ema, self.student, self.cfg.train.ema)
+        if self.cfg.train.compile:  # issue 15: torch.compile on the networks (core.compiling)
+            from core.compiling import Compile
+
+            yield "compile", Compile(self.cfg.train.compile_mode, self.log)
         if not self.main:
             return
         yield "metrics-log", MetricsLog(self.out)

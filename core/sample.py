@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
     if steps is not None and steps <= 0:
         raise UsageError(f"steps must be > 0, got {steps}")
     device = resolve_device(_get(sample_args, "device", Literal["auto", "cpu", "cuda"], "auto"))
-    set_seed(_get(sample_args, "seed", int, 0))
+    seed = _get(sample_args, "seed", int, 0)
+    set_seed(seed)
     guidance = _get(sample_args, "guidance", float, None)
     label = _get(sample_args, "label", int, None)
     registry = get_registry()
@@ -117,6 +118,9 @@ def main(argv: list[str]) -> int:
                                                         str(sample_args.get("grid", "polynomial"))).tolist(), sampler_opts)
         if guidance is None and (getattr(teacher, "num_classes", 0) or prompt is not None):
             guidance = getattr(teacher, "guidance", None)
+    # again: building the networks may draw from the RNG (e.g. a freshly initialised layer), and the draws below
+    # are then those of `torch.manual_seed(seed)`, as in an exported pipeline
+    set_seed(seed)
     cond = None
     num_classes = getattr(teacher, "num_classes", 0)
     if label is not None and not 0 <= label < max(num_classes, 0):

@@ -65,8 +65,10 @@ class DMD2Config:
     regression_weight: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0)),
         metadata={"doc": "lambda_reg: DMD's regression loss ||G(x_in) - ODE_teacher(x_in)||^2 on the generator's "
-                         "own inputs (default: 1 for a generator trained from scratch, where it keeps every mode; "
-                         "0, as DMD2, for a copy of the teacher's network)"})
+                         "own inputs (default 1: it keeps every mode of a generator trained from scratch, and "
+                         "breaks the per-class collapse of a 1-step teacher copy, which outputs the class mean "
+                         "at sigma_max whatever the noise; 0, DMD2's choice, for teachers with expensive_calls such "
+                         "as the diffusers pipelines)"})
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
@@ -130,6 +132,7 @@ class DMD2:
                                  f"({teacher.schedule.name}); got {net.schedule.name}")
         self.times = generator_times(self.config, teacher.schedule)
         self.from_scratch = bool(getattr(teacher, "analytic", False))  # no teacher network to start G from
+        self.teacher_calls_expensive = bool(getattr(teacher, "expensive_calls", False))
         if self.config.gan == "off":
             return {}
         name = self._feature_module_name(teacher, critic)
@@ -169,9 +172,12 @@ class DMD2:
 
     @property
     def regression_weight(self) -> float:
+        # on for teacher copies too (docs/methods/digits.md): DM and GAN gradients cannot make a copy's output
+        # depend on the noise it starts from, the ODE targets can. Off, as in DMD2's recipe, where each of its
+        # regression_steps teacher calls is a large pipeline's (SDXL: ~10x the iteration's cost)
         if self.config.regression_weight is not None:
             return self.config.regression_weight
-        return 1.0 if getattr(self, "from_scratch", False) else 0.0
+        return 0.0 if getattr(self, "teacher_calls_expensive", False) else 1.0
 
     # -- one iteration -----------------------------------------------------------------------------------------
     def loss(self, phase: str, ctx) -> tuple[Tensor, dict]:
@@ -187,7 +193,9 @@ class DMD2:
         if "dmd2.input" not in ctx.cache:
             K, teacher, cond = len(self.times), ctx.teacher, ctx.batch["cond"]
             k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
-            noise = torch.randn(ctx.batch_size, *teacher.data_shape, device=ctx.device)
+            # at the real batch's size where there is one (aspect-ratio buckets: each batch one size)
+            shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
+            noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
             if k == 0 or self.config.backward_simulation:
                 x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
             else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)

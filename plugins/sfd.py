@@ -252,10 +252,12 @@ class NFEConditioned(nn.Module):
     def denoise(self, x_t, t, cond=None, nfe=None, **kwargs):
         if nfe is None:
             return self.net.denoise(x_t, t, cond, **kwargs)
-        n = torch.full((x_t.shape[0], 1), float(nfe), device=x_t.device)
-        angle = n * self.freqs[None]
-        emb = self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
-        return self.net.denoise(x_t, t, cond, extra_emb=emb, **kwargs)
+        return self.net.denoise(x_t, t, cond, extra_emb=self.nfe_embedding(nfe, x_t.shape[0], x_t.device), **kwargs)
+
+    def nfe_embedding(self, nfe: int, batch: int, device) -> torch.Tensor:
+        """[batch, width]: what ``denoise(..., nfe=nfe)`` adds to the time embedding (exports fold it in)."""
+        angle = torch.full((batch, 1), float(nfe), device=device) * self.freqs[None]
+        return self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
 
 
 @attrs.define(kw_only=True)

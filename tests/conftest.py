@@ -39,6 +39,16 @@ def train(*overrides: str) -> dict:
     return result
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run several times faster on one intra-op thread than contending for the shared cores
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ring8_teacher_run(tmp_path_factory):
     """A small MLP teacher trained with objective=denoise on ring8 (network teacher for SFD/MM/DMD2).

@@ -204,3 +204,103 @@ def test_prompt_cache_on_disk_is_reused_and_bounded(sdxl_dir, tmp_path, monkeypa
     import fsspec
 
     assert len([p for p in fsspec.filesystem("memory").find("/fewstep-emb") if p.endswith(".safetensors")]) == 2
+
+
+# -- SDXL's size conditioning from real images; buckets with DMD2's GAN -------------------------------------------
+def expected_time_ids(path, target):
+    """SDXL's time ids for an image file trained at ``target`` = (H, W), as SDXL's training script derives them:
+    the file's size, then the offsets of the center crop in the image resized to cover the target."""
+    from PIL import Image
+
+    w, h = Image.open(path).size
+    th, tw = target
+    scale = max(th / h, tw / w)
+    return [h, w, (h * scale - th) / 2, (w * scale - tw) / 2, th, tw]
+
+
+def captured_time_ids(monkeypatch):
+    """Every (latent shape, time ids) the SDXL UNets of this process are called with."""
+    from diffusers import UNet2DConditionModel
+
+    calls = []
+    real = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kw):
+        if added_cond_kwargs is not None:
+            calls.append((tuple(sample.shape[-2:]), added_cond_kwargs["time_ids"].float().clone()))
+        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    return calls
+
+
+def assert_ids(got, want):
+    """Sizes exactly; crop offsets to the pixel (rounding conventions differ by at most one)."""
+    got = [float(v) for v in got]
+    assert got[:2] == want[:2] and got[4:] == want[4:], (got, want)
+    assert all(abs(g - w) <= 1 for g, w in zip(got[2:4], want[2:4])), (got, want)
+
+
+def test_real_images_feed_their_size_and_crop_to_sdxl_time_ids(sdxl_dir, shaped_images, monkeypatch):
+    from plugins.diffusers.data import Images, ImagesConfig
+
+    teacher = make_teacher(sdxl_dir, "sdxl")
+    data = Images(ImagesConfig(path=str(shaped_images), buckets=True, cache_dir="none"), teacher)
+    calls = captured_time_ids(monkeypatch)
+    from PIL import Image
+
+    files = {tuple(reversed(Image.open(f).size)): f for f in shaped_images.glob("*.png")}  # (H, W) -> file
+    seen = 0
+    for latents, captions in data.groups:
+        target = tuple(s * teacher.vae_scale for s in latents.shape[-2:])
+        cond = teacher.encode_condition(captions)
+        calls.clear()
+        teacher.denoise(latents, torch.full((len(latents),), 500.0), cond, guidance=3.0)
+        (shape, ids), = calls
+        assert len(ids) == 2 * len(latents)  # cond and uncond halves, with the same ids as the pipelines pair them
+        torch.testing.assert_close(ids[:len(latents)], ids[len(latents):])
+        for row, caption in zip(ids, captions):
+            assert_ids(row, expected_time_ids(files[caption.original_size], target))
+            seen += 1
+    assert seen == len(files)
+    # a generated image (a plain prompt): its own size, crop 0, as the SDXL pipeline conditions it by default
+    calls.clear()
+    x = torch.randn(2, *teacher.data_shape)
+    teacher.denoise(x, torch.full((2,), 500.0), teacher.encode_condition(["a prompt", "wide one"]))
+    h, w = teacher.resolution
+    assert calls[0][1].tolist() == [[h, w, 0, 0, h, w]] * 2
+
+
+def test_dmd2_gan_trains_on_aspect_buckets(sdxl_dir, shaped_images, tmp_path, monkeypatch):
+    """data.buckets=true with DMD2's GAN: each iteration runs at one bucket's size (the generator draws its noise
+    there), the GAN head built at the teacher's resolution takes every bucket's feature map, and the real
+    images' own size and crop reach the UNet."""
+    from conftest import train
+
+    from core.registry import get_registry
+
+    if "dmd2" not in get_registry().plugins["objective"]:
+        pytest.skip("objective dmd2 not installed")
+
+    calls = captured_time_ids(monkeypatch)
+    result = train("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=images",
+                   f"data.path={shaped_images}", "data.buckets=true", "data.cache_dir=none", "objective.gan=on",
+                   "objective.steps=1", f"out={tmp_path / 'run'}", "train.steps=4", "train.batch=2",
+                   "train.eval_samples=2", "train.eval_every=0", "train.preview_every=0", "train.progress=false",
+                   "train.device=cpu", "teacher.export=false", "seed=1")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    gan = [v for r in records for k, v in r.items() if "gan" in k]
+    assert gan and all(math.isfinite(v) for v in gan)
+    head = result["trainer"].nets["gan_head"]
+    latent = tuple(result["trainer"].teacher.data_shape[1:])
+    shapes = {shape for shape, _ in calls}
+    assert len(shapes - {latent}) >= 1 and head.window  # trained on buckets other than the head's own size
+    from PIL import Image
+
+    files = {tuple(reversed(Image.open(f).size)): f for f in shaped_images.glob("*.png")}
+    real = [(shape, row) for shape, ids in calls for row in ids if tuple(row[:2].int().tolist()) in files
+            and row[:2].tolist() != row[4:].tolist()]
+    assert real  # real images' rows (the GAN's real branch) carry their files' sizes
+    for shape, row in real:
+        target = tuple(s * result["trainer"].teacher.vae_scale for s in shape)
+        assert_ids(row, expected_time_ids(files[tuple(row[:2].int().tolist())], target))

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tiny_pipelines import sd3_dir, sd15_dir, sdxl_dir  # noqa: E402,F401  (fixtures)
+from tiny_pipelines import exported_images, sd3_dir, sd15_dir, sdxl_dir  # noqa: E402,F401  (fixtures)
 
 from core.registry import get_registry  # noqa: E402
 
@@ -165,17 +165,8 @@ def test_lora_student_exports_merged_unet_and_loadable_lora(sdxl_dir, prompts, t
     npz = tmp_path / "s.npz"
     cli("core.sample", f"run={out}", "prompt=a red cube", "num=2", "seed=5", f"out={npz}", "device=cpu")
     import numpy as np
-    from diffusers import DiffusionPipeline
-
-    from plugins.diffusers.export import FewstepScheduler
-
     ours = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
-    exact = json.loads((out / "export" / "fewstep_sampling.json").read_text())["exact"]
-    pipe = DiffusionPipeline.from_pretrained(str(out / "export"))
-    pipe.scheduler = FewstepScheduler.from_pretrained(str(out / "export"), subfolder=exact["subfolder"])
-    torch.manual_seed(5)
-    with torch.no_grad():
-        theirs = pipe(["a red cube"] * 2, output_type="pt", **exact["call_kwargs"]).images
+    theirs, _ = exported_images(out / "export", ["a red cube"] * 2, seed=5)
     assert float((theirs - ours).abs().max()) <= 1e-3
 
 
@@ -231,3 +222,28 @@ def test_images_latents_are_deterministic_and_leave_the_global_rng_alone(sd15_di
     a = Images(ImagesConfig(path=images), teacher).latents
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a, Images(ImagesConfig(path=images), teacher).latents)
+
+
+def test_sfd_v_run_exports_the_student_at_its_sampling_nfe(sdxl_dir, prompts, tmp_path):
+    """objective=sfd-v on a diffusers teacher: the default student is the NFE-conditioned copy (copy-nfe), and the
+    export, a plain diffusers UNet with the NFE embedding folded in, gives `core.sample seed=S`'s images."""
+    needs("sfd-v")
+    out = tmp_path / "run"
+    cli("core.run", "objective=sfd-v", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=prompts",
+        f"data.path={prompts}", f"out={out}", "objective.nfe=2", "objective.nfe_min=2", "objective.nfe_max=3",
+        "objective.substeps=1", "objective.sigma_min=0.03", "objective.lr=0.01", *FAST)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("nfe") for r in records if "nfe" in r} <= {2, 3}
+    npz = tmp_path / "s.npz"
+    cli("core.sample", f"run={out}", "prompt=a red cube", "num=2", "seed=5", f"out={npz}", "device=cpu")
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    ours = torch.from_numpy(np.load(npz)["samples"]) / 2 + 0.5
+    record = json.loads((out / "export" / "fewstep_sampling.json").read_text())
+    assert record["options"]["model_kwargs"] == {"nfe": 2}
+    theirs, pipe = exported_images(out / "export", ["a red cube"] * 2, seed=5)
+    assert float((theirs - ours).abs().max()) <= 1e-3
+    teacher = DiffusionPipeline.from_pretrained(sdxl_dir)  # training moved the exported UNet off the teacher
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(),
+                                                    teacher.unet.state_dict().values()))

@@ -1,12 +1,15 @@
 """``RUN/export`` reproduces fewstep's own sampler: for every objective's student sampler (DMD2 multistep, SFD
-Euler + AFS without final denoise, moment matching's ancestral sampler) on every teacher family (SD1.5 eps and
-v, SDXL, SD3 flow), the exported pipeline, loaded back with ``from_pretrained`` and given ``FewstepScheduler``
-and the recorded call arguments, gives the images ``core.generation.generate`` gives for the same seed."""
+Euler + AFS without final denoise, SFD-v's NFE-conditioned student, moment matching's ancestral sampler) on every
+teacher family (SD1.5 eps and v, SDXL, SD3 flow), the exported pipeline, loaded back with ``from_pretrained``
+and given ``FewstepScheduler`` and the recorded call arguments, gives the images ``core.generation.generate``
+gives for the same seed."""
 
 from __future__ import annotations
 
 import functools
 import json
+
+import attrs
 
 import pytest
 import torch
@@ -30,18 +33,23 @@ def teacher_for(path: str, family: str, resolution=None):
                             "cpu", family)
 
 
-def perturbed_student(teacher, lora_rank: int = 0):
-    """A trainable copy moved away from the teacher (a trained student's stand-in), optionally LoRA."""
+def perturbed_student(teacher, lora_rank: int = 0, nfe_conditioned: bool = False):
+    """A trainable copy moved away from the teacher (a trained student's stand-in), optionally LoRA, or SFD-v's
+    NFE-conditioned copy (``student=copy-nfe``, its zero-initialised NFE embedding moved too)."""
     from plugins.diffusers.networks import NetConfig, add_lora
 
-    student = teacher.trainable_copy()
+    if nfe_conditioned:
+        entry = get_registry().get("student", "copy-nfe")
+        student = entry.factory(entry.config(), teacher)
+    else:
+        student = teacher.trainable_copy()
     if lora_rank:
         add_lora(student, NetConfig(lora_rank=lora_rank))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in student.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+            if p.requires_grad:  # the NFE embedding starts at zero: moved further, as training would
+                p.add_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("nfe_embed") else 0.02))
     return student.eval()
 
 
@@ -86,6 +94,7 @@ OBJECTIVES = {  # objective -> (config overrides, its student sampler)
     "sfd-noafs": ({"nfe": 2, "substeps": 1, "afs": False}, "euler-afs"),
     "mm": ({"steps": 3}, "ancestral"),
     "mm-param": ({"steps": 2, "sample_eta": 0.5}, "ancestral"),
+    "sfd-v": ({"nfe": 3, "nfe_min": 2, "nfe_max": 4, "substeps": 1, "sigma_min": 0.05}, "euler-afs"),
 }
 FAMILIES = ["sd15", "sd15_v", "sdxl", "sd3"]
 
@@ -100,10 +109,14 @@ def test_export_reproduces_core_generation(which, objective, request, tmp_path):
         pytest.skip(f"objective {name} not installed")
     family = which.split("_")[0]
     teacher = teacher_for(request.getfixturevalue(f"{which}_dir"), family)
-    student = perturbed_student(teacher)
+    student = perturbed_student(teacher, nfe_conditioned=name == "sfd-v")
     overrides, sampler = OBJECTIVES[objective]
     spec = objective_spec(name, overrides, student)
     assert spec.sampler == sampler
+    if name == "sfd-v":  # the student is conditioned on the sampling NFE, and the condition changes its images
+        assert spec.options["model_kwargs"] == {"nfe": 3}
+        unconditioned = fewstep_images(teacher, student.net, attrs.evolve(spec, options={"afs": True}), seed=3)
+        assert float((unconditioned - fewstep_images(teacher, student, spec, seed=3)).abs().max()) > 1e-2
     export = export_pipeline(teacher, student, spec, str(tmp_path))
     ours = fewstep_images(teacher, student, spec, seed=3)
     theirs, record = exported_images(export, family, seed=3)

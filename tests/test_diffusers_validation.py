@@ -63,7 +63,6 @@ def test_validation_without_prompts_is_one_line(sd15_dir, tmp_path, capsys, monk
 
 
 def test_validation_grids_go_to_tensorboard(sd15_dir, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import train

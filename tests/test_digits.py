@@ -16,6 +16,7 @@ pytest.importorskip("diffusers")
 
 from sklearn.datasets import load_digits  # noqa: E402
 
+from core.cli import guard  # noqa: E402
 from core.run import main as run_main  # noqa: E402
 from core.sample import main as sample_main  # noqa: E402
 from plugins.digits import data as digits
@@ -186,6 +187,24 @@ def test_digits_report_real_vs_noise_and_class_metrics():
     assert shuffled["class_accuracy"] < 0.3 and shuffled["fid"] == pytest.approx(real16["fid"])
 
 
+
+def test_class_spread_is_1_for_real_digits_and_0_for_one_image_per_class():
+    x, y = digits.load_split("train", 8)
+    some = torch.tensor([0, 5, 17, 40])
+    xc = x[y == 3][some].flatten(1).double()
+    pairs = [float((xc[i] - xc[j]).norm()) for i in range(4) for j in range(4) if i != j]
+    assert digits_metrics.within_class_distance(x[y == 3][some], torch.full((4,), 3))[3] == pytest.approx(
+        sum(pairs) / len(pairs), rel=1e-12)
+    assert digits_metrics.class_spread(x, y) == pytest.approx(1.0, abs=1e-12)
+    held_x, held_y = digits.load_split("held-out", 8)
+    assert 0.85 < digits_metrics.class_spread(held_x, held_y) < 1.15  # same law, other images
+    first = torch.stack([x[y == c][0] for c in range(10)])
+    collapsed = first.repeat_interleave(20, 0)  # one image per class, whatever the noise
+    labels = torch.arange(10).repeat_interleave(20)
+    assert digits_metrics.class_spread(collapsed, labels) == 0.0
+    report = digits_metrics.digits_report(collapsed, labels)
+    assert report["class_accuracy"] >= 0.9 and report["class_spread"] == 0.0  # right class, no variety
+
 # -- runs, sampling, pictures ----------------------------------------------------------------------------
 def test_student_copy_and_fake_score_with_gan_from_a_unet_checkpoint(unet_run, tmp_path):
     out = str(tmp_path / "dmd2")
@@ -249,19 +268,25 @@ def test_bad_label_is_one_line_exit_2_and_writes_nothing(unet_run, tmp_path, cap
     assert not list(tmp_path.iterdir())
 
 
-def test_core_metrics_digits_scores_a_sample_file(unet_run, tmp_path, capsys):
+def test_digits_fid_cli_scores_a_sample_file(unet_run, tmp_path, capsys):
     from core.metrics import main as metrics_main
+    from plugins.digits.fid import main as fid_main
 
+    fid_cli = guard(fid_main)
     npz = tmp_path / "s.npz"
     assert sample_main([f"run={unet_run}", "num=40", "steps=2", f"out={npz}"]) == 0
     data = np.load(npz)
     expected = digits_metrics.digits_report(torch.as_tensor(data["samples"]), torch.as_tensor(data["labels"]))
     capsys.readouterr()
-    assert metrics_main(["--digits", str(npz)]) == 0
+    assert fid_cli([str(npz)]) == 0
     out = dict(kv.split("=") for kv in capsys.readouterr().out.split())
     assert float(out["digits_fid"]) == pytest.approx(expected["fid"], rel=1e-4)
     assert float(out["class_accuracy"]) == pytest.approx(expected["class_accuracy"], abs=1e-4)
     np.savez(tmp_path / "vec.npz", samples=np.zeros((10, 2), np.float32))
-    assert metrics_main(["--digits", str(tmp_path / "vec.npz")]) == 2
+    assert fid_cli([str(tmp_path / "vec.npz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "shape (N, 1, S, S)" in err
+    # core.metrics knows no plugin: its --digits option is gone, with the usual one-line error
+    assert metrics_main(["--digits", str(npz)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fewstep: error: ")

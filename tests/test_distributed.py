@@ -30,13 +30,7 @@ DMD2 = ("objective=dmd2", "teacher=gmm", "teacher.preset=ring8", "student.hidden
         "train.ckpt_every=4", "train.eval_every=0", "train.preview_every=0", "train.eval_samples=64", "train.log_every=2", "seed=5")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The runs here are tiny: one intra-op thread is several times faster than contending for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _student(trainer) -> dict:

@@ -46,13 +46,16 @@ def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps):
         assert (d2.sqrt() < 4 * 0.08).double().mean() > 0.7
 
 
-def test_from_scratch_defaults_turn_regression_on_and_raise_the_lr():
+def test_defaults_turn_regression_on_and_raise_the_lr_from_scratch():
     analytic = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
 
     class NetworkTeacher:  # what a checkpoint or diffusers teacher looks like to the objective: not analytic
         schedule, data_shape = analytic.schedule, analytic.data_shape
 
-    for teacher, weight, lr in ((analytic, 1.0, 1e-3), (NetworkTeacher(), 0.0, 1e-4)):
+    class PipelineTeacher(NetworkTeacher):  # a diffusers pipeline: each call is dear, DMD2's recipe (no regression)
+        expensive_calls = True
+
+    for teacher, weight, lr in ((analytic, 1.0, 1e-3), (NetworkTeacher(), 1.0, 1e-4), (PipelineTeacher(), 0.0, 1e-4)):
         obj = DMD2(DMD2Config(gan="off"))
         obj.build({"teacher": teacher, "student": analytic, "critic": analytic})
         assert (obj.regression_weight, obj.generator_lr) == (weight, lr)

@@ -100,7 +100,7 @@ def test_diffusers_counts_equal_the_loaded_pipeline(family, lora, request):
 def test_shared_base_counts_equal_a_materialised_shared_base(sdxl_dir):
     from diffusers import UNet2DConditionModel
 
-    from plugins.diffusers.networks import SharedBase
+    from plugins.diffusers.shared import SharedBase
 
     cfg = run_config("objective=dmd2", "teacher=sdxl", f"teacher.path={sdxl_dir}", "data=none", "objective.gan=off")
     plan = make_plan(cfg, Setting(batch=2, shared_base=True, student_lora=4), simulate=False)
@@ -204,6 +204,16 @@ def test_plan_table_and_levers(capsys):
     assert main(["plan", "train.batch=64", "train.ema=0.9", "plan.gpu_memory=0.0001"]) == 0
     text = capsys.readouterr().out
     assert "does not fit" in text and "train.optimizer=adamw8bit" in text and "train.ema=0" in text
+
+
+def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    from core.run import main
+
+    assert main(["plan", "train.batch=64", "train.ema=0.9"]) == 0
+    planned = capsys.readouterr().out
+    assert main(["train.batch=64", "train.dry_run=true", "train.ema=0.9", f"out={tmp_path / 'run'}"]) == 0
+    assert capsys.readouterr().out == planned and "peak:" in planned
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, message", [

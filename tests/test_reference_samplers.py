@@ -28,12 +28,7 @@ ALPHA_SIGMA = {"edm": lambda t: (torch.ones_like(t), t),
                "flow": lambda t: (1 - t, t)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sampler(name):

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from core import checkpoint as ckpt
 from core import files
@@ -221,3 +222,21 @@ def test_resume_from_any_prefix_logs_each_step_once(tmp_path, resume_from):
     assert run_main(args) == 0
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [10, 20, 30]
+
+
+def test_a_run_saved_before_new_options_existed_still_resumes(tmp_path, capsys):
+    """Options added to fewstep after a run was written take their defaults when it resumes; a setting the run
+    did save still has to match."""
+    out = str(tmp_path / "run")
+    assert run_main([*FAST, "train.steps=2", "train.ckpt_every=1", f"out={out}"]) == 0
+    cfg_url = os.path.join(out, "config.yaml")
+    cfg = files.read_yaml(cfg_url)
+    for key in ("compile", "compile_mode", "grad_accum"):  # as if the run predates these options
+        del cfg["train"][key]
+    del cfg["objective"]["label_dropout"]
+    files.write_bytes_atomic(cfg_url, yaml.safe_dump(cfg, sort_keys=False).encode())
+    assert run_main([*FAST, "train.steps=3", "train.ckpt_every=1", f"out={out}"]) == 0
+    assert files.read_json(os.path.join(out, "checkpoints", "latest.json"))["step"] == 3
+    capsys.readouterr()
+    assert run_main([*FAST, "train.steps=4", "objective.label_dropout=0.5", f"out={out}"]) == 2
+    assert "objective.label_dropout: 0.1 -> 0.5" in capsys.readouterr().err

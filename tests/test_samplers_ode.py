@@ -14,13 +14,7 @@ from plugins.gmm import GaussianMixtureTeacher, GMMConfig
 from plugins.samplers.basic import euler
 from plugins.samplers.ode import dpmpp_2m, dpmpp_3m, euler_afs, heun, ipndm
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors run several times faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SOLVERS = {"euler-afs": euler_afs, "heun": heun, "dpmpp-2m": dpmpp_2m, "dpmpp-3m": dpmpp_3m, "ipndm": ipndm}

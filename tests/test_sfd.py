@@ -19,13 +19,7 @@ from plugins.samplers.ode import dpmpp_3m
 from plugins.sfd import NFEConditioned
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny MLPs run several times faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from plugins.diffusers.networks import SharedBase  # noqa: E402
+from plugins.diffusers.shared import SharedBase  # noqa: E402
 
 DTYPE = torch.bfloat16
 

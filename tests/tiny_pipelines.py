@@ -268,3 +268,21 @@ if pytest is not None:
     sd15_v_dir = _built("sd15", prediction="v_prediction")
     sdxl_dir = _built("sdxl")
     sd3_dir = _built("sd3")
+
+
+def exported_images(export_dir, prompts: list[str], seed: int):
+    """The images in [0, 1] of an exported pipeline, called as its fewstep_sampling.json says (fewstep's
+    scheduler and the recorded call arguments) after ``torch.manual_seed(seed)``, as ``core.sample seed=``
+    seeds; returns (images, pipeline)."""
+    from diffusers import DiffusionPipeline
+
+    from plugins.diffusers.export import FewstepScheduler
+
+    export_dir = str(export_dir)
+    with open(os.path.join(export_dir, "fewstep_sampling.json")) as f:
+        exact = json.load(f)["exact"]
+    pipe = DiffusionPipeline.from_pretrained(export_dir)
+    pipe.scheduler = FewstepScheduler.from_pretrained(export_dir, subfolder=exact["subfolder"])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return pipe(list(prompts), output_type="pt", **exact["call_kwargs"]).images, pipe

@@ -13,6 +13,7 @@ from core import hookimpl
 from core.errors import UsageError
 from plugins.diffusers.data import Images, ImagesConfig, Prompts, PromptsConfig
 from plugins.diffusers.networks import NetConfig
+from plugins.diffusers.shared import SharedLoraConfig
 from plugins.diffusers.teacher import DiffusersTeacherConfig
 
 
@@ -58,6 +59,20 @@ def _critic(config, teacher, student, device="cpu"):
     return _copy(teacher, config, "critic", device)
 
 
+def _shared_student(config, teacher, device="cpu"):
+    """LoRA adapter on the teacher's own frozen UNet: teacher, student and critic share one base (DMD2 on one GPU)"""
+    from plugins.diffusers.shared import shared_student
+
+    return shared_student(config, teacher, device)
+
+
+def _shared_critic(config, teacher, student, device="cpu"):
+    """Fake score as a second LoRA adapter on the teacher's UNet (with student=shared-lora)"""
+    from plugins.diffusers.shared import shared_critic
+
+    return shared_critic(config, teacher, student, device)
+
+
 @hookimpl
 def register_teachers(register):
     register("sdxl", _teacher("sdxl", "Stable Diffusion XL pipeline (teacher.path=FOLDER|FILE.safetensors|URL|HUB_ID), eps or v"),
@@ -73,11 +88,13 @@ def register_teachers(register):
 @hookimpl
 def register_students(register):
     register("diffusers", _student, config=NetConfig)
+    register("shared-lora", _shared_student, config=SharedLoraConfig)
 
 
 @hookimpl
 def register_critics(register):
     register("diffusers", _critic, config=NetConfig)
+    register("shared-lora", _shared_critic, config=SharedLoraConfig)
 
 
 @hookimpl

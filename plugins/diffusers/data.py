@@ -130,18 +130,42 @@ def bucket_sizes(resolution: tuple[int, int], multiple: int, max_aspect: float) 
     return sorted(sizes)
 
 
+class ImageCaption(str):
+    """A real image's caption that also carries SDXL's size conditioning for that image (Podell et al. 2023,
+    sec. 2.2): ``original_size`` (H, W) of the file and ``crop_top_left`` (top, left) of the crop in the image
+    resized to cover the target, as SDXL was trained. Everywhere else it is the caption string."""
+
+    def __new__(cls, text: str, original_size: tuple[int, int], crop_top_left: tuple[int, int]):
+        self = super().__new__(cls, text)
+        self.original_size, self.crop_top_left = tuple(original_size), tuple(crop_top_left)
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.original_size, self.crop_top_left
+
+
+def _crop_box(w: int, h: int, size: tuple[int, int]) -> tuple[int, int, int, int, float]:
+    """(left, top, width, height) of the center crop of a w x h image to the aspect of ``size`` = (H, W), in
+    the image's pixels, and the scale that resizes the crop to ``size``."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    cw, ch = min(w, round(tw / scale)), min(h, round(th / scale))
+    return (w - cw) // 2, (h - ch) // 2, cw, ch, scale
+
+
+def image_caption(text: str, w: int, h: int, size: tuple[int, int]) -> ImageCaption:
+    left, top, _, _, scale = _crop_box(w, h, size)
+    return ImageCaption(text, (h, w), (round(top * scale), round(left * scale)))
+
+
 def _load_image(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     """Center-crop to the aspect of ``size`` = (H, W), resize, scale to [-1, 1]: [3, H, W]."""
     import numpy as np
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    th, tw = size
-    scale = max(th / h, tw / w)
-    cw, ch = min(w, round(tw / scale)), min(h, round(th / scale))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch)).resize((tw, th), Image.BICUBIC)
+    left, top, cw, ch, _ = _crop_box(*img.size, size)
+    img = img.crop((left, top, left + cw, top + ch)).resize((size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
@@ -162,34 +186,38 @@ class Images:
         self.fs, self.config, self.teacher = fs, config, teacher
         self._groups: list[tuple[torch.Tensor, list[str]]] | None = None
 
-    def _bucket(self, path: str, sizes) -> tuple[int, int]:
+    def _size(self, path: str) -> tuple[int, int]:
         from PIL import Image
 
         with self.fs.open(path, "rb") as f:
-            w, h = Image.open(f).size  # reads the header only
-        return min(sizes, key=lambda s: (abs(math.log(w / h) - math.log(s[1] / s[0])), s))
+            return Image.open(f).size  # (w, h), from the header only
 
-    def _encode(self) -> list[tuple[torch.Tensor, list[str]]]:
+    def _encode(self) -> list[tuple[torch.Tensor, list[ImageCaption]]]:
         fs, teacher, cfg = self.fs, self.teacher, self.config
         sizes = bucket_sizes(teacher.resolution, teacher.size_multiple, cfg.max_aspect) if cfg.buckets \
             else [tuple(teacher.resolution)]
-        members: dict[tuple[int, int], list[str]] = {}
+        members: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
         for p in self.files:
-            members.setdefault(self._bucket(p, sizes) if cfg.buckets else sizes[0], []).append(p)
+            w, h = self._size(p)
+            size = min(sizes, key=lambda s: (abs(math.log(w / h) - math.log(s[1] / s[0])), s))
+            members.setdefault(size, []).append((p, w, h))
         groups = []
-        for size, paths in sorted(members.items()):
-            images = [(content_key(fs.ukey(p), size), lambda p=p: _load_image(fs.cat_file(p), size)) for p in paths]
+        for size, entries in sorted(members.items()):
+            images = [(content_key(fs.ukey(p), size), lambda p=p: _load_image(fs.cat_file(p), size))
+                      for p, _, _ in entries]
             latents = cached_latents(teacher, images, cfg.batch, cfg.cache_dir)
             captions = []
-            for p in paths:
+            for p, w, h in entries:
                 txt = os.path.splitext(p)[0] + ".txt"
-                captions.append(fs.cat_file(txt).decode().strip() if fs.exists(txt) else cfg.caption)
+                text = fs.cat_file(txt).decode().strip() if fs.exists(txt) else cfg.caption
+                captions.append(image_caption(text, w, h, size))
             groups.append((latents, captions))
         return groups
 
     @property
-    def groups(self) -> list[tuple[torch.Tensor, list[str]]]:
-        """(latents, captions) per bucket, encoded on first use (sampling a finished run never pays for it)."""
+    def groups(self) -> list[tuple[torch.Tensor, list[ImageCaption]]]:
+        """(latents, captions) per bucket, encoded on first use (sampling a finished run never pays for it).
+        Each caption carries its image's original size and crop for SDXL's size conditioning."""
         if self._groups is None:
             self._groups = self._encode()
         return self._groups

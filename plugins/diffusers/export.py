@@ -119,10 +119,13 @@ def export_pipeline(teacher, model, spec, out_dir: str) -> str:
     remote = "://" in out_dir
     local_root = tempfile.mkdtemp(prefix="fewstep-export-") if remote else out_dir
     dest = os.path.join(local_root, "export")
-    net = model.net
+    denoiser, shift = student_network(model, spec)
+    net = denoiser.net
     dtype = EXPORT_DTYPES[teacher.config.export_dtype]
     is_lora = networks.has_lora(net)
     plain = networks.merged_copy(net) if is_lora else _plain_copy(net)
+    if shift is not None:
+        networks.fold_time_shift(plain, teacher.family, shift)
     plain = plain.to(dtype).eval()
     sched, record = student_scheduler(teacher, spec)
     pipe = _pipeline_with(teacher, {teacher.net_name: plain, "scheduler": sched})
@@ -140,6 +143,20 @@ def export_pipeline(teacher, model, spec, out_dir: str) -> str:
         fs.put(dest + "/", path.rstrip("/") + "/export/", recursive=True)
         return out_dir.rstrip("/") + "/export"
     return dest
+
+
+def student_network(model, spec):
+    """(the student's DiffusersDenoiser, a time-embedding shift to fold into it or None). An SFD-v student
+    (``NFEConditioned``) is exported for the NFE of ``spec`` (the run's sampling NFE, K model calls): its NFE
+    embedding is a constant for that NFE, folded into the time embedding's bias."""
+    if isinstance(model, networks.DiffusersDenoiser):
+        return model, None
+    nfe = spec.options.get("model_kwargs", {}).get("nfe")
+    if nfe is None or not hasattr(model, "nfe_embedding"):
+        raise TypeError(f"cannot export a {type(model).__name__} student as a diffusers pipeline")
+    with torch.no_grad():
+        shift = model.nfe_embedding(nfe, 1, next(model.parameters()).device)[0]
+    return model.net, shift.float().cpu()
 
 
 def _plain_copy(net):

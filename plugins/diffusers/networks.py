@@ -1,6 +1,6 @@
 """The networks: a diffusers UNet / SD3 transformer as a fewstep denoiser (the frozen teacher network and, as
-trainable copies, the student and the critic), LoRA adapters on it, and ``SharedBase`` (one frozen UNet as
-teacher, student and critic through two adapters).
+trainable copies, the student and the critic), and LoRA adapters on it (``SharedBase``, one frozen UNet as
+teacher, student and critic through two adapters, is in plugins.diffusers.shared).
 
 ``DiffusersDenoiser`` follows the framework's convention ``denoise(x_t, t, cond) -> x0``. t is in the schedule's
 units: the (fractional) diffusers timestep on ``vp-discrete`` (SD1.5, SDXL), the flow time in [0, 1] on ``flow``
@@ -12,9 +12,7 @@ units: the (fractional) diffusers timestep on ``vp-discrete`` (SD1.5, SDXL), the
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import warnings
 
 import attrs
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 from core import ops
 from core.config import non_negative, positive
 from core.parameterization import to_x0
+from core.registry import warn
 from core.schedules import NoiseSchedule
 from plugins.diffusers.loading import require
 
@@ -52,11 +51,41 @@ class DiffusersDenoiser(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
-    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        return self.denoise(x_t, t, cond)
+    def forward(self, x_t: Tensor, t: Tensor, cond=None, extra_emb: Tensor | None = None) -> Tensor:
+        return self.denoise(x_t, t, cond, extra_emb)
 
-    def raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor]) -> Tensor:
-        """The network's own output (eps / v / velocity) for embeddings ``emb`` from the prompt bank."""
+    # -- SFD-v's step-count conditioning (plugins/sfd.py, student=copy-nfe) -------------------------------------
+    # NFEConditioned adds its NFE embedding ``extra_emb`` [B, emb_width] to the network's time embedding, the
+    # vector every ResNet block (UNet) or AdaLayerNorm (SD3) reads. It enters after the time embedding's last
+    # linear layer, so for one fixed NFE it is a constant shift of that layer's bias: ``fold_time_shift`` writes
+    # it there, and the exported network is a plain diffusers model that needs no extra input.
+    @property
+    def backbone(self) -> DiffusersDenoiser:
+        """The network that takes ``extra_emb``: this wrapper (NFEConditioned looks for ``backbone``)."""
+        return self
+
+    @property
+    def time_embedding(self) -> nn.Module:
+        """The module whose output is the time embedding: TimestepEmbedding (UNet), the SD3 transformer's
+        timestep MLP (its output is summed with the pooled-text MLP's into the block conditioning)."""
+        return self.net.time_text_embed.timestep_embedder if self.family == "sd3" else self.net.time_embedding
+
+    @property
+    def emb_width(self) -> int:
+        return self.time_embedding.linear_2.out_features
+
+    def raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor], extra_emb: Tensor | None = None) -> Tensor:
+        """The network's own output (eps / v / velocity) for embeddings ``emb`` from the prompt bank, with
+        ``extra_emb`` added to the time embedding for this call."""
+        if extra_emb is None:
+            return self._raw(x_t, t, emb)
+        handle = self.time_embedding.register_forward_hook(lambda mod, args, out: out + extra_emb.to(out.dtype))
+        try:
+            return self._raw(x_t, t, emb)
+        finally:
+            handle.remove()
+
+    def _raw(self, x_t: Tensor, t: Tensor, emb: dict[str, Tensor]) -> Tensor:
         dtype = self.dtype
         x = x_t.to(dtype)
         steps = (t.to(torch.float32) * self.time_scale)
@@ -66,15 +95,20 @@ class DiffusersDenoiser(nn.Module):
                             pooled_projections=emb["pooled"], return_dict=False)[0]
         extra = {}
         if self.family == "sdxl":
-            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x)}
+            extra["added_cond_kwargs"] = {"text_embeds": emb["pooled"], "time_ids": self.time_ids(x, emb.get("size"))}
         return self.net(x, steps, encoder_hidden_states=emb["text"], return_dict=False, **extra)[0]
 
-    def time_ids(self, x: Tensor) -> Tensor:
-        """SDXL micro-conditioning from the real image size (H, W) = latent size x VAE factor, as the SDXL
-        pipeline builds it for a generated image: (original H, W; crop top, left = 0, 0; target H, W)."""
+    def time_ids(self, x: Tensor, size: Tensor | None = None) -> Tensor:
+        """SDXL's micro-conditioning (original H, W; crop top, left; target H, W) with the target size (H, W) =
+        latent size x VAE factor. ``size`` [B, 4] holds each real image's (original H, W, crop top, left)
+        (``PromptBank.lookup``); its NaN rows, and every row without it, are generated images, conditioned
+        as the SDXL pipeline conditions them by default: (H, W, 0, 0, H, W)."""
         h, w = (int(v) * self.vae_scale for v in x.shape[-2:])
-        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype, device=x.device)
-        return ids.expand(x.shape[0], -1)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device).repeat(x.shape[0], 1)
+        if size is not None:
+            real = ~size[:, 0].isnan()
+            ids[real, :4] = size[real].to(ids)
+        return ids.to(x.dtype)
 
     def embed(self, cond, batch: int, device) -> dict[str, Tensor]:
         return self.bank.lookup(cond, batch, device, self.dtype)
@@ -96,16 +130,28 @@ class DiffusersDenoiser(nn.Module):
         if guidance is None or guidance == 1:
             return self.to_x0(self.raw(x_t, t, self.embed(cond, b, x_t.device)), x_t, t)
         emb_c, emb_u = self.embed(cond, b, x_t.device), self.embed(None, b, x_t.device)
+        if "size" in emb_c:  # the pipelines pair the unconditional half with the same time ids
+            emb_u["size"] = emb_c["size"]
         emb = {k: torch.cat([emb_c[k], emb_u[k]]) for k in emb_c}
         out_c, out_u = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
         t64 = t.to(torch.float64)
         return ops.guided_x0(out_c, out_u, x_t.float(), self.schedule.alpha(t64).float(),
                              self.schedule.sigma(t64).float(), guidance, self.prediction)
 
-    def denoise(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+    def denoise(self, x_t: Tensor, t: Tensor, cond=None, extra_emb: Tensor | None = None) -> Tensor:
         t = self.times(t, x_t)
-        out = self.raw(x_t, t, self.embed(cond, x_t.shape[0], x_t.device))
+        out = self.raw(x_t, t, self.embed(cond, x_t.shape[0], x_t.device), extra_emb)
         return self.to_x0(out, x_t, t).to(torch.promote_types(x_t.dtype, torch.float32))
+
+
+def fold_time_shift(net: nn.Module, family: str, shift: Tensor) -> None:
+    """Add the constant ``shift`` [emb_width] to the time embedding of a plain diffusers ``net`` for good (its
+    last linear layer's bias), which equals ``DiffusersDenoiser.raw(..., extra_emb=shift)`` on every input."""
+    module = net.time_text_embed.timestep_embedder if family == "sd3" else net.time_embedding
+    if getattr(module, "post_act", None) is not None:
+        raise ValueError("the time embedding has an activation after its last layer; a shift cannot be folded")
+    with torch.no_grad():
+        module.linear_2.bias.add_(shift.to(module.linear_2.bias))
 
 
 # -- LoRA -------------------------------------------------------------------------------------------
@@ -182,104 +228,19 @@ def lora_state_dict(net: torch.nn.Module) -> dict:
     return peft.get_peft_model_state_dict(net)
 
 
-# -- shared base ------------------------------------------------------------------------------------
-
-ROLES = ("teacher", "student", "critic")
-ADAPTERS = ("student", "critic")
-
-
-class SharedBase(torch.nn.Module):
-    """Teacher, student and fake-score critic over one frozen base ``unet`` (modified in place: two peft LoRA
-    adapters injected into it, the base cast to bf16).
-
-    DMD2 trains a generator and a fake-score critic that both start from the teacher (Yin et al. 2024). With
-    LoRA on both, the three networks differ only in their adapters, so one base in bf16 serves all three: the
-    teacher is the base with adapters disabled, the student and the critic are the base with the adapter of
-    that name active. Memory drops from three UNets (two of them fp32 with AdamW state) to one bf16 UNet plus
-    two small adapters. Usage::
-
-        shared = SharedBase(unet, rank=64, alpha=8)            # unet: a diffusers UNet2DConditionModel
-        x0 = shared("student", x_t, t, encoder_hidden_states=...).sample
-        with torch.no_grad():
-            real = shared("teacher", x_t2, t2, ...).sample     # bit-identical to the plain UNet
-            fake = shared("critic", x_t2, t2, ...).sample
-        opt_student = torch.optim.AdamW(shared.adapter_parameters("student"))
-
-    Each call activates its role for that forward only and then restores the *home* role (``shared.use(role)``,
-    default "student"). Set the home role to the network a phase trains before its backward: with gradient
-    checkpointing the backward re-runs the forward, and it must see the same adapter the forward saw.
-    peft's switch also sets ``requires_grad``: only the active adapter's parameters take gradients (none for
-    the teacher), so in each phase gradients reach only the adapter being trained.
-
-    Under autocast, peft's cast of each adapted layer's input to the fp32 adapter dtype is switched off: the
-    adapter matmuls run in the autocast dtype anyway, so the cast and autocast's cast back change nothing but
-    cost two launches per adapted layer (788 in SDXL's UNet) in every forward and backward. Without autocast
-    the cast stays on (a bf16 input cannot meet an fp32 adapter weight).
-
-    rank, alpha: the LoRA rank and alpha of both adapters (DMD2: 64 and 8); targets: module-name suffixes
-    (default: DMD2's set, ``TARGETS["unet"]``); base_dtype: the frozen base's dtype (bf16);
-    adapter_dtype: the adapters' (fp32, as their optimizer wants). Both adapters start with B = 0, so the
-    student and the critic equal the teacher at initialisation, as DMD2 initialises them.
-    """
-
-    def __init__(self, unet: torch.nn.Module, *, rank: int = 64, alpha: float = 8.0, targets=None,
-                 base_dtype: torch.dtype = torch.bfloat16, adapter_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        peft = require("peft")
-        present = [name for name, _ in unet.named_modules()]
-        targets = [t for t in (targets or TARGETS["unet"]) if any(n == t or n.endswith("." + t) for n in present)]
-        unet.requires_grad_(False).to(base_dtype)
-        for name in ADAPTERS:
-            config = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-            with warnings.catch_warnings():  # a second adapter is the point here, not a mistake
-                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-                unet.add_adapter(config, adapter_name=name)
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(adapter_dtype)
-        self.unet = unet
-        self._adapted = [m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")]  # peft LoRA layers
-        self._input_cast = True
-        self.home = "student"
-        self._activate(self.home)
-
-    def _activate(self, role: str) -> None:
-        if role not in ROLES:
-            raise ValueError(f"unknown role '{role}'; choose one of {ROLES}")
-        if role == "teacher":
-            self.unet.disable_adapters()
-        else:
-            self.unet.enable_adapters()
-            self.unet.set_adapter(role)
-
-    def use(self, role: str) -> None:
-        """Make ``role`` the home role: active between calls, and during the backward of a checkpointed forward."""
-        self._activate(role)
-        self.home = role
-
-    @contextlib.contextmanager
-    def active(self, role: str):
-        """Run a block with ``role`` active (e.g. several forwards), then restore the home role."""
-        self._activate(role)
+def set_attention(net, backend: str, quiet: bool = False) -> None:
+    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
+    if backend != "xformers":
+        return
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "it needs CUDA"
+    else:
         try:
-            yield self.unet
-        finally:
-            self._activate(self.home)
-
-    def forward(self, role: str, *args, **kwargs):
-        """The UNet's forward as ``role`` ("teacher", "student" or "critic"); the home role is restored after."""
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self.unet.device.type))
-        with self.active(role) as unet:
-            return unet(*args, **kwargs)
-
-    def _cast_adapter_inputs(self, enabled: bool) -> None:
-        if enabled != self._input_cast:
-            for layer in self._adapted:
-                layer.cast_input_dtype_enabled = enabled
-            self._input_cast = enabled
-
-    def adapter_parameters(self, role: str) -> list[torch.nn.Parameter]:
-        """The adapter parameters of ``role`` (what its optimizer trains)."""
-        if role not in ADAPTERS:
-            raise ValueError(f"only {ADAPTERS} have trainable parameters, not '{role}'")
-        return [p for name, p in self.unet.named_parameters() if "lora_" in name and f".{role}." in name]
+            import xformers  # noqa: F401
+        except ImportError:
+            reason = "the xformers package is not installed"
+    if reason is None:
+        net.enable_xformers_memory_efficient_attention()
+    elif not quiet:
+        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")

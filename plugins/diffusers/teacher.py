@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from typing import Any, Literal
 
@@ -20,11 +21,10 @@ from torch import Tensor
 
 from core.config import positive
 from core.errors import UsageError
-from core.registry import warn
 from core.schedules import FlowSchedule, VPDiscreteSchedule
 from plugins.diffusers import data, loading
 from plugins.diffusers.loading import dtype_kwarg
-from plugins.diffusers.networks import DiffusersDenoiser
+from plugins.diffusers.networks import DiffusersDenoiser, set_attention
 
 @attrs.define(kw_only=True)
 class DiffusersTeacherConfig:
@@ -57,6 +57,12 @@ class DiffusersTeacherConfig:
                "(default $FEWSTEP_CACHE/prompts; 'none': in memory only)"})
     prompt_cache_items: int = attrs.field(default=1024, validator=positive, metadata={
         "doc": "prompt embeddings kept in memory (the rest are read from the disk cache when drawn)"})
+    offload: bool = attrs.field(default=False, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "keep the teacher's UNet/transformer on the CPU and move it to the device for each of its forwards "
+               "(frees its GPU memory between them, at a host-to-device copy per teacher call)"})
+    encoders_on_device: bool = attrs.field(default=True, metadata={  # issue 15 (docs/memory.md), "shared" helper
+        "doc": "false: the text encoders and the VAE stay on the CPU and encode/decode there (prompt embeddings "
+               "and latents are cached on disk once), freeing their GPU memory for training"})
 
 
 def height_width(value, name: str) -> tuple[int, int] | None:
@@ -100,6 +106,7 @@ class DiffusersTeacher:
 
     num_classes = 0
     sigma_data = 0.5
+    expensive_calls = True  # a large pipeline: objectives keep optional extra teacher calls off by default
     # moment matching draws z_t from real images (Alg. 2) and has no data-free mode; data=prompts has no images
     real_data_hint = ("data=images data.path=FOLDER (images with same-name .txt captions); data=prompts holds text "
                       "only")
@@ -149,16 +156,19 @@ class DiffusersTeacher:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", self.net_name):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.requires_grad_(False).eval().to(self.device)
+                on_device = not config.offload if name == self.net_name else config.encoders_on_device
+                module.requires_grad_(False).eval().to(self.device if on_device else "cpu")
         self.vae_fingerprint = data.fingerprint(self.folder, ["vae"], str(self.vae_dtype), self.config.path)
         text = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         store = data.store_for(config.embedding_cache, "prompts", data.fingerprint(
             self.folder, text, self.family, str(dtype), config.max_sequence_length, self.config.path))
         self.bank = PromptBank(self.pipe, self.family, self.device, dtype, config.max_sequence_length,
-                               store=store, max_items=config.prompt_cache_items)
+                               store=store, max_items=config.prompt_cache_items,
+                               encode_device=None if config.encoders_on_device else "cpu")
         set_attention(net, config.attention)
         self.denoiser = DiffusersDenoiser(net, self.family, self.schedule, self.prediction, self.bank,
-                                          self.resolution, time_scale, self.vae_scale).to(self.device)
+                                          self.resolution, time_scale, self.vae_scale)
+        self.denoiser.to("cpu" if config.offload else self.device)
         self.guidance = config.guidance if config.guidance is not None else DEFAULT_GUIDANCE[self.family]
         self.gan_feature_module = self.denoiser.gan_feature_module
 
@@ -166,7 +176,13 @@ class DiffusersTeacher:
     @torch.no_grad()
     def denoise(self, x_t: Tensor, t: Tensor, cond=None, guidance: float | None = None) -> Tensor:
         """x0 of the teacher, with classifier-free guidance ``guidance`` on the raw outputs (None or 1: off)."""
-        return self.denoiser.guided(x_t, t, cond, guidance)
+        if not self.config.offload:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        self.denoiser.to(self.device)  # teacher.offload: on the device for this forward only
+        try:
+            return self.denoiser.guided(x_t, t, cond, guidance)
+        finally:
+            self.denoiser.to("cpu")
 
     def encode_condition(self, raw) -> Tensor | None:
         """Prompts (a string or a list) -> prompt ids; ids (ints, -1 = unconditional) pass through."""
@@ -191,7 +207,7 @@ class DiffusersTeacher:
         cfg = self.vae.config
         out = []
         for start in range(0, x.shape[0], 8):
-            dist = self.vae.encode(x[start:start + 8].to(self.device, self.vae_dtype)).latent_dist
+            dist = self.vae.encode(x[start:start + 8].to(self.vae.device, self.vae_dtype)).latent_dist
             if seeds is None:
                 z = dist.sample()
             else:
@@ -199,7 +215,7 @@ class DiffusersTeacher:
                                      for s in seeds[start:start + 8]])
                 z = dist.mean + dist.std * noise.to(dist.mean)
             out.append((z.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor)
-        return torch.cat(out)
+        return torch.cat(out).to(self.device)
 
     @torch.no_grad()
     def to_data_space(self, z: Tensor) -> Tensor:
@@ -208,8 +224,8 @@ class DiffusersTeacher:
         out = []
         for chunk in z.split(8):
             lat = chunk.float() / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
-            out.append(self.vae.decode(lat.to(self.device, self.vae_dtype)).sample.float().clamp(-1, 1))
-        return torch.cat(out)
+            out.append(self.vae.decode(lat.to(self.vae.device, self.vae_dtype)).sample.float().clamp(-1, 1))
+        return torch.cat(out).to(self.device)
 
     def trainable_copy(self) -> DiffusersDenoiser:
         """A float32 trainable copy of the teacher network, from the stored weights (never from a bf16 cast)."""
@@ -230,29 +246,15 @@ class DiffusersTeacher:
 
     def export(self, model, spec, out_dir: str) -> str | None:
         """``RUN/export``: a diffusers pipeline folder with the student's network and a K-step scheduler."""
-        if not self.config.export or not isinstance(model, DiffusersDenoiser):
+        # SFD-v's student (NFEConditioned) wraps the diffusers network
+        inner = model if isinstance(model, DiffusersDenoiser) else getattr(model, "net", None)
+        if not self.config.export or not isinstance(inner, DiffusersDenoiser):
             return None
         from plugins.diffusers.export import export_pipeline
 
+        if hasattr(model, "standalone"):  # student=shared-lora: its adapter on a plain copy of the base
+            model = model.standalone()
         return export_pipeline(self, model, spec, out_dir)
-
-
-def set_attention(net, backend: str, quiet: bool = False) -> None:
-    """SDPA (diffusers' default processor) or xformers; xformers falls back to SDPA with a message."""
-    if backend != "xformers":
-        return
-    reason = None
-    if not torch.cuda.is_available():
-        reason = "it needs CUDA"
-    else:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            reason = "the xformers package is not installed"
-    if reason is None:
-        net.enable_xformers_memory_efficient_attention()
-    elif not quiet:
-        warn(f"teacher.attention=xformers: {reason}; using PyTorch SDPA attention instead")
 
 
 # -- prompts as conditions -----------------------------------------------------------------------
@@ -284,20 +286,33 @@ def encode_prompts(pipe, family: str, prompts: list[str], device, negative: bool
     return {"text": neg, "pooled": neg_pooled} if negative else {"text": pos, "pooled": pooled}
 
 
+def size_condition(prompt: str) -> tuple[int, int, int, int] | None:
+    """SDXL's (original H, W, crop top, left) carried by a real image's caption (data.ImageCaption), else None:
+    generated images are conditioned on their own size with crop 0, as the pipelines do."""
+    size, crop = getattr(prompt, "original_size", None), getattr(prompt, "crop_top_left", None)
+    return None if size is None or crop is None else (*size, *crop)
+
+
 class PromptBank:
     """Encoded prompts by id and the null condition. Rows live in a bounded in-memory LRU (``max_items``, CPU,
     the teacher's dtype) backed by an on-disk ``TensorStore`` when given: prompts already encoded by an earlier
-    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn."""
+    run with the same encoders are read instead of encoded, and evicted rows are read back when drawn.
+
+    An id names a condition: a prompt and, for a real image's caption, that image's size conditioning
+    (``size_condition``); ``lookup`` returns it as ``"size"`` [B, 4], NaN where the image is generated."""
 
     def __init__(self, pipe, family: str, device, dtype, max_sequence_length: int = 256, store=None,
-                 max_items: int = 1024):
+                 max_items: int = 1024, encode_device=None):
         self.pipe, self.family, self.device, self.dtype = pipe, family, torch.device(device), dtype
+        self.encode_device = torch.device(encode_device or device)  # where the text encoders run
         self.max_sequence_length, self.store, self.max_items = max_sequence_length, store, max_items
-        self.ids: dict[str, int] = {}
+        self.ids: dict[str, int] = {}  # prompt -> row index
         self.prompts: list[str] = []
+        self.conditions: dict[tuple, int] = {}  # (prompt, size condition) -> id
+        self.entries: list[tuple[int, tuple | None]] = []  # id -> (row index, size condition)
         self.rows: OrderedDict[int, dict[str, Tensor]] = OrderedDict()  # id -> {"text": .., "pooled": ..}
         with torch.no_grad():
-            null = encode_prompts(pipe, family, [""], self.device, True, max_sequence_length)
+            null = encode_prompts(pipe, family, [""], self.encode_device, True, max_sequence_length)
         self.null = {k: v[0].to("cpu", dtype) for k, v in null.items()}
 
     def __deepcopy__(self, memo):  # shared, never copied (EMA and critic copies of the student)
@@ -305,6 +320,13 @@ class PromptBank:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def _condition(self, prompt: str) -> int:
+        key = (str(prompt), size_condition(prompt))
+        if key not in self.conditions:
+            self.conditions[key] = len(self.entries)
+            self.entries.append((self.ids[key[0]], key[1]))
+        return self.conditions[key]
 
     def _keep(self, i: int, row: dict[str, Tensor]) -> None:
         self.rows[i] = row
@@ -317,7 +339,7 @@ class PromptBank:
         if row is None:
             row = self.store.get(data.content_key(self.prompts[i])) if self.store is not None else None
             if row is None:  # the cache entry vanished: encode again
-                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.device, False,
+                enc = encode_prompts(self.pipe, self.family, [self.prompts[i]], self.encode_device, False,
                                      self.max_sequence_length)
                 row = {k: v[0].to("cpu", self.dtype) for k, v in enc.items()}
             self._keep(i, row)
@@ -328,7 +350,7 @@ class PromptBank:
     @torch.no_grad()
     def add(self, prompts: list[str]) -> Tensor:
         """Ids of ``prompts``; new ones are read from the disk cache or encoded in one batch (and stored)."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self.ids))
+        new = list(dict.fromkeys(str(p) for p in prompts if p not in self.ids))
         missing = []
         for p in new:
             self.ids[p] = len(self.prompts)
@@ -339,18 +361,24 @@ class PromptBank:
             else:
                 self._keep(self.ids[p], hit)
         if missing:
-            enc = encode_prompts(self.pipe, self.family, missing, self.device, False, self.max_sequence_length)
+            enc = encode_prompts(self.pipe, self.family, missing, self.encode_device, False,
+                                 self.max_sequence_length)
             for j, p in enumerate(missing):
                 row = {k: v[j].to("cpu", self.dtype) for k, v in enc.items()}
                 if self.store is not None:
                     self.store.put(data.content_key(p), row)
                 self._keep(self.ids[p], row)
-        return torch.tensor([self.ids[p] for p in prompts], dtype=torch.long, device=self.device)
+        return torch.tensor([self._condition(p) for p in prompts], dtype=torch.long, device=self.device)
 
     def lookup(self, cond: Tensor | None, batch: int, device, dtype) -> dict[str, Tensor]:
-        """Batched embeddings for ids ``cond`` ([B], -1 = unconditional; None = all unconditional)."""
+        """Batched embeddings for ids ``cond`` ([B], -1 = unconditional; None = all unconditional), and the
+        size conditions ``"size"`` [B, 4] (float32, NaN rows: none)."""
         ids = [NULL] * batch if cond is None else torch.as_tensor(cond).reshape(-1).tolist()
         if len(ids) != batch:
             raise ValueError(f"got {len(ids)} prompt ids for a batch of {batch}")
-        rows = [self.null if i < 0 else self._row(i) for i in ids]
-        return {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}
+        entries = [(NULL, None) if i < 0 else self.entries[i] for i in ids]
+        rows = [self.null if r < 0 else self._row(r) for r, _ in entries]
+        out = {k: torch.stack([r[k] for r in rows]).to(device, dtype, non_blocking=True) for k in self.null}
+        out["size"] = torch.tensor([size or (math.nan,) * 4 for _, size in entries], dtype=torch.float32,
+                                   device=device)
+        return out

@@ -1,0 +1,82 @@
+"""Checkpoint state: the learning-rate schedule against its closed form, and the RNG stream, optimizer moments, EMA
+and LR schedule restored exactly when a run resumes (in-process, so that mutation runs see it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_config, train
+from core import files
+from core.runner import Trainer
+from core.runstate import lr_factor
+
+FAST = ["objective=denoise", "train.batch=16", "train.eval_every=0", "train.preview_every=0", "student.hidden=16",
+        "student.depth=1", "student.emb_dim=8", "train.ema=0.5", "train.log_every=1"]
+
+
+@pytest.mark.parametrize("decay", ["none", "linear", "cosine"])
+def test_lr_factor_closed_form(decay):
+    warmup, total = 4, 14
+    for it in range(0, 20):
+        if it < warmup:
+            expect = (it + 1) / warmup
+        else:
+            frac = (it - warmup) / (total - warmup)
+            expect = {"none": 1.0, "linear": max(0.0, 1 - frac),
+                      "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))}[decay]
+        assert lr_factor(it, warmup, total, decay) == pytest.approx(expect, abs=1e-12), (it, decay)
+    # no warm-up: decay starts at iteration 0; total == warmup does not divide by zero
+    assert lr_factor(0, 0, 10, "linear") == 1.0 and lr_factor(5, 0, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(3, 3, 3, "linear") == 1.0 and lr_factor(4, 3, 3, "linear") == 0.0
+
+
+def _latest(out):
+    d = files.read_json(out / "checkpoints" / "latest.json")["dir"]
+    return load_file(out / "checkpoints" / d / "state.safetensors"), load_file(out / "checkpoints" / d / "weights.safetensors")
+
+
+def test_restore_sets_the_saved_rng_stream_lr_and_moments(tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "train.warmup=3", "train.lr_decay=linear", "train.ckpt_every=4", f"out={out}"]
+    train(*args, "train.steps=4")
+    state, weights = _latest(out)
+    trainer = Trainer(run_config(*args, "train.steps=10"))
+    trainer.build()
+    torch.manual_seed(12345)  # anything but the saved stream
+    assert trainer.state.restore() == 4
+    assert torch.equal(torch.get_rng_state(), state["rng.cpu"])
+    for name, w in weights.items():  # student and EMA weights
+        prefix, key = name.split(".", 1)
+        assert torch.equal(trainer.state.modules[prefix].state_dict()[key], w), name
+    opt = trainer.state.optimizers["denoiser"]
+    moments = [v for k, v in sorted(state.items()) if k.startswith("opt.denoiser")]
+    restored = [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    assert moments and sum(float(m.double().abs().sum()) for m in moments) == pytest.approx(
+        sum(float(r.double().abs().sum()) for r in restored))
+    # the schedule continues at iteration 4 of a 10-step run: linear decay after 3 warm-up iterations
+    base = opt.param_groups[0]["initial_lr"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(base * lr_factor(4, 3, 10, "linear"))
+    assert "ema" in trainer.state.modules
+
+
+def test_resume_continues_the_random_stream(tmp_path):
+    """The noise a resumed run draws after the checkpoint is the noise the uninterrupted run drew."""
+    args = [*FAST, "train.ckpt_every=3"]
+    train(*args, "train.steps=6", f"out={tmp_path / 'full'}")
+    train(*args, "train.steps=3", f"out={tmp_path / 'split'}")
+    train(*args, "train.steps=6", f"out={tmp_path / 'split'}")
+    full, split = _latest(tmp_path / "full"), _latest(tmp_path / "split")
+    for a, b in zip(full, split):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_fresh_run_starts_at_zero(tmp_path):
+    trainer = Trainer(run_config(*FAST, "train.steps=2", f"out={tmp_path / 'new'}"))
+    trainer.build()
+    assert trainer.state.restore() == 0
