@@ -464,3 +464,23 @@ def test_critic_phase_with_the_gan_is_fake_score_plus_weighted_discriminator_los
     loss, metrics = tr.objective.loss("critic", ctx)
     assert set(metrics) == {"fake", "gan"} and float(metrics["gan"]) > 0
     torch.testing.assert_close(loss.detach(), metrics["fake"] + 0.3 * metrics["gan"])
+
+
+def test_critic_phase_discriminates_real_and_fake_under_the_batch_labels(tmp_path, monkeypatch):
+    """A class-conditional critic's GAN features see each sample's own label, the real batch's and the fake's."""
+    from core.runner import Trainer
+
+    tr = Trainer(run_config(*TINY, "teacher.preset=cls4", "train.steps=1", f"out={tmp_path}"))
+    tr.build()
+    ctx = Context(tr.nets, tr.parallel.micro_batches(tr.networks.dataset, tr.teacher)[0], 0, tr.micro, tr.device)
+    labels = ctx.batch["cond"]
+    assert torch.is_tensor(labels) and labels.unique().numel() > 1
+    seen = []
+    critic_features = gan.critic_features
+    monkeypatch.setattr(gan, "critic_features", lambda *a: seen.append(a[4]) or critic_features(*a))
+    tr.objective.loss("critic", ctx)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.cat([labels, labels]))
+    # real data in another dtype (float64 digits, a bf16 cache) meets the generator's samples in theirs
+    ctx.batch = {**ctx.batch, "x": ctx.batch["x"].double()}
+    loss, _ = tr.objective.loss("critic", ctx)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
