@@ -66,6 +66,13 @@ def test_times_are_at_most_one_student_step_apart(mode):
         assert set((u_t * k).round().unique().tolist()) == {1.0, 2.0, 3.0, 4.0}
 
 
+
+@pytest.mark.parametrize("mode", ["continuous", "grid"])
+def test_times_are_drawn_on_the_requested_device(mode):
+    # the meta device stands in for a GPU: a draw made on the default device would come back on the CPU
+    s, t = sample_times(make_schedule("vp-cosine"), 8, 4, mode, device="meta")
+    assert (s.device.type, t.device.type, s.dtype, t.dtype) == ("meta", "meta", torch.float64, torch.float64)
+
 # ---------------------------------------------------------------------------------------------------
 # Algorithm 2: the generator gradient
 
