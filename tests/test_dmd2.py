@@ -277,10 +277,12 @@ def test_feature_hook_reads_the_mlp_trunk_and_stops_there():
         gan.find_module(net, "backbone.nope")
 
 
-@pytest.mark.parametrize("shape,strided", [((48,), 0), ((7, 48), 0), ((64, 32, 32), 3), ((64, 8, 8), 1),
-                                           ((64, 4, 4), 0)])
-def test_gan_head_is_sized_from_the_feature_shape(shape, strided):
+@pytest.mark.parametrize("shape,strided,groups", [((48,), 0, 0), ((7, 48), 0, 0), ((64, 32, 32), 3, 32),
+                                                  ((64, 8, 8), 1, 32), ((64, 4, 4), 0, 32), ((48, 8, 8), 1, 16)])
+def test_gan_head_is_sized_from_the_feature_shape(shape, strided, groups):
     head = gan.GANHead(shape)
+    # GroupNorm over 32 groups where the channels allow, else the largest divisor of 32 that divides them
+    assert {m.num_groups for m in head.modules() if isinstance(m, torch.nn.GroupNorm)} == ({groups} if groups else set())
     logits = head(torch.randn(3, *shape))
     assert logits.shape == (3,)
     convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -226,7 +226,13 @@ def test_time_grid_value_and_fraction_grid():
     assert tg.kind == "uniform"
     torch.testing.assert_close(tg(s, 3), torch.tensor([0.6, 0.4, 0.2, 0.0], dtype=F64))
     torch.testing.assert_close(tg(s, 3, append_zero=False), torch.tensor([0.6, 0.4, 0.2], dtype=F64))
+    coarse, fine = tg.nested(s, 3, 1)  # the grid's own range: uniform from 0.6 to 0.2 in steps of 0.1
+    torch.testing.assert_close(fine, torch.tensor([0.6, 0.5, 0.4, 0.3, 0.2], dtype=F64))
+    torch.testing.assert_close(coarse, torch.tensor([0.6, 0.4, 0.2], dtype=F64))
     assert TimeGrid(times=[2, 1]).times == (2.0, 1.0)
+    torch.testing.assert_close(TimeGrid("explicit", times=[2, 1])(s), torch.tensor([2.0, 1.0], dtype=F64))
+    with pytest.raises(UsageError, match="at least 1 point, got 0"):  # no count: explicit grids only
+        tg(s)
     fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 4)
     torch.testing.assert_close(fg, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
     with pytest.raises(UsageError, match="at least 1 step, got 0"):
