@@ -118,6 +118,15 @@ def test_add_noise_factor_forms(alpha):
 
 
 @kernels
+def test_add_noise_gradients_keep_each_inputs_precision():
+    """float32 data with bfloat16 noise: d/dx0 = alpha g rounded once to float32, d/deps = sigma g to bfloat16."""
+    a, s = factors(3, 0.1, 1.0).float(), factors(3, 0.1, 2.0).float()
+    grads_match(lambda x, e: ops.add_noise(x, e, a, s),
+                lambda x, e: k_noise.add_noise_reference(x, e, a.double(), s.double()),
+                [make((3, 4, 5), torch.float32), make((3, 4, 5), torch.bfloat16)], torch.float32, differentiable=(0, 1))
+
+
+@kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_fresh_noise_is_standard_normal_and_consistent(dtype):
     shape = (4, 3, 40, 41)  # 19680 elements

@@ -89,8 +89,9 @@ def test_mm_generator_loss_reference():
     loss.backward()
     assert aux.grad is None  # the direction is a constant of the surrogate
     torch.testing.assert_close(x.grad, w.view(3, 1, 1) * (aux.detach() - teacher) / x.numel())
-    assert mm_generator_loss_reference(x.detach().float(), aux.detach().float(), teacher.float(), [1, 2, 3]).dtype \
-        == torch.float32
+    for weight in ([1, 2, 3], w):  # the weight takes the loss's dtype (a float64 one does not promote it)
+        assert mm_generator_loss_reference(x.detach().float(), aux.detach().float(), teacher.float(), weight).dtype \
+            == torch.float32
 
 
 @pytest.mark.parametrize("kind", ["l2", "l1"])
