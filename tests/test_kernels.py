@@ -200,6 +200,16 @@ def test_guided_x0_shapes_dtypes(shape, dtype, block):
                 [make(shape, dtype) for _ in range(3)], dtype, differentiable=(0, 1, 2))
 
 
+@kernels
+def test_guided_x0_gradients_keep_each_inputs_precision():
+    """float32 predictions with a bfloat16 x_t: each gradient is rounded once, to its own input's dtype."""
+    a, s = factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
+    grads_match(lambda c, u, x: ops.guided_x0(c, u, x, a, s, 3.0, "eps"),
+                lambda c, u, x: k_guided.guided_x0_reference(c, u, x, a.double(), s.double(), 3.0, "eps"),
+                [make((3, 5), torch.float32), make((3, 5), torch.float32), make((3, 5), torch.bfloat16)],
+                torch.float32, differentiable=(0, 1, 2))
+
+
 # --------------------------------------------------------------------------- DMD2 gradient and loss
 
 
@@ -436,6 +446,14 @@ def test_opcheck(op):
         args = tuple(t.clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) and t.ndim > 1
                      else t for t in args)
         torch.library.opcheck(fn.default, args)
+
+
+@kernels
+@pytest.mark.parametrize("has_uncond", [True, False])
+def test_guided_x0_backward_op_matches_its_fake(has_uncond):
+    """The unconditional gradient is an empty placeholder without an unconditional input, as the fake says."""
+    grad, a, s = make((3, 4, 5), torch.float32), factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
+    torch.library.opcheck(torch.ops.fewstep.guided_x0_backward.default, (grad, a, s, 2.0, has_uncond, "v", "x0"))
 
 
 def _all_ops(x, y, z, a, s):
