@@ -1,14 +1,15 @@
 """The exact Gaussian-mixture teacher against Monte-Carlo float64 posteriors and its own exact samples."""
 
 import json
+import re
 
 import pytest
 import torch
 
-from core.errors import UsageError
+from core.errors import ConfigError, UsageError
 from core.metrics import energy_distance
 from core.timesteps import make_grid
-from plugins.gmm import PRESETS, GaussianMixtureTeacher, GMMConfig
+from plugins.gmm import PRESETS, GaussianMixtureTeacher, GMMConfig, load_spec
 from plugins.samplers.basic import euler
 
 
@@ -76,3 +77,28 @@ def test_spec_file(tmp_path):
     bad.write_text(json.dumps({"weights": [1]}))
     with pytest.raises(UsageError, match="lacks"):
         GaussianMixtureTeacher(GMMConfig(spec=str(bad)))
+
+
+GOOD = {"weights": [0.5, 1.5], "means": [[0.0], [2.0]], "stds": [[0.1], [0.2]]}
+
+
+def test_spec_file_fractional_weights_and_class_labels(tmp_path):
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps({**GOOD, "classes": [0, 2]}))
+    spec = load_spec(str(path))
+    torch.testing.assert_close(spec["weights"], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    assert torch.equal(spec["classes"], torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"means": [[0.0], [float("nan")]]}, "'means' holds NaN or inf; every value must be finite"),
+    ({"stds": [[0.1, 0.1], [0.2, 0.2]]}, r"need K weights and K x D means and stds, got shapes \(2,\), \(2, 1\), \(2, 2\)"),
+    ({"weights": [-1.0, 2.0]}, r"weights must be >= 0 with a positive sum, got \[-1.0, 2.0\]"),
+    ({"classes": [-1, 0]}, r"'classes' must list one integer label >= 0 per component \(2\)"),
+    ({"classes": [True, 0]}, "'classes' must list one integer label"),
+])
+def test_bad_spec_files_name_the_file_and_the_problem(tmp_path, change, message):
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps({**GOOD, **change}))
+    with pytest.raises(ConfigError, match=f"^teacher.spec={re.escape(str(path))}: {message}"):
+        load_spec(str(path))

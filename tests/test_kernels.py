@@ -148,6 +148,17 @@ def test_add_fresh_noise_is_standard_normal_and_consistent(dtype):
 
 
 @kernels
+def test_add_fresh_noise_seeds_from_the_given_generator():
+    x, a = make((2, 3, 8), torch.float32), factors(2, 0.2, 1.0).float()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    eps = ops.add_fresh_noise(x, a, 0.5, torch.Generator().manual_seed(3))[1]
+    assert torch.equal(torch.get_rng_state(), state)  # the default generator is left alone
+    assert torch.equal(ops.add_fresh_noise(x, a, 0.5, torch.Generator().manual_seed(3))[1], eps)
+    assert not torch.equal(ops.add_fresh_noise(x, a, 0.5, torch.Generator().manual_seed(4))[1], eps)
+
+
+@kernels
 def test_add_fresh_noise_does_not_depend_on_the_launch_grid(monkeypatch):
     """Philox is keyed by (seed, element index), so the block size does not change the draw."""
     x = make((3, 5, 7, 9), torch.float32)

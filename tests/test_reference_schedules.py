@@ -235,6 +235,15 @@ def test_time_grid_value_and_fraction_grid():
         tg(s)
     fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 4)
     torch.testing.assert_close(fg, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
+    fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 3)  # i/k in float64: 2/3 exact to 1e-16, not 1e-8
+    torch.testing.assert_close(fg, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0], dtype=F64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 1), torch.tensor([1.0, 0.0], dtype=F64))
+
+    class Float32Times(FlowSchedule):  # a plugin schedule answering in float32: the grid is still float64
+        def t_from_fraction(self, u):
+            return super().t_from_fraction(u).float()
+
+    assert fraction_grid(Float32Times(), 4).dtype == F64
     with pytest.raises(UsageError, match="at least 1 step, got 0"):
         fraction_grid(s, 0)
 
