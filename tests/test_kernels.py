@@ -460,11 +460,36 @@ def test_opcheck(op):
 
 
 @kernels
-@pytest.mark.parametrize("has_uncond", [True, False])
-def test_guided_x0_backward_op_matches_its_fake(has_uncond):
-    """The unconditional gradient is an empty placeholder without an unconditional input, as the fake says."""
+@pytest.mark.parametrize("op", ["guided_x0_backward", "posterior_sample_backward"])
+@pytest.mark.parametrize("has_optional", [True, False])
+def test_backward_ops_match_their_fakes(op, has_optional):
+    """Without the optional input (unconditional prediction, noise) its gradient is an empty placeholder, as
+    the fake (what torch.compile plans with) says."""
     grad, a, s = make((3, 4, 5), torch.float32), factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
-    torch.library.opcheck(torch.ops.fewstep.guided_x0_backward.default, (grad, a, s, 2.0, has_uncond, "v", "x0"))
+    args = {"guided_x0_backward": (grad, a, s, 2.0, has_optional, "v", "x0"),
+            "posterior_sample_backward": (grad, a, s, a * 0 + 0.95, s * 0.5, 1.0, has_optional)}[op]
+    torch.library.opcheck(getattr(torch.ops.fewstep, op).default, args)
+
+
+@kernels
+def test_posterior_sample_gives_the_unused_noise_no_gradient():
+    """At eta = 0 the noise is not used: no gradient, as in the reference (not a zero one)."""
+    z, x0 = make((3, 5), torch.float32).requires_grad_(), make((3, 5), torch.float32)
+    noise = make((3, 5), torch.float32).requires_grad_()
+    a, s = factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
+    ops.posterior_sample(z, x0, a, s, a * 0 + 0.95, s * 0.5, noise, 0.0).sum().backward()
+    assert noise.grad is None and z.grad is not None
+
+
+@kernels
+def test_dmd_gradient_dtype_does_not_follow_torchs_default_dtype():
+    x, real, fake = (make((3, 5), torch.float32) for _ in range(3))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert ops.dmd_gradient(x, real, fake).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 def _all_ops(x, y, z, a, s):
