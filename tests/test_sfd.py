@@ -16,7 +16,10 @@ from core.runner import Trainer
 from core.generation import generate
 from core.timesteps import make_grid, nested_grids
 from plugins.samplers.ode import dpmpp_3m
-from plugins.sfd import NFEConditioned
+from core.networks import DenoiserNet, ResidualMLP
+from core.schedules import make_schedule
+from plugins.gmm import GaussianMixtureTeacher, GMMConfig
+from plugins.sfd import CopyNFEConfig, NFEConditioned, copy_nfe_student
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +97,7 @@ def test_one_adam_step_per_student_step(tiny_teacher, tmp_path):
     assert spec.sampler == "euler-afs" and len(spec.times) == 3 + 2 and spec.times[-1] == pytest.approx(0.006)
 
 
-def test_sfd_v_student_starts_as_teacher_and_draws_nfe(tiny_teacher, tmp_path):
+def test_sfd_v_student_starts_as_teacher_and_draws_nfe(tiny_teacher, tmp_path, capsys):
     tr = _trainer(tiny_teacher, tmp_path, "objective=sfd-v", "student=copy-nfe", "objective.nfe_min=2",
                   "objective.nfe_max=4", "objective.nfe=3")
     student, teacher = tr.student, tr.teacher
@@ -114,6 +117,12 @@ def test_sfd_v_student_starts_as_teacher_and_draws_nfe(tiny_teacher, tmp_path):
     # the NFE input is live: one gradient step makes the outputs depend on it
     next(tr.objective.loss("student", ctx))[0].backward()
     assert student.nfe_embed[-1].weight.grad.abs().sum() > 0
+    spec = tr.objective.with_steps(None, 3, student)
+    capsys.readouterr()
+    tr.objective.with_steps(spec, 2, student), tr.objective.with_steps(spec, 4, student)  # the range's ends
+    assert capsys.readouterr().err == ""
+    tr.objective.with_steps(spec, 5, student)
+    assert "distilled for NFE 2-4; steps=5 runs it off its training grid" in capsys.readouterr().err
 
 
 def test_sfd_v_sample_cli_picks_the_nfe(tiny_teacher, tmp_path):
@@ -144,6 +153,69 @@ def test_bad_settings_are_usage_errors(tiny_teacher, tmp_path):
         run_config("objective=sfd-v", "objective.nfe=7", "teacher=checkpoint", f"teacher.path={tiny_teacher}")
     with pytest.raises(UsageError, match="objective.loss"):
         run_config("objective=sfd", "objective.loss=huber", "teacher=checkpoint", f"teacher.path={tiny_teacher}")
+
+
+# -- SFD-v's NFE conditioning, written out -----------------------------------------------------------------
+def _mlp_net(seed=0):
+    torch.manual_seed(seed)
+    return DenoiserNet(ResidualMLP(2, 16, 2, 8), make_schedule("edm"), "edm", 0.5).double()
+
+
+def test_nfe_embedding_is_sinusoidal_features_through_the_mlp():
+    net = NFEConditioned(_mlp_net())  # 32 features by default
+    torch.nn.init.normal_(net.nfe_embed[-1].weight), torch.nn.init.normal_(net.nfe_embed[-1].bias)
+    net = net.double()
+    angle = 3.0 * 100.0 ** (-torch.arange(16, dtype=torch.float64) / 16)  # frequencies 100^(-k/16)
+    features = torch.cat([angle.cos(), angle.sin()]).expand(4, 32)
+    first, last = net.nfe_embed[0], net.nfe_embed[2]
+    hidden = torch.nn.functional.silu(features @ first.weight.T + first.bias)
+    expect = hidden @ last.weight.T + last.bias
+    assert expect.shape == (4, 16)  # the width of the MLP's time embedding
+    torch.testing.assert_close(net.nfe_embedding(3, 4, "cpu"), expect, rtol=1e-5, atol=1e-6)
+
+
+class GainBackbone(torch.nn.Module):
+    """A backbone with one keyword of its own besides extra_emb."""
+
+    emb_width = 2
+
+    def forward(self, x, c_noise, cond=None, extra_emb=None, gain=1.0):
+        return gain * (x if extra_emb is None else x + extra_emb)
+
+
+def test_nfe_conditioned_denoise_passes_the_denoisers_keywords_on():
+    inner = DenoiserNet(GainBackbone(), make_schedule("edm"), "edm", 0.5).double()
+    net = NFEConditioned(inner).double()
+    torch.nn.init.normal_(net.nfe_embed[-1].bias)
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64)
+    expect = inner.denoise(x, t, None, extra_emb=net.nfe_embedding(2, 3, "cpu"), gain=3.0)
+    torch.testing.assert_close(net.denoise(x, t, None, nfe=2, gain=3.0), expect)
+    torch.testing.assert_close(net.denoise(x, t, None, gain=3.0), inner.denoise(x, t, None, gain=3.0))
+
+
+def test_nfe_conditioned_sizes_its_embedding_from_a_unet_time_embedding():
+    pytest.importorskip("diffusers", reason="the unet student needs the diffusers extra")
+    from plugins.unet import UNetBackbone, UNetConfig
+
+    backbone = UNetBackbone((1, 8, 8), 0, UNetConfig(channels=[8], attention=[]))
+    net = NFEConditioned(DenoiserNet(backbone, make_schedule("edm"), "edm", 0.5))
+    assert net.nfe_embed[-1].out_features == backbone.emb_width == backbone.unet.time_embedding.linear_2.out_features
+
+
+def test_copy_nfe_students_need_a_network_teacher_with_extra_emb():
+    class NetTeacher:
+        def trainable_copy(self):
+            return _mlp_net()
+
+    student = copy_nfe_student(CopyNFEConfig(), NetTeacher())  # on the CPU by default
+    assert isinstance(student, NFEConditioned) and student.freqs.device.type == "cpu"
+    with pytest.raises(UsageError, match="^student=copy-nfe needs a teacher with a network; "
+                                         "GaussianMixtureTeacher has none$"):
+        copy_nfe_student(CopyNFEConfig(), GaussianMixtureTeacher(GMMConfig()))
+    with pytest.raises(UsageError, match=r"^student=copy-nfe needs a teacher network whose backbone takes "
+                                         r"extra_emb \(core.networks.ResidualMLP, plugins.unet\); this teacher's "
+                                         r"does not$"):
+        NFEConditioned(torch.nn.Linear(2, 2))
 
 
 # -- quality on ring8 (the network teacher from the session fixture) -------------------------------------
