@@ -347,6 +347,16 @@ def test_posterior_sample_without_noise_and_mixed_factors():
     assert_close(ops.posterior_sample(z, x0, at, 0.8, 0.9, 0.4, None), ref, torch.float32)
 
 
+@kernels
+def test_posterior_sample_promotes_to_the_noises_dtype():
+    """bfloat16 z_t and x0 with float32 noise: a float32 sample, as the reference's type promotion gives."""
+    at, st, as_, ss = (factors(3, lo, hi).float() for lo, hi in ((0.3, 0.5), (0.8, 0.9), (0.8, 0.9), (0.3, 0.4)))
+    grads_match(lambda z, x0, n: ops.posterior_sample(z, x0, at, st, as_, ss, n, 1.0),
+                lambda z, x0, n: k_post.posterior_sample_reference(z, x0, *(v.double() for v in (at, st, as_, ss)), n),
+                [make((3, 5), torch.bfloat16), make((3, 5), torch.bfloat16), make((3, 5), torch.float32)],
+                torch.bfloat16, differentiable=(0, 1, 2), out_dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------- regression losses
 
 
@@ -361,6 +371,16 @@ def test_weighted_loss(shape, dtype, kind, weight, block):
     grads_match(lambda p, t: ops.weighted_loss(p, t, w, kind),
                 lambda p, t: k_wl.weighted_loss_reference(p, t, w64, kind),
                 [make(shape, dtype), make(shape, dtype)], dtype, differentiable=(0, 1))
+
+
+@kernels
+@pytest.mark.parametrize("trained", [0, 1])
+def test_weighted_loss_gradient_reaches_only_the_input_that_asks(trained):
+    """The usual case: the prediction trains and the target is fixed (or the other way round)."""
+    w = factors(3, 0.1, 3.0).float()
+    grads_match(lambda p, t: ops.weighted_loss(p, t, w, "l2"),
+                lambda p, t: k_wl.weighted_loss_reference(p, t, w.double(), "l2"),
+                [make((3, 5), torch.float32), make((3, 5), torch.float32)], torch.float32, differentiable=(trained,))
 
 
 @kernels

@@ -19,7 +19,7 @@ from plugins.samplers.ode import dpmpp_3m
 from core.networks import DenoiserNet, ResidualMLP
 from core.schedules import make_schedule
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-from plugins.sfd import CopyNFEConfig, NFEConditioned, copy_nfe_student
+from plugins.sfd import SFD, CopyNFEConfig, NFEConditioned, SFD1Config, SFDConfig, copy_nfe_student
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +84,52 @@ def test_iteration_follows_the_algorithm(tiny_teacher, tmp_path, loss, afs):
         ref = diff.abs().mean() if loss == "l1" else diff.square().mean()
         torch.testing.assert_close(value.detach(), ref, rtol=2e-4, atol=1e-7)  # float32 rounding of two forms
         assert value.requires_grad
+
+
+@pytest.mark.parametrize("afs", [True, False])
+def test_iteration_on_a_vp_schedule_divides_by_each_steps_own_alpha(afs):
+    """On VP (alpha < 1) the chain runs in y = x / alpha: y_i = x_i / alpha_i, y' = y + (s' - s)(y - D) / s with
+    D = D(alpha_i y_i; t_i) (AFS: D = y (1 - s / sqrt(1 + s^2)) at i = 0), x_{i+1} = alpha_{i+1} y'. A
+    class-conditional teacher without labels in the batch draws them, before the noise."""
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="cls4", schedule="vp-cosine"))
+    torch.manual_seed(0)
+    student = DenoiserNet(ResidualMLP(2, 16, 2, 8, num_classes=4), teacher.schedule, "edm", teacher.sigma_data)
+    obj, nets = SFD(SFDConfig(nfe=2, afs=afs)), {"teacher": teacher, "student": student}
+    obj.build(nets)
+    state = torch.get_rng_state()
+    losses = [value for value, _ in obj.loss("student", Context(nets, {"x": None, "cond": None}, 0, 16, "cpu"))]
+    torch.set_rng_state(state)
+    cond = torch.randint(0, 4, (16,))
+    noise = torch.randn(16, 2)
+    times = torch.tensor(obj.with_steps(None, 2, student).times, dtype=torch.float64)
+    _, fine = nested_grids(teacher.schedule, len(times), 3, t_min=float(times[-1]))
+    _, traj = dpmpp_3m(teacher, noise, fine, cond, return_trajectory=True)
+    alpha, sigma = teacher.schedule.alpha(times), teacher.schedule.sigma(times)
+    assert float(alpha.min()) < 0.99  # the case the test is about
+    x = traj[0].double()
+    with torch.no_grad():
+        for i in range(len(times) - 1):
+            a, s, s_next = float(alpha[i]), float(sigma[i] / alpha[i]), float(sigma[i + 1] / alpha[i + 1])
+            y = x / a
+            d = y / math.sqrt(1 + s * s) if afs and i == 0 else \
+                (y - student.denoise(x.float(), times[i].expand(16), cond).double()) / s
+            x = float(alpha[i + 1]) * (y + (s_next - s) * d)
+            if i >= int(afs):
+                ref = (x - traj[4 * (i + 1)].double()).abs().mean()
+                torch.testing.assert_close(losses[i - int(afs)].detach().double(), ref, rtol=2e-4, atol=1e-7)
+    assert len(losses) == 2
+
+
+def test_teacher_solver_options_and_sigma_range():
+    # the first stage runs the pretrained network's solver without AFS; the second stage runs the first-stage
+    # model's Euler with AFS as it was trained (teacher_afs), and no other solver takes AFS
+    assert SFD(SFDConfig(teacher_solver="euler-afs")).teacher_options == {"afs": False}
+    assert SFD(SFDConfig()).teacher_options == {}
+    assert SFD(SFD1Config()).teacher_options == {"afs": True}
+    assert SFD(SFD1Config(teacher_afs=False)).teacher_options == {"afs": False}
+    assert SFD(SFD1Config(teacher_solver="dpmpp-3m")).teacher_options == {}
+    with pytest.raises(ValueError, match=r"sigma_max \(1.0\) must exceed sigma_min \(1.0\)"):
+        SFDConfig(sigma_min=1.0, sigma_max=1.0)
 
 
 def test_one_adam_step_per_student_step(tiny_teacher, tmp_path):
