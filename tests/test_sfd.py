@@ -19,7 +19,8 @@ from plugins.samplers.ode import dpmpp_3m
 from core.networks import DenoiserNet, ResidualMLP
 from core.schedules import make_schedule
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-from plugins.sfd import SFD, CopyNFEConfig, NFEConditioned, SFD1Config, SFDConfig, copy_nfe_student
+from plugins.sfd import (SFD, CopyNFEConfig, NFEConditioned, SFD1Config, SFDConfig, SFDVConfig,
+                         copy_nfe_student)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,6 +131,26 @@ def test_teacher_solver_options_and_sigma_range():
     assert SFD(SFD1Config(teacher_solver="dpmpp-3m")).teacher_options == {}
     with pytest.raises(ValueError, match=r"sigma_max \(1.0\) must exceed sigma_min \(1.0\)"):
         SFDConfig(sigma_min=1.0, sigma_max=1.0)
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp-cosine"])
+def test_student_grid_spans_the_configured_ve_sigmas(schedule):
+    student = DenoiserNet(ResidualMLP(2, 16, 2, 8), make_schedule(schedule), "edm", 0.5)
+    times = torch.tensor(SFD(SFDConfig(sigma_min=0.01, sigma_max=2.3)).with_steps(None, 2, student).times,
+                         dtype=torch.float64)
+    ve = student.schedule.sigma(times) / student.schedule.alpha(times)  # sigma / alpha, in float64 throughout
+    torch.testing.assert_close(ve[[0, -1]], torch.tensor([2.3, 0.01], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_students_that_do_not_fit_the_method_are_usage_errors():
+    teacher = GaussianMixtureTeacher(GMMConfig())
+    plain = DenoiserNet(ResidualMLP(2, 16, 2, 8), teacher.schedule, "edm", 0.5)
+    with pytest.raises(UsageError, match="^objective=sfd-v needs a step-conditioned student; pass student=copy-nfe$"):
+        SFD(SFDVConfig()).build({"teacher": teacher, "student": plain})
+    elsewhere = DenoiserNet(ResidualMLP(2, 16, 2, 8), make_schedule("vp-cosine"), "edm", 0.5)
+    with pytest.raises(UsageError, match="^objective=sfd needs the student on the teacher's schedule; "
+                                         "use student=copy$"):
+        SFD(SFDConfig()).build({"teacher": teacher, "student": elsewhere})
 
 
 def test_one_adam_step_per_student_step(tiny_teacher, tmp_path):
