@@ -72,11 +72,12 @@ class Clock:
 
 
 def kernel_tests(clock: Clock) -> dict:
-    """tests/test_kernels.py with compiled kernels on the GPU (interpreted on CPU with --tiny), in a subprocess."""
+    """tests/test_kernels.py and test_kernels_dispatch.py with compiled kernels on the GPU (interpreted on CPU
+    with --tiny), in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider",
-           "-p", "no:xdist", "-rfE", "--tb=short"]
+    files = [str(ROOT / "tests" / f) for f in ("test_kernels.py", "test_kernels_dispatch.py")]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rfE", "--tb=short"]
     env["COLUMNS"] = "400"  # the summary line keeps each failure's message
     if TINY:
         env.update(TRITON_INTERPRET="1", FEWSTEP_TEST_DEVICE="cpu")
@@ -264,7 +265,7 @@ def markdown(report: dict) -> str:
              f"diffusers {report['diffusers']}, {report['started']}{' (--tiny, CPU)' if TINY else ''}", ""]
     kt = report["sections"].get("kernel_tests")
     if kt:
-        lines += ["## Kernel tests (tests/test_kernels.py)", "", f"status: {kt.get('status')}, counts: "
+        lines += ["## Kernel tests (tests/test_kernels.py, test_kernels_dispatch.py)", "", f"status: {kt.get('status')}, counts: "
                   f"{kt.get('counts', {})}", *[f"- {f}" for f in kt.get("failures", [])], ""]
     ob = report["sections"].get("ops")
     if ob and ob.get("rows"):

@@ -1,45 +1,26 @@
-"""The fused Triton kernels against float64 references: forward and gradients, odd and even shapes.
-
-On CPU they run under the Triton interpreter. Triton picks interpreter or compiler when ``@triton.jit``
-decorates, so TRITON_INTERPRET=1 is set here, at collection, before this module imports triton; if
-something in this process imported triton earlier, the in-process tests skip and
-``test_suite_in_a_fresh_process`` runs this file in a clean subprocess instead.
-``FEWSTEP_TEST_DEVICE=cuda`` runs the same file on a GPU with compiled kernels (tests/test_kernels_gpu.py).
+"""The fused Triton kernels against float64 references: forward and gradients, odd and even shapes, mixed
+precisions (set-up and the interpreter/compiler choice: tests/kernel_checks.py; dispatch, the custom ops and
+torch.compile: tests/test_kernels_dispatch.py).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+import torch
 
-DEVICE = os.environ.get("FEWSTEP_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from core import ops  # noqa: E402
-from core.kernels import _triton  # noqa: E402
+# first: it sets TRITON_INTERPRET before triton is imported
+from tests.kernel_checks import (DEVICE, DTYPES, FRESH_PROCESS_NEEDED, SHAPES, assert_close, factors, grads_match,
+                                 kernels, make, run_in_fresh_process)
+from core import ops
+from core.kernels import _triton
 
 if _triton.AVAILABLE:
-    from core.kernels import add_noise as k_noise  # noqa: E402
-    from core.kernels import dmd as k_dmd  # noqa: E402
-    from core.kernels import guided_x0 as k_guided  # noqa: E402
-    from core.kernels import mm_loss as k_mm  # noqa: E402
-    from core.kernels import posterior as k_post  # noqa: E402
-    from core.kernels import weighted_loss as k_wl  # noqa: E402
-
-IN_PROCESS = _triton.AVAILABLE and (_triton.interpreting() if DEVICE == "cpu" else torch.cuda.is_available())
-REASON = ("triton not installed" if not _triton.AVAILABLE else
-          "triton was imported before TRITON_INTERPRET=1 was set; test_suite_in_a_fresh_process covers this file"
-          if DEVICE == "cpu" else "no CUDA device")
-kernels = pytest.mark.skipif(not IN_PROCESS, reason=REASON)
-
-SHAPES = [(3, 5, 7, 9), (2, 4, 16, 16), (5, 3)]  # odd D=315, even D=1024, tiny D=3
-DTYPES = [torch.float32, torch.bfloat16]
-ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+    from core.kernels import add_noise as k_noise
+    from core.kernels import dmd as k_dmd
+    from core.kernels import guided_x0 as k_guided
+    from core.kernels import mm_loss as k_mm
+    from core.kernels import posterior as k_post
+    from core.kernels import weighted_loss as k_wl
 
 
 @pytest.fixture(autouse=True)
@@ -54,44 +35,6 @@ def block(request, monkeypatch):
     if request.param == 64:
         monkeypatch.setattr(_triton, "MAX_CHUNKS", 4)
     return request.param
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", ulps: float = 1.0):
-    """Kernels compute in fp32 and round once on store (the interpreter truncates): one output ulp, plus
-    fp32 rounding relative to the largest value (cancellation in x - sigma * eps)."""
-    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out64 = out.double().cpu()
-    ref = ref.cpu()
-    scale = ref.abs().max().clamp(min=1e-30)
-    tol = 1.01 * ulps * ULP[dtype] * ref.abs() + 8 * ULP[torch.float32] * scale + 1e-12  # floor: float64 noise around 0
-    err = (out64 - ref).abs()
-    bad = err > tol
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off, worst {err.max():.3g} at "
-                           f"{tuple(int(i) for i in (err == err.max()).nonzero()[0])} (tol {tol.max():.3g})")
-
-
-def make(shape, dtype, *, lo=-2.0, hi=2.0):
-    return (torch.rand(shape, dtype=torch.float64) * (hi - lo) + lo).to(dtype).to(DEVICE)
-
-
-def grads_match(run_kernel, run_ref, inputs, dtype, differentiable, grad_ulps=1.0, out_dtype=None):
-    """Forward (in out_dtype, default dtype) and every gradient of run_kernel (on inputs) vs run_ref on float64
-    copies, one shared upstream grad."""
-    ins = [t.clone().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
-    ins64 = [t.detach().double().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
-    out, ref = run_kernel(*ins), run_ref(*ins64)
-    assert_close(out, ref, out_dtype or dtype, "forward")
-    up = make(ref.shape, out.dtype)
-    out.backward(up)
-    ref.backward(up.double())
-    for i in differentiable:
-        ref_grad = torch.zeros_like(ins64[i]) if ins64[i].grad is None else ins64[i].grad  # unused input
-        assert_close(ins[i].grad, ref_grad, inputs[i].dtype, f"grad of input {i}", grad_ulps)
-
-
-def factors(b, lo, hi):
-    return (torch.rand(b, dtype=torch.float64) * (hi - lo) + lo).to(DEVICE)
 
 
 # --------------------------------------------------------------------------- forward noising
@@ -395,162 +338,7 @@ def test_mm_generator_loss(shape, dtype, weighted, block):
                 [make(shape, dtype) for _ in range(3)], dtype, differentiable=(0,))
 
 
-# --------------------------------------------------------------------------- dispatch
-
-
-@kernels
-def test_forced_triton_runs_the_kernels(monkeypatch):
-    calls = []
-    launch = k_noise.launch
-    monkeypatch.setattr(k_noise, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    x = make((2, 3), torch.float32)
-    ops.add_noise(x, x, 0.5, 0.5)
-    assert calls == [1]
-    ops.add_noise(x.double(), x.double(), 0.5, 0.5)  # float64 is not a kernel dtype: the reference runs
-    monkeypatch.setenv("FEWSTEP_KERNELS", "torch")
-    ops.add_noise(x, x, 0.5, 0.5)
-    assert calls == [1]
-
-
-@kernels
-@pytest.mark.parametrize("op", ["add_noise", "guided_x0", "dmd_loss", "posterior_sample", "weighted_loss",
-                                "mm_generator_loss"])
-def test_eager_entry_points_equal_the_custom_op(op):
-    """Eager calls skip the custom-op dispatcher (the launcher without autograd, an autograd.Function with
-    it); both give the custom op's forward and gradient exactly."""
-    x, y, z = (make((3, 4, 5), torch.float32) for _ in range(3))
-    a, s = factors(3, 0.2, 0.9).float(), factors(3, 0.2, 0.9).float()
-    run = {"add_noise": lambda v: ops.add_noise(v, y, a, s),
-           "guided_x0": lambda v: ops.guided_x0(v, y, z, a, s, 3.0, "v"),
-           "dmd_loss": lambda v: ops.dmd_loss(v, y, z),
-           "posterior_sample": lambda v: ops.posterior_sample(v, y, a, s, a * 0 + 0.95, s * 0.5, z),
-           "weighted_loss": lambda v: ops.weighted_loss(v, y, a, "l1"),
-           "mm_generator_loss": lambda v: ops.mm_generator_loss(v, y, z, a)}[op]
-
-    def custom_op_calls(v, compiled=False):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = (torch.compile(run, backend="aot_eager", fullgraph=True) if compiled else run)(v)
-            if v.requires_grad:
-                out.backward(torch.ones_like(out))
-        return out.detach(), [e.name for e in prof.events() if e.name.startswith("fewstep::")]
-
-    no_grad, calls = custom_op_calls(x)
-    assert not calls, f"eager call without autograd went through the dispatcher: {calls}"
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    eager, calls = custom_op_calls(xe)
-    assert not calls, f"eager call with autograd went through the dispatcher: {calls}"
-    torch._dynamo.reset()
-    through_op, calls = custom_op_calls(xc, compiled=True)
-    assert calls, "under torch.compile the custom op did not run"
-    assert torch.equal(no_grad, eager) and torch.equal(eager, through_op)
-    assert torch.equal(xe.grad, xc.grad)
-
-
-# --------------------------------------------------------------------------- torch.library and torch.compile
-
-
-def _opcheck_cases():
-    x, y, z = (make((3, 4, 5), torch.float32) for _ in range(3))
-    perm = make((3, 5, 4), torch.float32).transpose(1, 2)  # non-contiguous layout
-    b = make((3, 4, 5), torch.bfloat16)
-    a, s = factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
-    one = torch.tensor([0.5], device=DEVICE)
-    return {
-        "add_noise": (torch.ops.fewstep.add_noise, [(x, y, a, s), (perm, b, one, s[:1])]),
-        "add_fresh_noise": (torch.ops.fewstep.add_fresh_noise, [(x, a, s, 7), (b, one, one, 3)]),
-        "guided_x0": (torch.ops.fewstep.guided_x0, [(x, y, z, a, s, 2.0, "v", "x0"),
-                                                    (perm, None, z, a, s, 1.0, "eps", "score")]),
-        "dmd_gradient_loss": (torch.ops.fewstep.dmd_gradient_loss, [(x, y, z), (perm, b.float(), z)]),
-        "posterior_sample": (torch.ops.fewstep.posterior_sample, [(x, y, a, s, a * 0 + 0.9, s * 0.5, z, 1.0),
-                                                                  (perm, y, a, s, a, s * 0.5, None, 0.0)]),
-        "weighted_loss": (torch.ops.fewstep.weighted_loss, [(x, y, a, "l2"), (perm, b, None, "l1")]),
-        "mm_generator_loss": (torch.ops.fewstep.mm_generator_loss, [(x, y, z, a), (perm, y, b, None)]),
-    }
-
-
-@kernels
-@pytest.mark.parametrize("op", ["add_noise", "add_fresh_noise", "guided_x0", "dmd_gradient_loss",
-                                "posterior_sample", "weighted_loss", "mm_generator_loss"])
-def test_opcheck(op):
-    fn, cases = _opcheck_cases()[op]
-    for args in cases:
-        args = tuple(t.clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) and t.ndim > 1
-                     else t for t in args)
-        torch.library.opcheck(fn.default, args)
-
-
-@kernels
-@pytest.mark.parametrize("op", ["guided_x0_backward", "posterior_sample_backward"])
-@pytest.mark.parametrize("has_optional", [True, False])
-def test_backward_ops_match_their_fakes(op, has_optional):
-    """Without the optional input (unconditional prediction, noise) its gradient is an empty placeholder, as
-    the fake (what torch.compile plans with) says."""
-    grad, a, s = make((3, 4, 5), torch.float32), factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
-    args = {"guided_x0_backward": (grad, a, s, 2.0, has_optional, "v", "x0"),
-            "posterior_sample_backward": (grad, a, s, a * 0 + 0.95, s * 0.5, 1.0, has_optional)}[op]
-    torch.library.opcheck(getattr(torch.ops.fewstep, op).default, args)
-
-
-@kernels
-def test_posterior_sample_gives_the_unused_noise_no_gradient():
-    """At eta = 0 the noise is not used: no gradient, as in the reference (not a zero one)."""
-    z, x0 = make((3, 5), torch.float32).requires_grad_(), make((3, 5), torch.float32)
-    noise = make((3, 5), torch.float32).requires_grad_()
-    a, s = factors(3, 0.2, 1.0).float(), factors(3, 0.2, 1.0).float()
-    ops.posterior_sample(z, x0, a, s, a * 0 + 0.95, s * 0.5, noise, 0.0).sum().backward()
-    assert noise.grad is None and z.grad is not None
-
-
-@kernels
-def test_dmd_gradient_dtype_does_not_follow_torchs_default_dtype():
-    x, real, fake = (make((3, 5), torch.float32) for _ in range(3))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        assert ops.dmd_gradient(x, real, fake).dtype == torch.float32
-    finally:
-        torch.set_default_dtype(default)
-
-
-def _all_ops(x, y, z, a, s):
-    """Every op in one graph (only differentiable paths contribute to the scalar)."""
-    x_t = ops.add_noise(x, y, a, s)
-    x0 = ops.guided_x0(x_t, z, x_t, a, s, 2.0, "eps")
-    z_s = ops.posterior_sample(x_t, x0, a, s, a * 0 + 0.95, s * 0.5, y, 1.0)
-    return (ops.weighted_loss(z_s, y, a, "l2") + ops.weighted_loss(x0, z, None, "l1") + ops.dmd_loss(x, y, z)
-            + ops.mm_generator_loss(x, y, z, a) + ops.guided_score(x, None, z, a, s, 1.0, "v").mean())
-
-
-@kernels
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_ops_run_inside_torch_compile(backend):
-    """fullgraph=True: dispatch and the opaque custom ops trace without graph breaks; forward and gradients
-    equal the eager Triton path."""
-    torch._dynamo.reset()
-    x, y, z = (make((2, 3, 6, 5), torch.float32) for _ in range(3))
-    a, s = factors(2, 0.3, 0.9).float(), factors(2, 0.3, 0.9).float()
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    eager = _all_ops(xe, y, z, a, s)
-    compiled = torch.compile(_all_ops, fullgraph=True, backend=backend)(xc, y, z, a, s)
-    eager.backward()
-    compiled.backward()
-    assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(xc.grad, xe.grad, rtol=1e-6, atol=1e-7)
-
-
-# --------------------------------------------------------------------------- fallback
-
-
-def test_triton_is_installed():
-    """The dev extra installs triton; without it every kernel test above would skip, so say so loudly."""
-    assert _triton.AVAILABLE, "triton is not importable: pip install -e '.[dev]' (make setup) installs it"
-
-
-if not IN_PROCESS and _triton.AVAILABLE and DEVICE == "cpu":  # collected only when the tests above cannot run here
+if FRESH_PROCESS_NEEDED:  # collected only when the tests above cannot run in this process
 
     def test_suite_in_a_fresh_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1", "FEWSTEP_TEST_DEVICE": "cpu"}
-        env.pop("FEWSTEP_KERNELS", None)
-        proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                               "-p", "no:xdist"], env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        run_in_fresh_process(__file__)

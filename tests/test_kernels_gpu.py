@@ -1,4 +1,4 @@
-"""On a CUDA machine: tests/test_kernels.py again, with compiled kernels on GPU tensors.
+"""On a CUDA machine: tests/test_kernels.py and test_kernels_dispatch.py again, with compiled kernels on GPU tensors.
 
 Triton fixes interpreter-or-compiler per process when kernels are decorated, and the CPU kernel tests
 need the interpreter, so the GPU run is a separate process with TRITON_INTERPRET=0.
@@ -21,7 +21,8 @@ def test_kernel_suite_on_gpu():
     env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
     env.update(FEWSTEP_TEST_DEVICE="cuda", TRITON_INTERPRET="0")  # tests/conftest.py sets 1 when it is unset
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(here, "test_kernels.py"), "-q",
+    files = [os.path.join(here, f) for f in ("test_kernels.py", "test_kernels_dispatch.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *files, "-q",
                            "-p", "no:cacheprovider", "-p", "no:xdist"], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
