@@ -179,15 +179,31 @@ def test_configs_resolve_with_paper_defaults():
         run_config("objective=mm-param", "critic=fake-score")
 
 
-def test_sampling_spec_is_ancestral_on_the_i_over_k_grid():
-    from core.timesteps import fraction_grid
+@pytest.mark.parametrize("aux_lr,aux_steps", [(None, 1), (3e-4, 2)])
+def test_phases_alternate_auxiliary_and_generator(aux_lr, aux_steps):
+    adam = {"betas": (0.0, 0.99), "eps": 1e-12, "grad_clip": 1.0}
+    aux, gen = MomentMatching(MMConfig(lr=2e-4, aux_lr=aux_lr, aux_steps=aux_steps)).phases()
+    assert (aux.name, aux.trains, aux.every, aux.offset, aux.repeats) == ("auxiliary", ("critic",), 2, 0, aux_steps)
+    assert aux.lr == pytest.approx(aux_lr or 1e-3)  # 5 x lr by default
+    assert (gen.name, gen.trains, gen.every, gen.offset, gen.repeats, gen.lr) == ("generator", ("student",), 2, 1, 1,
+                                                                                  2e-4)
+    (param_gen,) = MomentMatchingParam(MMParamConfig(lr=3e-5)).phases()  # Algorithm 3: no auxiliary network
+    assert (param_gen.name, param_gen.trains, param_gen.every, param_gen.lr) == ("generator", ("student",), 1, 3e-5)
+    for phase in (aux, gen, param_gen):
+        assert {k: getattr(phase, k) for k in adam} == adam
 
-    sched = make_schedule("vp-cosine")
-    obj = MomentMatching(MMConfig(steps=3))
-    spec = obj.sampling(small_net(sched))
-    assert spec.sampler == "ancestral" and len(spec.times) == 4 and spec.times[-1] == 0.0
-    assert spec.times == fraction_grid(sched, 3).tolist()
-    assert len(obj.with_steps(spec, 8, small_net(sched)).times) == 9
+
+@pytest.mark.parametrize("objective", [MomentMatching(MMConfig(steps=3, sample_eta=0.5)),
+                                       MomentMatchingParam(MMParamConfig(steps=3, sample_eta=0.5))],
+                         ids=["mm", "mm-param"])
+def test_sampling_spec_is_ancestral_on_the_i_over_k_grid(objective):
+    sched = make_schedule("flow", t_min=0.1, t_max=0.9)
+    spec = objective.sampling(small_net(sched))  # t = t_min + (i / k)(t_max - t_min), i = k..1, then clean 0
+    assert (spec.sampler, spec.options) == ("ancestral", {"eta": 0.5})
+    assert spec.times == pytest.approx([0.9, 0.1 + 0.8 * 2 / 3, 0.1 + 0.8 / 3, 0.0], rel=1e-15)
+    spec8 = objective.with_steps(type(spec)("ancestral", spec.times, {"eta": 0.2}), 8, small_net(sched))
+    assert spec8.times == pytest.approx([0.1 + 0.8 * i / 8 for i in range(8, 0, -1)] + [0.0], rel=1e-15)
+    assert spec8.options == {"eta": 0.2}  # the spec's own eta is kept
 
 
 def test_mm_run_end_to_end_and_sample_cli(tmp_path):
