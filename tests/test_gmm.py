@@ -86,6 +86,9 @@ def test_spec_file_fractional_weights_and_class_labels(tmp_path):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps({**GOOD, "classes": [0, 2]}))
     spec = load_spec(str(path))
+    teacher = GaussianMixtureTeacher(GMMConfig(spec=str(path)))
+    assert teacher.encode_condition(None) is None  # unconditional
+    assert torch.equal(teacher.encode_condition([2, 0]), torch.tensor([2, 0]))
     torch.testing.assert_close(spec["weights"], torch.tensor([0.25, 0.75], dtype=torch.float64))
     assert torch.equal(spec["classes"], torch.tensor([0, 2]))
 

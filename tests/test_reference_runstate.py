@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from conftest import run_config, train
 from core import files
 from core.runner import Trainer
+from core.checkpoint import load_optimizers
+from core.errors import CheckpointError
 from core.runstate import lr_factor
 
 FAST = ["objective=denoise", "train.batch=16", "train.eval_every=0", "train.preview_every=0", "student.hidden=16",
@@ -80,3 +82,11 @@ def test_fresh_run_starts_at_zero(tmp_path):
     trainer = Trainer(run_config(*FAST, "train.steps=2", f"out={tmp_path / 'new'}"))
     trainer.build()
     assert trainer.state.restore() == 0
+
+
+def test_optimizers_of_another_objective_are_refused():
+    optimizers = {"student": torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])}
+    state = {"optimizers": {"student": {}, "critic": {}}}
+    with pytest.raises(CheckpointError, match=r"^RUN/ckpt: holds optimizers for phases \['critic', 'student'\], this run "
+                                              r"has \['student'\] \(another objective's checkpoint\); resume with"):
+        load_optimizers(optimizers, state, {}, "RUN/ckpt:")

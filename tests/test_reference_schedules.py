@@ -214,6 +214,9 @@ def test_nested_grids_refine_every_interval():
     torch.testing.assert_close(fine, torch.tensor([8.0, 5.0, 2.0, 1.5, 1.0], dtype=F64))
     coarse, fine = TimeGrid("explicit", times=[8.0, 1.0]).nested(s, 0, 1)  # rho 7 by default
     torch.testing.assert_close(fine[1], torch.tensor(((8 ** (1 / 7) + 1) / 2) ** 7, dtype=F64))
+    coarse, fine = nested_grids(s, 2, 3, "uniform", t_min=1.0, t_max=9.0)  # the smallest: one coarse interval
+    torch.testing.assert_close(fine, torch.tensor([9.0, 7.0, 5.0, 3.0, 1.0], dtype=F64))
+    torch.testing.assert_close(coarse, torch.tensor([9.0, 1.0], dtype=F64))
     with pytest.raises(UsageError, match="substeps must be >= 0, got -1"):
         nested_grids(s, 4, -1)
     with pytest.raises(UsageError, match="at least 2 coarse points, got 1"):
