@@ -4,6 +4,7 @@ and LR schedule restored exactly when a run resumes (in-process, so that mutatio
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import run_config, train
 from core import files
 from core.runner import Trainer
-from core.checkpoint import load_optimizers
+import core.checkpoint as ckpt
+from core.checkpoint import CheckpointStore, load_modules, load_optimizers
 from core.errors import CheckpointError
 from core.runstate import lr_factor
 
@@ -63,6 +65,9 @@ def test_restore_sets_the_saved_rng_stream_lr_and_moments(tmp_path):
     base = opt.param_groups[0]["initial_lr"]
     assert opt.param_groups[0]["lr"] == pytest.approx(base * lr_factor(4, 3, 10, "linear"))
     assert "ema" in trainer.state.modules
+    # state.json: the step, and the sampling spec the run writes to meta.json (docs/distributed.md)
+    saved = files.read_json(out / "checkpoints" / "step-00000004" / "state.json")
+    assert saved["step"] == 4 and saved["spec"] == files.read_json(out / "meta.json")["sampling"]
 
 
 def test_resume_continues_the_random_stream(tmp_path):
@@ -90,3 +95,32 @@ def test_optimizers_of_another_objective_are_refused():
     with pytest.raises(CheckpointError, match=r"^RUN/ckpt: holds optimizers for phases \['critic', 'student'\], this run "
                                               r"has \['student'\] \(another objective's checkpoint\); resume with"):
         load_optimizers(optimizers, state, {}, "RUN/ckpt:")
+
+
+def test_a_checkpoint_of_another_network_names_the_keys_that_differ():
+    modules = {"student": torch.nn.Linear(2, 3)}
+    weights = {"student.weight": torch.zeros(4, 2), **{f"extra{i}": torch.zeros(1) for i in range(5)}}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "RUN/ckpt: was written by another config (student.weight: shape [4, 2] in the file, [3, 2] here; "
+            "missing student.bias; unexpected extra0, extra1, extra2 ...); resume with the run's own settings")):
+        load_modules(modules, weights, "RUN/ckpt:")
+    del weights["extra3"], weights["extra4"]
+    with pytest.raises(CheckpointError, match=re.escape("; unexpected extra0, extra1, extra2); resume")):
+        load_modules(modules, weights, "RUN/ckpt:")
+
+
+def test_a_failed_save_leaves_no_step_directory_and_the_last_good_latest(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path))
+    store.save(1, {"w": torch.zeros(2)}, {}, {"step": 1})
+    write_json = ckpt.write_json
+
+    def failing(url, obj):
+        if url.endswith("state.json"):
+            raise OSError("disk full")
+        write_json(url, obj)
+
+    monkeypatch.setattr(ckpt, "write_json", failing)
+    with pytest.raises(OSError, match="disk full"):
+        store.save(2, {"w": torch.ones(2)}, {}, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-00000001"]
+    assert store.latest()["dir"] == "step-00000001"
