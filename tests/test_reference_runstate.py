@@ -124,3 +124,25 @@ def test_a_failed_save_leaves_no_step_directory_and_the_last_good_latest(tmp_pat
         store.save(2, {"w": torch.ones(2)}, {}, {"step": 2})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-00000001"]
     assert store.latest()["dir"] == "step-00000001"
+
+
+def test_broken_checkpoint_directories_are_named_with_the_fix(tmp_path):
+    store, root = CheckpointStore(str(tmp_path)), tmp_path / "checkpoints"
+    store.save(1, {"w": torch.zeros(2)}, {}, {"step": 1, "optimizers": {}})
+    step_dir = root / "step-00000001"
+    (step_dir / "state.json").write_text('{"optimizers": {}}')
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{step_dir}/state.json lacks the step or the optimizer "
+                                                              "state; point checkpoints/latest.json at an older")):
+        store.load()
+    (root / "latest.json").write_text('{"step": 9, "dir": "step-00000009"}')
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{root}/latest.json points at step-00000009, which does "
+                                                              "not exist; point it at an existing step-* directory, "
+                                                              "or start afresh with another out=")):
+        store.load()
+    (root / "latest.json").write_text('{"step": 9}')
+    with pytest.raises(CheckpointError, match=re.escape("got {'step': 9}; point it at an existing step-* directory, "
+                                                        "or start afresh with another out=") + "$"):
+        store.latest()
+    (root / "latest.json").write_text('{"step": 1, "dir": "step-00000001", "format": "dcp"}')
+    with pytest.raises(ValueError, match="^sharded checkpoint: use CheckpointStore.load_sharded$"):
+        store.load()
