@@ -52,8 +52,70 @@ def test_feature_hook_reads_the_mlp_trunk_and_stops_there():
     for block in bb.blocks:
         h = h + block(h + emb)
     torch.testing.assert_close(f, torch.nn.functional.layer_norm(h, (32,), bb.out[0].weight, bb.out[0].bias))
-    with pytest.raises(UsageError, match="not in the critic"):
+    with pytest.raises(UsageError, match=r"^GAN feature module 'backbone.nope' is not in the critic \(DenoiserNet\); "):
         gan.find_module(net, "backbone.nope")
+
+
+class TupleBlock(torch.nn.Module):
+    """Returns (features, skip connections), as UNet down blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.linear(x), x
+
+
+class TupleCritic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.unused = TupleBlock(), torch.nn.Linear(2, 2)
+
+    def denoise(self, x_t, t, cond=None):
+        h, _ = self.block(x_t)
+        return h[:, :2]
+
+
+def test_feature_hook_takes_the_first_output_of_a_tuple_and_names_a_module_off_the_path():
+    critic, x = TupleCritic(), torch.randn(4, 2)
+    f = gan.critic_features(critic, critic.block, x, torch.ones(4))
+    torch.testing.assert_close(f, x @ critic.block.linear.weight.T + critic.block.linear.bias)
+    with pytest.raises(UsageError, match=r"^GAN feature module Linear did not run in the critic's forward; name a "
+                                         r"module on the denoising path \(objective.gan_feature_module=NAME\)$"):
+        gan.critic_features(critic, critic.unused, x, torch.ones(4))
+
+
+def _conv_head_by_hand(head, f):
+    """[4x4 stride-2 conv, GroupNorm, SiLU] per strided block, average-pooled to the window, then conv over the
+    window, GroupNorm, SiLU, 1x1 conv to one logit per sample (DMD2's head), with the head's own weights."""
+    F = torch.nn.functional
+    layers = list(head.net)
+    for conv, norm, _ in zip(*[iter(layers[:head.strided])] * 3):
+        f = F.silu(F.group_norm(F.conv2d(f, conv.weight, conv.bias, stride=2, padding=1), norm.num_groups,
+                                norm.weight, norm.bias))
+    f = F.adaptive_avg_pool2d(f, head.window)
+    conv, norm, _, out = layers[head.strided:]
+    f = F.silu(F.group_norm(F.conv2d(f, conv.weight, conv.bias), norm.num_groups, norm.weight, norm.bias))
+    return F.conv2d(f, out.weight, out.bias).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 12)], ids=["built-for", "another-aspect-ratio"])
+def test_gan_heads_written_out(size):
+    torch.manual_seed(0)
+    head = gan.GANHead((16, 8, 8))
+    assert [m.kernel_size for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == [(4, 4), (4, 4), (1, 1)]
+    f = torch.randn(3, 16, *size)
+    torch.testing.assert_close(head(f), _conv_head_by_hand(head, f))
+    vector = gan.GANHead((16,))  # Linear, SiLU, Linear; [tokens, C] features are averaged over the tokens first
+    v = torch.randn(3, 16)
+    first, last = vector.net[0], vector.net[2]
+    expect = (torch.nn.functional.silu(v @ first.weight.T + first.bias) @ last.weight.T + last.bias).flatten()
+    torch.testing.assert_close(vector(v), expect)
+    torch.testing.assert_close(vector(v[:, None].expand(3, 5, 16)), expect)
+    with pytest.raises(UsageError, match=r"^GAN head: cannot size a head for features of shape \(1, 2, 3, 4\); name a "
+                                         r"module with \[C\], \[tokens, C\] or \[C, H, W\] outputs$"):
+        gan.GANHead((1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("shape,strided,groups", [((48,), 0, 0), ((7, 48), 0, 0), ((64, 32, 32), 3, 32),
