@@ -95,7 +95,8 @@ def test_spec_file_fractional_weights_and_class_labels(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"means": [[0.0], [float("nan")]]}, "'means' holds NaN or inf; every value must be finite"),
-    ({"stds": [[0.1, 0.1], [0.2, 0.2]]}, r"need K weights and K x D means and stds, got shapes \(2,\), \(2, 1\), \(2, 2\)"),
+    ({"stds": [[0.1, 0.1], [0.2, 0.2]]},
+     r"need K weights and K x D means and stds, got shapes \(2,\), \(2, 1\), \(2, 2\)"),
     ({"weights": [-1.0, 2.0]}, r"weights must be >= 0 with a positive sum, got \[-1.0, 2.0\]"),
     ({"classes": [-1, 0]}, r"'classes' must list one integer label >= 0 per component \(2\)"),
     ({"classes": [True, 0]}, "'classes' must list one integer label"),
@@ -105,3 +106,32 @@ def test_bad_spec_files_name_the_file_and_the_problem(tmp_path, change, message)
     path.write_text(json.dumps({**GOOD, **change}))
     with pytest.raises(ConfigError, match=f"^teacher.spec={re.escape(str(path))}: {message}"):
         load_spec(str(path))
+
+
+def test_one_component_posterior_on_a_vp_schedule(tmp_path):
+    """N(mu, s0^2) data, x_t = a x0 + s eps: E[x0 | x_t] = mu + a s0^2 (x_t - a mu) / (a^2 s0^2 + s^2) (VP, a < 1),
+    and float32 times give the float64 answer (the schedule is evaluated in float64)."""
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"weights": [1.0], "means": [[0.7, -0.4]], "stds": [[0.3, 0.5]]}))
+    teacher = GaussianMixtureTeacher(GMMConfig(spec=str(path), schedule="vp-cosine"))
+    t = torch.tensor([0.2, 0.5, 0.8])
+    a, s = torch.cos(torch.pi * t.double() / 2)[:, None], torch.sin(torch.pi * t.double() / 2)[:, None]
+    mu, s0 = torch.tensor([0.7, -0.4], dtype=torch.float64), torch.tensor([0.3, 0.5], dtype=torch.float64)
+    x_t = torch.randn(3, 2, dtype=torch.float64)
+    expect = mu + a * s0**2 * (x_t - a * mu) / (a**2 * s0**2 + s**2)
+    torch.testing.assert_close(teacher.denoise(x_t, t), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_class_frequencies_of_the_data(tmp_path):
+    from plugins.gmm import GaussianMixtureData, GMMDataConfig
+
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="cls4"))
+    for probs in ([1.0, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]):
+        need = f"data.class_probs={probs}: need 4 values >= 0 with a positive sum"
+        with pytest.raises(UsageError, match=re.escape(need)):
+            GaussianMixtureData(GMMDataConfig(class_probs=probs), teacher)
+    with pytest.raises(UsageError, match=re.escape("data.class_probs=[1.0]: need none: this mixture has no classes")):
+        GaussianMixtureData(GMMDataConfig(class_probs=[1.0]), GaussianMixtureTeacher(GMMConfig()))
+    torch.manual_seed(0)
+    labels = GaussianMixtureData(GMMDataConfig(class_probs=[0.0, 3.0, 0.0, 1.0]), teacher).sample(4000)["cond"]
+    assert set(labels.tolist()) == {1, 3} and abs(float((labels == 1).double().mean()) - 0.75) < 0.03

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from core import files
 from core.runner import Trainer
 import core.checkpoint as ckpt
 from core.checkpoint import CheckpointStore, load_modules, load_optimizers
-from core.errors import CheckpointError
-from core.runstate import lr_factor
+from core.errors import CheckpointError, UsageError
+from core.runstate import lr_factor, make_optimizer
 
 FAST = ["objective=denoise", "train.batch=16", "train.eval_every=0", "train.preview_every=0", "student.hidden=16",
         "student.depth=1", "student.emb_dim=8", "train.ema=0.5", "train.log_every=1"]
@@ -92,8 +93,8 @@ def test_fresh_run_starts_at_zero(tmp_path):
 def test_optimizers_of_another_objective_are_refused():
     optimizers = {"student": torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])}
     state = {"optimizers": {"student": {}, "critic": {}}}
-    with pytest.raises(CheckpointError, match=r"^RUN/ckpt: holds optimizers for phases \['critic', 'student'\], this run "
-                                              r"has \['student'\] \(another objective's checkpoint\); resume with"):
+    with pytest.raises(CheckpointError, match=r"^RUN/ckpt: holds optimizers for phases \['critic', 'student'\], "
+                                              r"this run has \['student'\] \(another objective's checkpoint\); "):
         load_optimizers(optimizers, state, {}, "RUN/ckpt:")
 
 
@@ -146,3 +147,28 @@ def test_broken_checkpoint_directories_are_named_with_the_fix(tmp_path):
     (root / "latest.json").write_text('{"step": 1, "dir": "step-00000001", "format": "dcp"}')
     with pytest.raises(ValueError, match="^sharded checkpoint: use CheckpointStore.load_sharded$"):
         store.load()
+
+
+def test_optimizers_take_each_phases_settings_and_ema_zero_keeps_no_copy(tmp_path):
+    trainer = Trainer(run_config("objective=mm", "teacher=gmm", "train.ema=0", "student.hidden=16", "student.depth=1",
+                                 "student.emb_dim=8", f"out={tmp_path / 'mm'}"))
+    trainer.build()
+    assert "ema" not in trainer.state.modules
+    for phase in trainer.phases:  # moment matching's Adam: beta1 = 0, beta2 = 0.99, eps = 1e-12
+        (group,) = trainer.state.optimizers[phase.name].param_groups
+        assert (group["betas"], group["eps"]) == ((0.0, 0.99), 1e-12)
+
+
+def test_checkpoints_keep_the_last_two_by_default(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    for step in (1, 2, 3):
+        store.save(step, {"w": torch.zeros(1)}, {}, {"step": step, "optimizers": {}})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-00000002",
+                                                                             "step-00000003"]
+
+
+def test_the_8bit_optimizer_without_bitsandbytes_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not importable
+    with pytest.raises(UsageError, match=re.escape("train.optimizer=adamw8bit needs bitsandbytes: pip install "
+                                                   "bitsandbytes (or use train.optimizer=adamw)")):
+        make_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"), lr=1e-3)
