@@ -135,3 +135,30 @@ def test_class_frequencies_of_the_data(tmp_path):
     torch.manual_seed(0)
     labels = GaussianMixtureData(GMMDataConfig(class_probs=[0.0, 3.0, 0.0, 1.0]), teacher).sample(4000)["cond"]
     assert set(labels.tolist()) == {1, 3} and abs(float((labels == 1).double().mean()) - 0.75) < 0.03
+
+
+def test_presets_written_out():
+    from plugins.gmm import preset
+
+    ring = preset("ring8")
+    k = torch.arange(8, dtype=torch.float64)
+    expect = torch.stack([torch.cos(2 * torch.pi * k / 8), torch.sin(2 * torch.pi * k / 8)], 1)
+    torch.testing.assert_close(ring["means"], expect, rtol=0, atol=1e-15)
+    assert torch.equal(ring["weights"], torch.full((8,), 0.125, dtype=torch.float64))
+    assert torch.equal(ring["stds"], torch.full((8, 2), 0.08, dtype=torch.float64))
+    grid = preset("grid25")
+    g = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
+    assert torch.equal(grid["means"], torch.stack([g.repeat_interleave(5), g.repeat(5)], 1))
+    assert grid["weights"].dtype == torch.float64  # weights i / 325, i = 1..25, in a fixed order
+    assert sorted((grid["weights"] * 325).round().long().tolist()) == list(range(1, 26))
+    torch.testing.assert_close(grid["weights"].sort().values, torch.arange(1, 26, dtype=torch.float64) / 325,
+                               rtol=1e-15, atol=0)
+
+
+def test_exact_samples_reproduce_from_a_generator():
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="cls4"))
+    labels = torch.tensor([0, 1, 2, 3] * 8)
+    state = torch.get_rng_state()
+    a = teacher.sample_exact(32, labels, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)  # the default generator is left alone
+    assert torch.equal(teacher.sample_exact(32, labels, generator=torch.Generator().manual_seed(7)), a)

@@ -170,9 +170,13 @@ def test_discrete_grid_and_its_zero_start():
     g = make_grid(s, 3, "discrete", rho=2.0, t_min=1, t_max=900)
     expect = torch.round((900 ** 0.5 + torch.tensor([0.0, 0.5, 1.0], dtype=F64) * (1 - 900 ** 0.5)) ** 2)
     torch.testing.assert_close(g, torch.cat([expect, torch.zeros(1, dtype=F64)]))
+    root = 30 + torch.arange(4, dtype=F64) / 3 * (4 - 30)  # uniform in t^(1/2) from sqrt(900) to sqrt(16)
+    torch.testing.assert_close(make_grid(s, 4, "discrete", rho=2.0, t_min=16, t_max=900),
+                               torch.cat([torch.round(root**2), torch.zeros(1, dtype=F64)]))
     with pytest.raises(UsageError, match="repeats integer timesteps"):
         make_grid(s, 8, "discrete", t_min=1, t_max=4)
-    with pytest.raises(UsageError, match="grid 'discrete' is for integer-timestep .* not 'edm'"):
+    with pytest.raises(UsageError, match="^grid 'discrete' is for integer-timestep \\(vp-discrete\\) schedules, not "
+                                         "'edm'; use polynomial, logsnr or uniform$"):
         make_grid(EDMSchedule(), 4, "discrete")
 
 
@@ -242,11 +246,16 @@ def test_time_grid_value_and_fraction_grid():
     torch.testing.assert_close(fg, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0], dtype=F64), rtol=0, atol=1e-15)
     torch.testing.assert_close(fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 1), torch.tensor([1.0, 0.0], dtype=F64))
 
-    class Float32Times(FlowSchedule):  # a plugin schedule answering in float32: the grid is still float64
+    class Float32Times(FlowSchedule):  # a plugin schedule answering in float32: the grids are still float64
         def t_from_fraction(self, u):
             return super().t_from_fraction(u).float()
 
+        def t_from_logsnr(self, lam):
+            return super().t_from_logsnr(lam).float()
+
     assert fraction_grid(Float32Times(), 4).dtype == F64
+    for kind in ("polynomial", "logsnr"):
+        assert make_grid(Float32Times(), 5, kind).dtype == F64
     with pytest.raises(UsageError, match="at least 1 step, got 0"):
         fraction_grid(s, 0)
 
