@@ -1,6 +1,7 @@
 """The exact Gaussian-mixture teacher against Monte-Carlo float64 posteriors and its own exact samples."""
 
 import json
+import math
 import re
 
 import pytest
@@ -86,7 +87,9 @@ def test_spec_file_fractional_weights_and_class_labels(tmp_path):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps({**GOOD, "classes": [0, 2]}))
     spec = load_spec(str(path))
-    teacher = GaussianMixtureTeacher(GMMConfig(spec=str(path)))
+    teacher = GaussianMixtureTeacher(GMMConfig(spec=str(path), preset="not-a-preset"))  # the spec wins
+    # sigma_data^2 = sum_k w_k (s_k^2 + mu_k^2) - (sum_k w_k mu_k)^2 = 0.25 * 0.01 + 0.75 * 4.04 - 1.5^2
+    assert teacher.sigma_data == pytest.approx(math.sqrt(0.25 * 0.01 + 0.75 * 4.04 - 1.5**2), rel=1e-12)
     assert teacher.encode_condition(None) is None  # unconditional
     assert torch.equal(teacher.encode_condition([2, 0]), torch.tensor([2, 0]))
     torch.testing.assert_close(spec["weights"], torch.tensor([0.25, 0.75], dtype=torch.float64))
@@ -146,6 +149,9 @@ def test_presets_written_out():
     torch.testing.assert_close(ring["means"], expect, rtol=0, atol=1e-15)
     assert torch.equal(ring["weights"], torch.full((8,), 0.125, dtype=torch.float64))
     assert torch.equal(ring["stds"], torch.full((8, 2), 0.08, dtype=torch.float64))
+    cls4 = preset("cls4")  # ring8 with classes 0, 0, 1, 1, 2, 2, 3, 3
+    assert torch.equal(cls4["weights"], ring["weights"]) and torch.equal(cls4["means"], ring["means"])
+    assert torch.equal(cls4["classes"], torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     grid = preset("grid25")
     g = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
     assert torch.equal(grid["means"], torch.stack([g.repeat_interleave(5), g.repeat(5)], 1))
@@ -162,3 +168,8 @@ def test_exact_samples_reproduce_from_a_generator():
     a = teacher.sample_exact(32, labels, generator=torch.Generator().manual_seed(7))
     assert torch.equal(torch.get_rng_state(), state)  # the default generator is left alone
     assert torch.equal(teacher.sample_exact(32, labels, generator=torch.Generator().manual_seed(7)), a)
+
+
+def test_edm_teacher_takes_the_configured_sigma_range():
+    schedule = GaussianMixtureTeacher(GMMConfig(sigma_min=0.01, sigma_max=20.0)).schedule
+    assert (schedule.name, schedule.t_min, schedule.t_max) == ("edm", 0.01, 20.0)
