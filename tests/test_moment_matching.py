@@ -80,7 +80,8 @@ def test_times_are_drawn_on_the_requested_device(mode):
 def test_mm_generator_gradient_is_weighted_moment_gap_pulled_back(weighting):
     teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
     sd = teacher.sigma_data
-    student, aux = small_net(teacher.schedule, sd, 1), small_net(teacher.schedule, sd, 2)
+    # nets declaring another sigma_data: the EDM weight takes the teacher's (the data's)
+    student, aux = small_net(teacher.schedule, 0.5, 1), small_net(teacher.schedule, 0.5, 2)
     obj = MomentMatching(MMConfig(weighting=weighting))
     b = batch()
     ctx = Context({"teacher": teacher, "student": student, "critic": aux}, b, 1, 12, "cpu")
@@ -161,8 +162,29 @@ def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp):
 
 def test_mm_param_needs_a_network_teacher():
     obj = MomentMatchingParam(MMParamConfig())
-    with pytest.raises(UsageError, match="teacher=checkpoint"):
+    with pytest.raises(UsageError, match=r"^objective=mm-param differentiates the teacher's parameters, and "
+                                         r"GaussianMixtureTeacher has no network; use a network teacher "
+                                         r"\(teacher=checkpoint teacher.path=RUN\) or objective=mm$"):
         obj.build({"teacher": GaussianMixtureTeacher(GMMConfig()), "student": small_net(make_schedule("edm"))})
+
+
+@pytest.mark.parametrize("teacher_fit", [None, 2])
+def test_mm_fits_generator_and_auxiliary_to_an_exact_teacher_first(teacher_fit):
+    """Alg. 2 starts from copies of the teacher; an exact (network-free) teacher has none, so both nets are first
+    fitted to it (600 iterations by default, none for a network teacher), and then the MM losses take over."""
+    teacher, sched = GaussianMixtureTeacher(GMMConfig(preset="ring8")), make_schedule("edm")
+    student, aux = small_net(sched, seed=1), small_net(sched, seed=2)
+    nets = {"teacher": teacher, "student": student, "critic": aux}
+    obj = MomentMatching(MMConfig(teacher_fit=teacher_fit))
+    obj.build(nets)
+    fitting = 600 if teacher_fit is None else teacher_fit
+    assert obj.fit_iterations == fitting and obj.lr == 1e-3  # from scratch: the larger default step
+    for iteration, phase in ((fitting - 1, "auxiliary"), (fitting - 1, "generator"), (fitting, "auxiliary")):
+        _, metrics = obj.loss(phase, Context(nets, batch(), iteration, 12, "cpu"))
+        assert set(metrics) == ({"teacher_fit"} if iteration < fitting else {"fit", "reg"})
+    network = MomentMatching(MMConfig())
+    network.build({**nets, "teacher": NetTeacher(small_net(sched, seed=3))})
+    assert network.fit_iterations == 0 and network.lr == 1e-4
 
 
 def test_configs_resolve_with_paper_defaults():
@@ -204,6 +226,7 @@ def test_sampling_spec_is_ancestral_on_the_i_over_k_grid(objective):
     spec8 = objective.with_steps(type(spec)("ancestral", spec.times, {"eta": 0.2}), 8, small_net(sched))
     assert spec8.times == pytest.approx([0.1 + 0.8 * i / 8 for i in range(8, 0, -1)] + [0.0], rel=1e-15)
     assert spec8.options == {"eta": 0.2}  # the spec's own eta is kept
+    assert objective.with_steps(type(spec)("ancestral", spec.times, {}), 2, small_net(sched)).options == {"eta": 0.5}
 
 
 def test_mm_run_end_to_end_and_sample_cli(tmp_path):
