@@ -168,6 +168,19 @@ def test_mm_param_needs_a_network_teacher():
         obj.build({"teacher": GaussianMixtureTeacher(GMMConfig()), "student": small_net(make_schedule("edm"))})
 
 
+def test_mm_param_splits_any_batch_of_two_or_more():
+    sched = make_schedule("edm")
+    teacher, student = NetTeacher(small_net(sched, seed=4)), small_net(sched, seed=5)
+    obj = MomentMatchingParam(MMParamConfig())
+    obj.build({"teacher": teacher, "student": student})
+    nets = {"teacher": teacher, "student": student}
+    loss, _ = obj.loss("generator", Context(nets, batch(2), 0, 2, "cpu"))  # halves of one sample each
+    assert loss.requires_grad
+    with pytest.raises(UsageError, match="^objective=mm-param splits each batch into two independent halves; use "
+                                         "train.batch >= 2$"):
+        obj.loss("generator", Context(nets, batch(1), 0, 1, "cpu"))
+
+
 @pytest.mark.parametrize("teacher_fit", [None, 2])
 def test_mm_fits_generator_and_auxiliary_to_an_exact_teacher_first(teacher_fit):
     """Alg. 2 starts from copies of the teacher; an exact (network-free) teacher has none, so both nets are first
