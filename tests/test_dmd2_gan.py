@@ -104,7 +104,8 @@ def _conv_head_by_hand(head, f):
 def test_gan_heads_written_out(size):
     torch.manual_seed(0)
     head = gan.GANHead((16, 8, 8))
-    assert [m.kernel_size for m in head.modules() if isinstance(m, torch.nn.Conv2d)] == [(4, 4), (4, 4), (1, 1)]
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.kernel_size, m.out_channels) for m in convs] == [((4, 4), 16), ((4, 4), 16), ((1, 1), 1)]
     f = torch.randn(3, 16, *size)
     torch.testing.assert_close(head(f), _conv_head_by_hand(head, f))
     vector = gan.GANHead((16,))  # Linear, SiLU, Linear; [tokens, C] features are averaged over the tokens first

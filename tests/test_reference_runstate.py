@@ -99,11 +99,12 @@ def test_optimizers_of_another_objective_are_refused():
 
 
 def test_a_checkpoint_of_another_network_names_the_keys_that_differ():
-    modules = {"student": torch.nn.Linear(2, 3)}
+    modules = {"student": torch.nn.Linear(2, 3), "ema": torch.nn.Linear(2, 3)}
     weights = {"student.weight": torch.zeros(4, 2), **{f"extra{i}": torch.zeros(1) for i in range(5)}}
     with pytest.raises(CheckpointError, match=re.escape(
             "RUN/ckpt: was written by another config (student.weight: shape [4, 2] in the file, [3, 2] here; "
-            "missing student.bias; unexpected extra0, extra1, extra2 ...); resume with the run's own settings")):
+            "missing student.bias, ema.weight, ema.bias; unexpected extra0, extra1, extra2 ...); resume with the "
+            "run's own settings")):
         load_modules(modules, weights, "RUN/ckpt:")
     del weights["extra3"], weights["extra4"]
     with pytest.raises(CheckpointError, match=re.escape("; unexpected extra0, extra1, extra2); resume")):

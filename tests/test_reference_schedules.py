@@ -233,31 +233,41 @@ def test_time_grid_value_and_fraction_grid():
     assert tg.kind == "uniform"
     torch.testing.assert_close(tg(s, 3), torch.tensor([0.6, 0.4, 0.2, 0.0], dtype=F64))
     torch.testing.assert_close(tg(s, 3, append_zero=False), torch.tensor([0.6, 0.4, 0.2], dtype=F64))
-    coarse, fine = tg.nested(s, 3, 1)  # the grid's own range: uniform from 0.6 to 0.2 in steps of 0.1
+    assert TimeGrid(times=[2, 1]).times == (2.0, 1.0)
+    fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 4)
+    torch.testing.assert_close(fg, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
+    with pytest.raises(UsageError, match="at least 1 step, got 0"):
+        fraction_grid(s, 0)
+
+
+def test_time_grid_nests_in_its_own_range_and_needs_a_count():
+    s, tg = FlowSchedule(), TimeGrid("time_uniform", t_min=0.2, t_max=0.6)
+    coarse, fine = tg.nested(s, 3, 1)  # uniform from 0.6 to 0.2 in steps of 0.1, not the schedule's range
     torch.testing.assert_close(fine, torch.tensor([0.6, 0.5, 0.4, 0.3, 0.2], dtype=F64))
     torch.testing.assert_close(coarse, torch.tensor([0.6, 0.4, 0.2], dtype=F64))
-    assert TimeGrid(times=[2, 1]).times == (2.0, 1.0)
     torch.testing.assert_close(TimeGrid("explicit", times=[2, 1])(s), torch.tensor([2.0, 1.0], dtype=F64))
     with pytest.raises(UsageError, match="at least 1 point, got 0"):  # no count: explicit grids only
         tg(s)
-    fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 4)
-    torch.testing.assert_close(fg, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=F64))
-    fg = fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 3)  # i/k in float64: 2/3 exact to 1e-16, not 1e-8
+
+
+class Float32Times(FlowSchedule):
+    """A plugin schedule that answers in float32."""
+
+    def t_from_fraction(self, u):
+        return super().t_from_fraction(u).float()
+
+    def t_from_logsnr(self, lam):
+        return super().t_from_logsnr(lam).float()
+
+
+def test_fraction_grids_and_grids_are_float64_i_over_k():
+    unit = FlowSchedule(t_min=0.0, t_max=1.0)
+    fg = fraction_grid(unit, 3)  # i/k in float64: 2/3 exact to 1e-16, not 1e-8
     torch.testing.assert_close(fg, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0], dtype=F64), rtol=0, atol=1e-15)
-    torch.testing.assert_close(fraction_grid(FlowSchedule(t_min=0.0, t_max=1.0), 1), torch.tensor([1.0, 0.0], dtype=F64))
-
-    class Float32Times(FlowSchedule):  # a plugin schedule answering in float32: the grids are still float64
-        def t_from_fraction(self, u):
-            return super().t_from_fraction(u).float()
-
-        def t_from_logsnr(self, lam):
-            return super().t_from_logsnr(lam).float()
-
+    torch.testing.assert_close(fraction_grid(unit, 1), torch.tensor([1.0, 0.0], dtype=F64))
     assert fraction_grid(Float32Times(), 4).dtype == F64
     for kind in ("polynomial", "logsnr"):
         assert make_grid(Float32Times(), 5, kind).dtype == F64
-    with pytest.raises(UsageError, match="at least 1 step, got 0"):
-        fraction_grid(s, 0)
 
 
 def test_vp_discrete_from_a_list_keeps_float64_precision():
