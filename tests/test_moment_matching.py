@@ -8,6 +8,7 @@ sampling, and exact mixture samples for quality.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -166,6 +167,32 @@ def test_mm_param_needs_a_network_teacher():
                                          r"GaussianMixtureTeacher has no network; use a network teacher "
                                          r"\(teacher=checkpoint teacher.path=RUN\) or objective=mm$"):
         obj.build({"teacher": GaussianMixtureTeacher(GMMConfig()), "student": small_net(make_schedule("edm"))})
+
+
+def test_mm_draw_at_eta_zero_is_the_ddim_step():
+    """eta = 0: z_s = alpha_s x~ + sigma_s (z_t - alpha_t x~) / sigma_t, no noise (cosine schedule written out)."""
+    student, x = small_net(make_schedule("vp-cosine")), batch(64)["x"]
+    d = draw(student, x, None, 4, eta=0.0)
+    (a_t, s_t), (a_s, s_s) = ((torch.cos(torch.pi * u / 2)[:, None], torch.sin(torch.pi * u / 2)[:, None])
+                              for u in (d.t, d.s))
+    x_tilde = d.x_tilde.detach()
+    torch.testing.assert_close(d.z_s, a_s * x_tilde + s_s * (d.z_t - a_t * x_tilde) / s_t)
+
+
+class HintedTeacher:
+    real_data_hint = "data=images data.path=FOLDER"
+
+
+@pytest.mark.parametrize("teacher,hint", [(HintedTeacher(), "data=images data.path=FOLDER"),
+                                          (object(), "data=NAME (e.g. data=gmm, or data=teacher-samples for a "
+                                                     "checkpoint teacher)")], ids=["teachers-hint", "default"])
+def test_mm_without_real_data_says_how_to_give_it(teacher, hint):
+    sched = make_schedule("edm")
+    ctx = Context({"teacher": teacher, "student": small_net(sched), "critic": small_net(sched)},
+                  {"x": None, "cond": None}, 0, 4, "cpu")
+    with pytest.raises(UsageError, match="^" + re.escape("moment matching forward-diffuses real data, but this run "
+                                                         f"has none; set {hint}") + "$"):
+        MomentMatching(MMConfig()).loss("generator", ctx)
 
 
 def test_mm_param_splits_any_batch_of_two_or_more():
