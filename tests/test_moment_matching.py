@@ -219,9 +219,15 @@ def test_mm_fits_generator_and_auxiliary_to_an_exact_teacher_first(teacher_fit):
     obj.build(nets)
     fitting = 600 if teacher_fit is None else teacher_fit
     assert obj.fit_iterations == fitting and obj.lr == 1e-3  # from scratch: the larger default step
-    for iteration, phase in ((fitting - 1, "auxiliary"), (fitting - 1, "generator"), (fitting, "auxiliary")):
-        _, metrics = obj.loss(phase, Context(nets, batch(), iteration, 12, "cpu"))
-        assert set(metrics) == ({"teacher_fit"} if iteration < fitting else {"fit", "reg"})
+    expected = {"auxiliary": {"fit", "reg"}, "generator": {"moment_gap"}}
+    for iteration in (fitting - 1, fitting + 1):
+        for phase, net, other in (("auxiliary", aux, student), ("generator", student, aux)):
+            loss, metrics = obj.loss(phase, Context(nets, batch(), iteration, 12, "cpu"))
+            assert set(metrics) == ({"teacher_fit"} if iteration < fitting else expected[phase])
+            if iteration < fitting:  # each phase fits its own net
+                grads = torch.autograd.grad(loss, [*net.parameters(), *other.parameters()], allow_unused=True)
+                n = len(list(net.parameters()))
+                assert all(g is not None for g in grads[:n]) and all(g is None for g in grads[n:])
     network = MomentMatching(MMConfig())
     network.build({**nets, "teacher": NetTeacher(small_net(sched, seed=3))})
     assert network.fit_iterations == 0 and network.lr == 1e-4
