@@ -126,7 +126,8 @@ def test_mm_auxiliary_loss_is_fit_plus_teacher_regulariser():
 # ---------------------------------------------------------------------------------------------------
 # Algorithm 3: the parameter-space surrogate
 
-@pytest.mark.parametrize("precond,jvp", [("identity", "forward"), ("rms", "forward"), ("identity", "fd")])
+@pytest.mark.parametrize("precond,jvp", [("identity", "forward"), ("rms", "forward"), ("identity", "fd"),
+                                         ("identity", "auto")])
 def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp):
     sched = make_schedule("edm")
     sd = 0.5
