@@ -42,7 +42,8 @@ digits-quick: setup
 
 # mutation testing of the maths modules (not in CI; hours on 2 cores): mutmut, configured in pyproject.toml; prints
 # the kill rate per module and writes benchmarks/results/mutation.md (see docs/mutation.md).
-# MUTANTS="plugins.denoise.* core.schedules.*" runs only those (results of earlier runs are kept in mutants/).
+# MUTANTS="plugins.denoise.* core.schedules.*" runs only those (results of earlier runs are kept in mutants/);
+# MUTANTS="$(.venv/bin/python tests/mutation_sample.py core.timesteps=3)" runs a deterministic sample.
 MUTANTS ?=
 mutation: setup
 	$(BIN)/python -m pip install -q -e ".[mutation]"
