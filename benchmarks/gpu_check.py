@@ -72,8 +72,7 @@ class Clock:
 
 
 def kernel_tests(clock: Clock) -> dict:
-    """tests/test_kernels.py and test_kernels_dispatch.py with compiled kernels on the GPU (interpreted on CPU
-    with --tiny), in a subprocess."""
+    """tests/test_kernels.py and _dispatch.py, compiled on the GPU (interpreted on CPU with --tiny), in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     files = [str(ROOT / "tests" / f) for f in ("test_kernels.py", "test_kernels_dispatch.py")]
