@@ -76,7 +76,8 @@ def kernel_tests(clock: Clock) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "FEWSTEP_KERNELS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     files = [str(ROOT / "tests" / f) for f in ("test_kernels.py", "test_kernels_dispatch.py")]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rfE", "--tb=short"]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rfE",
+           "--tb=short"]
     env["COLUMNS"] = "400"  # the summary line keeps each failure's message
     if TINY:
         env.update(TRITON_INTERPRET="1", FEWSTEP_TEST_DEVICE="cpu")
@@ -272,8 +273,8 @@ def markdown(report: dict) -> str:
              f"diffusers {report['diffusers']}, {report['started']}{' (--tiny, CPU)' if TINY else ''}", ""]
     kt = report["sections"].get("kernel_tests")
     if kt:
-        lines += ["## Kernel tests (tests/test_kernels.py, test_kernels_dispatch.py)", "", f"status: {kt.get('status')}, counts: "
-                  f"{kt.get('counts', {})}", *[f"- {f}" for f in kt.get("failures", [])], ""]
+        lines += ["## Kernel tests (tests/test_kernels.py, test_kernels_dispatch.py)", "",
+                  f"status: {kt.get('status')}, counts: {kt.get('counts', {})}", *[f"- {f}" for f in kt.get("failures", [])], ""]
     ob = report["sections"].get("ops")
     if ob and ob.get("rows"):
         lines += ["## Fused ops (fp32; ms and achieved GB/s of compulsory traffic)", "",
