@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.networks import DenoiserNet, FourierEmbedding, ResidualMLP, guided
+from core.networks import DenoiserNet, FourierEmbedding, FourierInput, ResidualMLP, guided
 from core.schedules import EDMSchedule, FlowSchedule, VPCosineSchedule
 
 F64 = torch.float64
@@ -180,3 +180,30 @@ def test_residual_mlp_default_architecture_and_unconditional():
     out = net(x, torch.zeros(3))
     assert out.shape == (3, 1, 2)
     torch.testing.assert_close(net.embed(torch.zeros(3), torch.tensor([1, 2, 3])), net.time(torch.zeros(3)))
+
+
+def test_fourier_input_is_x_then_cos_and_sin_of_two_pi_b_x():
+    torch.manual_seed(0)
+    lift = FourierInput(3, 4096, scale=2.5)
+    assert lift.freqs.shape == (2048, 3) and lift.out_features == 3 + 4096
+    assert abs(float(lift.freqs.std()) - 2.5) < 0.1 and abs(float(lift.freqs.mean())) < 0.1
+    x = torch.randn(5, 3, dtype=F64)
+    angle = 2 * math.pi * torch.einsum("nd,fd->nf", x, lift.freqs.double())
+    torch.testing.assert_close(lift(x), torch.cat([x, angle.cos(), angle.sin()], 1))
+    assert "freqs" in lift.state_dict()  # saved with the weights, so a reloaded network is the same function
+
+
+def test_residual_mlp_with_fourier_input_feeds_the_lifted_input_to_the_first_layer():
+    torch.manual_seed(0)
+    net = ResidualMLP(2, hidden=16, depth=1, emb_dim=8, fourier_features=6, fourier_scale=3.0).double()
+    assert net.fourier.freqs.shape == (3, 2) and net.inp.in_features == 2 + 6
+    x, c = torch.randn(4, 2, dtype=F64), torch.randn(4, dtype=F64)
+    angle = 2 * math.pi * x @ net.fourier.freqs.double().T
+    emb = net.embed(c, None)
+    h = net.inp(torch.cat([x, angle.cos(), angle.sin()], 1)) + emb
+    h = h + net.blocks[0](h + emb)
+    torch.testing.assert_close(net(x, c), net.out(h))
+    # off (the default): no frequencies at all and the plain first layer, so older checkpoints still load
+    plain = ResidualMLP(2, hidden=16, depth=1, emb_dim=8)
+    assert plain.fourier is None and plain.inp.in_features == 2
+    assert not any("fourier" in k for k in plain.state_dict())
