@@ -73,8 +73,9 @@ class DMD2Config:
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
     step_weighting: Literal["uniform", "edm"] = attrs.field(
-        default="uniform", metadata={"doc": "K-step regression weight of step k: uniform, or EDM's "
-                                            "lambda(tau_k)/lambda(tau_0) (equal gradients on the raw network)"})
+        default="edm", metadata={"doc": "K-step regression weight of step k: EDM's lambda(tau_k)/lambda(tau_0), "
+                                        "which gives every step the same gradient scale on the raw network, or "
+                                        "uniform"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
