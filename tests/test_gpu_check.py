@@ -34,8 +34,16 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     rows = sections["ops"]["rows"]
     assert {r["op"] for r in rows} == {"guided_x0", "add_fresh_noise", "dmd_loss"}
     assert all(isinstance(r["ms"][v], float) for r in rows for v in ("eager", "compiled", "fused", "fused+compiled"))
-    modes = {m["mode"]: m for m in sections["dmd2"]["modes"]}
-    assert all(m["status"] == "ok" and m["seconds_per_iteration"] > 0 for m in modes.values())
+    rows = sections["dmd2"]["modes"]
+    assert all(m["status"] == "ok" and m["seconds_per_iteration"] > 0 for m in rows)
+    modes = {m["mode"]: m for m in rows if m["batch"] == 1}
+    # throughput at each mode's best batch: shared ran batch 1 and 4, the baselines batch 1
+    best = sections["dmd2"]["images_per_second_best"]
+    assert best["shared"] == max(m["batch"] / m["seconds_per_iteration"] for m in rows if m["mode"] == "shared")
+    assert sections["dmd2"]["speedup"]["throughput shared / baseline-full (each at its best batch)"] == \
+        pytest.approx(best["shared"] * modes["baseline-full"]["seconds_per_iteration"])
+    assert [m["batch"] for m in rows if m["mode"] == "shared"] == [1, 4]
+    assert rows[-1]["forward_tflop"] == pytest.approx(4 * modes["shared"]["forward_tflop"])
     # model FLOPs, pass by pass, from one counted forward F: 9F with full networks, 7F for two LoRA networks
     forward = modes["shared"]["forward_tflop"]
     assert forward > 0 and modes["baseline-full"]["forward_tflop"] == forward

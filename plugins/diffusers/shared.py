@@ -78,7 +78,9 @@ class SharedBase(torch.nn.Module):
             if "lora_" in name:
                 p.data = p.data.to(adapter_dtype)
         self.unet = unet
-        self._adapted = [m for m in unet.modules() if hasattr(m, "cast_input_dtype_enabled")]  # peft LoRA layers
+        self._adapted = [m for m in unet.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        self._params = {name: [p for _, p in self.adapter_named_parameters(name)] for name in ADAPTERS}
+        self._probe = next(iter(unet.parameters()))  # its .device follows unet.to(); unet.device walks every module
         self._input_cast = True
         self.home, self.current = "student", None
         self._activate(self.home)
@@ -88,11 +90,17 @@ class SharedBase(torch.nn.Module):
             raise ValueError(f"unknown role '{role}'; choose one of {ROLES}")
         if role == self.current:
             return
-        if role == "teacher":
-            self.unet.disable_adapters()
-        else:
-            self.unet.enable_adapters()
-            self.unet.set_adapter(role)
+        # peft's enable_adapters/set_adapter through diffusers, done directly: their walk over every module (with
+        # validation) on each of the iteration's role switches was a third of the shared mode's host time.
+        # The same state results (tests/test_shared_base.py compares): the layers' flags, and requires_grad on the
+        # active adapter only.
+        for layer in self._adapted:
+            layer._disable_adapters = role == "teacher"
+            if role != "teacher":
+                layer._active_adapter = [role]
+        for name, params in self._params.items():
+            for p in params:
+                p.requires_grad_(name == role)
         self.current = role
 
     def use(self, role: str) -> None:
@@ -113,11 +121,11 @@ class SharedBase(torch.nn.Module):
     @contextlib.contextmanager
     def role_call(self, role: str):
         """``active(role)`` that leaves every adapter parameter's ``requires_grad`` as it found it."""
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self.unet.device.type))
+        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._probe.device.type))
         if role == self.current:  # no switch, so peft sets no flag: nothing to put back
             yield self.unet
             return
-        params = self.adapter_parameters("student") + self.adapter_parameters("critic")
+        params = self._params["student"] + self._params["critic"]
         flags = [p.requires_grad for p in params]
         try:
             with self.active(role) as unet:
@@ -139,7 +147,7 @@ class SharedBase(torch.nn.Module):
 
     def forward(self, role: str, *args, **kwargs):
         """The UNet's forward as ``role`` ("teacher", "student" or "critic"); the home role is restored after."""
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self.unet.device.type))
+        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._probe.device.type))
         with self.active(role) as unet:
             return unet(*args, **kwargs)
 
@@ -177,7 +185,7 @@ class SharedRole(DiffusersDenoiser):
             params = shared.adapter_named_parameters(role)
             self.adapter = nn.ParameterDict({name.replace(".", "/"): p for name, p in params})
             for _, p in params:
-                p.requires_grad_(True)  # the runner's phases decide from here on (SharedBase.role_call)
+                p.requires_grad_(name == role)  # the runner's phases decide from here on (SharedBase.role_call)
         self.gan_tap = nn.Identity()
         self.gan_feature_module = "gan_tap"
         shared.unet.mid_block.register_forward_hook(self._tap_mid_block)
