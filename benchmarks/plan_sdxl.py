@@ -56,14 +56,18 @@ def table(batch: int) -> list[str]:
     return rows
 
 
-def compare(results: Path, batch: int) -> list[str]:
-    measured = json.loads(results.read_text())["sections"]["dmd2"]["modes"]
+def compare(results: Path, batch: int | None) -> list[str]:
+    """Planned vs measured peaks of the plain DMD2 rows of a gpu-check JSON or a dmd2_rows.py one (``calls``)
+    at ``batch`` (None: every batch)."""
+    data = json.loads(results.read_text())
+    measured = ([m for call in data["calls"] for m in call] if "calls" in data
+                else data["sections"]["dmd2"]["modes"])
     cfg = sdxl_run()
     comps = {k: v for k, v in diffusers_components("sdxl", "").items() if k in ("reference", "unet")}
     rows = ["| mode | batch | checkpointing | measured peak GiB | planned peak GiB | error |",
             "|---|---|---|---|---|---|"]
     for m in measured:
-        if m.get("status") != "ok" or m["batch"] != batch or any((m.get("options") or {}).values()):
+        if m.get("status") != "ok" or batch not in (None, m["batch"]) or any((m.get("options") or {}).values()):
             continue  # only the plain modes (the options are speed experiments)
         s = Setting(batch=m["batch"], checkpointing=m["checkpointing"], gan=False, **BENCHMARK[m["mode"]])
         planned = make_plan(cfg, s, comps).peak / GiB
@@ -76,10 +80,11 @@ def compare(results: Path, batch: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--compare", type=Path, help="a gpu-check JSON: planned vs measured peaks of its DMD2 modes")
+    ap.add_argument("--batch", type=int, default=None, help="default: 1, or every batch with --compare")
+    ap.add_argument("--compare", type=Path, help="a gpu-check JSON (or dmd2_rows.py's): planned vs measured peaks "
+                                                 "of its DMD2 rows")
     args = ap.parse_args()
-    rows = compare(args.compare, args.batch) if args.compare else table(args.batch)
+    rows = compare(args.compare, args.batch) if args.compare else table(args.batch or 1)
     print("\n".join(rows))
 
 

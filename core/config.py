@@ -109,8 +109,10 @@ class TrainConfig:
     compile: bool = attrs.field(default=False, metadata={
         "doc": "torch.compile each network's inner module in place (fewer host-side launches; the first steps "
                "compile); CPU needs a C compiler"})
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = attrs.field(
-        default="default", metadata={"doc": "torch.compile mode with train.compile=true"})
+    compile_mode: Literal["default", "regional", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = attrs.field(
+        default="default", metadata={"doc": "torch.compile mode with train.compile=true; regional: only a diffusers "
+                                            "model's repeated blocks (a minute of compiling, not several)"})
     # -- multi-process (torchrun); docs/distributed.md ---------------------------------------------------
     parallel: Literal["auto", "none", "ddp", "fsdp"] = attrs.field(
         default="auto", metadata={"doc": "under torchrun: ddp (replicated nets) or fsdp (FSDP2 fully_shard per block); "

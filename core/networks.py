@@ -27,19 +27,41 @@ class FourierEmbedding(nn.Module):
         return torch.cat([angle.cos(), angle.sin()], dim=1)
 
 
+class FourierInput(nn.Module):
+    """[x, cos 2 pi B x, sin 2 pi B x] with B ~ N(0, scale^2) of shape (features/2, dim): random Fourier features
+    of the input (Tancik et al. 2020), which let a small MLP fit maps with sharp, low-dimensional structure.
+    B is a buffer, so it is saved with the weights."""
+
+    def __init__(self, dim: int, features: int, scale: float):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(features // 2, dim) * scale)
+
+    @property
+    def out_features(self) -> int:
+        return self.freqs.shape[1] + 2 * self.freqs.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        angle = 2 * math.pi * x @ self.freqs.to(x.dtype).T
+        return torch.cat([x, angle.cos(), angle.sin()], dim=1)
+
+
 class ResidualMLP(nn.Module):
     """MLP backbone for vector data: F(x, c_noise, class) with additive time/class/extra embeddings.
 
     ``num_classes > 0`` adds a class embedding with one extra "null" row (label -1) for CFG dropout.
+    ``fourier_features > 0`` feeds the input through ``FourierInput`` (that many cos/sin features, frequencies
+    of std ``fourier_scale`` per unit of the preconditioned input) before the first layer.
     """
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, num_classes: int = 0):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, num_classes: int = 0,
+                 fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         self.dim, self.num_classes = dim, num_classes
         self.time = nn.Sequential(FourierEmbedding(emb_dim), nn.Linear(emb_dim, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden))
         self.label = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
-        self.inp = nn.Linear(dim, hidden)
+        self.fourier = FourierInput(dim, fourier_features, fourier_scale) if fourier_features else None
+        self.inp = nn.Linear(self.fourier.out_features if self.fourier else dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                           nn.Linear(hidden, hidden)) for _ in range(depth))
@@ -57,7 +79,8 @@ class ResidualMLP(nn.Module):
         emb = self.embed(c_noise, cond)
         if extra_emb is not None:
             emb = emb + extra_emb
-        h = self.inp(x.flatten(1)) + emb
+        x_in = x.flatten(1) if self.fourier is None else self.fourier(x.flatten(1))
+        h = self.inp(x_in) + emb
         for block in self.blocks:
             h = h + block(h + emb)
         return self.out(h).view_as(x)

@@ -72,6 +72,10 @@ class DMD2Config:
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
+    step_weighting: Literal["uniform", "edm"] = attrs.field(
+        default="edm", metadata={"doc": "K-step regression weight of step k: EDM's lambda(tau_k)/lambda(tau_0), "
+                                        "which gives every step the same gradient scale on the raw network, or "
+                                        "uniform"})
     gan_feature_module: str | None = attrs.field(
         default=None, metadata={"doc": "critic module whose output feeds the GAN head (default: the teacher's "
                                        "gan_feature_module, or the MLP trunk's last norm)"})
@@ -276,11 +280,25 @@ class DMD2:
             x0_fake = critic.denoise(x_t, tt, cond)
         return ops.dmd_loss(x, x0_real, x0_fake)
 
+    def step_weight(self, t_in: float, ctx) -> float:
+        """Step k's regression weight: 1, or EDM's lambda(tau_k) / lambda(tau_0), lambda = 1/c_out^2, which gives
+        every step's x0-MSE the same gradient scale on the raw network F (the last steps' c_out is small)."""
+        if self.config.step_weighting == "uniform" or t_in == self.times[0]:
+            return 1.0
+        sched, sigma_data = ctx.teacher.schedule, sigma_data_of(ctx.student, ctx.teacher)
+
+        def lam(t: float) -> float:
+            t = torch.tensor(t, dtype=torch.float64)
+            return float(edm_weight(sched.sigma(t) / sched.alpha(t), sigma_data))
+
+        return lam(t_in) / lam(self.times[0])
+
     def regression_loss(self, ctx, x: Tensor) -> Tensor:
         """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
         is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
         ``regression_solver`` from tau_k to 0, with the real score's guidance), so every noise keeps the mode the
-        teacher assigns it. Computed per generator update, not from a stored pair set."""
+        teacher assigns it. Computed per generator update, not from a stored pair set. Scaled by
+        ``step_weight`` for the later steps of a K-step generator."""
         x_in, t_in = self.generator_input(ctx)
         c, teacher = self.config, ctx.teacher
         sched = teacher.schedule
@@ -291,7 +309,9 @@ class DMD2:
         with torch.no_grad():
             noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
             target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
-        return torch.nn.functional.mse_loss(x, target.to(x.dtype))
+        mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
+        weight = self.step_weight(float(t_in[0]), ctx)
+        return mse if weight == 1 else weight * mse
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
         """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's

@@ -5,10 +5,15 @@ from __future__ import annotations
 import attrs
 
 from core import hookimpl
-from core.config import positive
+from core.config import FieldError, positive
 from core.errors import UsageError
 from core.networks import DenoiserNet, ResidualMLP
 from core.protocols import sigma_data_of
+
+
+def even_count(instance, attribute, value):
+    if value < 0 or value % 2:
+        raise FieldError(attribute.name, f"must be an even number >= 0 (a cos and a sin per frequency), got {value}")
 
 
 @attrs.define(kw_only=True)
@@ -16,6 +21,11 @@ class MLPConfig:
     hidden: int = attrs.field(default=256, validator=positive, metadata={"doc": "width"})
     depth: int = attrs.field(default=4, validator=positive, metadata={"doc": "residual blocks"})
     emb_dim: int = attrs.field(default=128, validator=positive, metadata={"doc": "Fourier time-embedding size"})
+    fourier_features: int = attrs.field(
+        default=0, validator=even_count,
+        metadata={"doc": "random Fourier features of the input (cos + sin, even; 0: the plain input)"})
+    fourier_scale: float = attrs.field(default=1.0, validator=positive,
+                                       metadata={"doc": "std of the Fourier frequencies per unit of c_in * x"})
     sigma_data: float | None = attrs.field(default=None, validator=positive,
                                            metadata={"doc": "data std for preconditioning (default: the teacher's)"})
 
@@ -25,7 +35,7 @@ def mlp_student(config: MLPConfig, teacher, device="cpu"):
     if len(teacher.data_shape) != 1:
         raise UsageError(f"student=mlp is for vector data; the teacher's data has shape {tuple(teacher.data_shape)}")
     backbone = ResidualMLP(teacher.data_shape[0], config.hidden, config.depth, config.emb_dim,
-                           getattr(teacher, "num_classes", 0))
+                           getattr(teacher, "num_classes", 0), config.fourier_features, config.fourier_scale)
     sigma_data = config.sigma_data or sigma_data_of(teacher)
     return DenoiserNet(backbone, teacher.schedule, "edm", sigma_data).to(device)
 

@@ -43,3 +43,23 @@ def test_compiled_step_matches_eager_and_keeps_the_state_dict():
     for name, ge in grads_e.items():
         assert torch.allclose(grads_c[name], ge, rtol=1e-4, atol=1e-6 * float(ge.abs().max())), name
     assert compiled.backbone._compiled_call_impl is not None and eager.backbone._compiled_call_impl is None
+
+
+def test_regional_compiles_only_the_repeated_blocks_and_falls_back_to_the_whole_module():
+    """train.compile_mode=regional: a diffusers UNet gets its transformer blocks compiled (diffusers'
+    ``_repeated_blocks``), not itself; a network with no repeated blocks is compiled whole."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.attention import BasicTransformerBlock
+
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, cross_attention_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), norm_num_groups=8)
+    mlp = mlp_denoiser()
+    assert compile_networks({"teacher": unet, "student": mlp}, "regional") == ["teacher", "student"]
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)
+    compiled = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == blocks  # the UNet and its other modules stay eager
+    assert mlp.backbone._compiled_call_impl is not None
+    assert torch._dynamo.config.recompile_limit >= 64

@@ -21,15 +21,24 @@ def euler_float64(teacher, x, times):
     return x
 
 
+def edm_lambda(sigma: float, sigma_data: float) -> float:
+    """EDM's weight 1 / c_out^2 = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 (Karras et al. 2022, Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "edm"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps):
+def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighting):
     teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
-    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6))
+    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6, step_weighting=weighting))
     obj.times = [80.0, 2.0, 0.3][:steps]
     obj.from_scratch = True
-    ctx = Context({"teacher": teacher, "student": teacher}, {"x": None, "cond": None}, 0, 512, "cpu")
-    torch.manual_seed(1)
-    x_in, t_in = obj.generator_input(ctx)
+    for seed in range(20):  # the seed whose draw of k is the last step, the one the weighting changes most
+        ctx = Context({"teacher": teacher, "student": teacher}, {"x": None, "cond": None}, 0, 512, "cpu")
+        torch.manual_seed(seed)
+        x_in, t_in = obj.generator_input(ctx)
+        if float(t_in[0]) == obj.times[-1]:
+            break
     x = torch.randn(512, 2, dtype=torch.float32, requires_grad=True)
     loss = obj.regression_loss(ctx, x)
     loss.backward()
@@ -38,7 +47,10 @@ def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps):
     times = make_grid(teacher.schedule, 6, t_max=float(t_in[0])).tolist()
     assert times[0] == pytest.approx(float(t_in[0])) and times[-1] == 0
     target = euler_float64(teacher, x_in, times)
-    expected = 2 * (x.detach().double() - target) / x.numel()
+    # step k's weight: 1, or lambda(tau_k) / lambda(tau_0) on the VE (EDM) schedule, where sigma = t
+    weight = 1.0 if weighting == "uniform" else (edm_lambda(float(t_in[0]), teacher.sigma_data)
+                                                 / edm_lambda(80.0, teacher.sigma_data))
+    expected = weight * 2 * (x.detach().double() - target) / x.numel()
     assert torch.allclose(x.grad.double(), expected, atol=1e-6, rtol=1e-4)
     # the target is a sample of the mixture, not a blur of it: at 6 Euler steps from sigma 80 most of it is on a mode
     if steps == 1:

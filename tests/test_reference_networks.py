@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.networks import DenoiserNet, FourierEmbedding, ResidualMLP, guided
+from core.networks import DenoiserNet, FourierEmbedding, FourierInput, ResidualMLP, guided
 from core.schedules import EDMSchedule, FlowSchedule, VPCosineSchedule
 
 F64 = torch.float64
@@ -180,3 +180,65 @@ def test_residual_mlp_default_architecture_and_unconditional():
     out = net(x, torch.zeros(3))
     assert out.shape == (3, 1, 2)
     torch.testing.assert_close(net.embed(torch.zeros(3), torch.tensor([1, 2, 3])), net.time(torch.zeros(3)))
+
+
+def test_fourier_input_is_x_then_cos_and_sin_of_two_pi_b_x():
+    torch.manual_seed(0)
+    lift = FourierInput(3, 4096, scale=2.5)
+    assert lift.freqs.shape == (2048, 3) and lift.out_features == 3 + 4096
+    assert abs(float(lift.freqs.std()) - 2.5) < 0.1 and abs(float(lift.freqs.mean())) < 0.1
+    x = torch.randn(5, 3, dtype=F64)
+    angle = 2 * math.pi * torch.einsum("nd,fd->nf", x, lift.freqs.double())
+    torch.testing.assert_close(lift(x), torch.cat([x, angle.cos(), angle.sin()], 1))
+    assert "freqs" in lift.state_dict()  # saved with the weights, so a reloaded network is the same function
+
+
+def test_residual_mlp_with_fourier_input_feeds_the_lifted_input_to_the_first_layer():
+    torch.manual_seed(0)
+    net = ResidualMLP(2, hidden=16, depth=1, emb_dim=8, fourier_features=6, fourier_scale=3.0).double()
+    assert net.fourier.freqs.shape == (3, 2) and net.inp.in_features == 2 + 6
+    x, c = torch.randn(4, 2, dtype=F64), torch.randn(4, dtype=F64)
+    angle = 2 * math.pi * x @ net.fourier.freqs.double().T
+    emb = net.embed(c, None)
+    h = net.inp(torch.cat([x, angle.cos(), angle.sin()], 1)) + emb
+    h = h + net.blocks[0](h + emb)
+    torch.testing.assert_close(net(x, c), net.out(h))
+    # off (the default): no frequencies at all and the plain first layer, so older checkpoints still load
+    plain = ResidualMLP(2, hidden=16, depth=1, emb_dim=8)
+    assert plain.fourier is None and plain.inp.in_features == 2
+    assert not any("fourier" in k for k in plain.state_dict())
+
+
+def test_fourier_input_lets_the_mlp_fit_a_sharp_denoiser_that_the_plain_mlp_cannot_in_the_same_budget():
+    """The reason for the option: at sigma = 0.17 the exact ring8 denoiser contracts each point onto its own mode,
+    a piecewise map with sharp seams that a plain MLP fits slowly (spectral bias). Both nets get the same
+    300 Adam steps on the exact denoiser's outputs and are scored on fresh points against it."""
+    from plugins.gmm import GaussianMixtureTeacher, GMMConfig
+
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    sched = teacher.schedule
+    t = float(sched.t_from_fraction(torch.tensor(0.25, dtype=F64)))
+    sigma = float(sched.sigma(torch.tensor(t, dtype=F64)))
+
+    def pairs(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        x_t = teacher.sample_exact(n).double() + sigma * torch.randn(n, 2, generator=gen, dtype=F64)
+        return x_t, teacher.denoise(x_t, torch.full((n,), t, dtype=F64))
+
+    def fitted_error(features):
+        torch.manual_seed(0)
+        net = DenoiserNet(ResidualMLP(2, 64, 2, 16, fourier_features=features), sched, "edm",
+                          teacher.sigma_data).double()
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        for step in range(300):
+            x_t, target = pairs(256, step)
+            loss = ((net.denoise(x_t, torch.full((256,), t, dtype=F64)) - target) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x_t, target = pairs(4000, 10_000)
+        with torch.no_grad():
+            return float(((net.denoise(x_t, torch.full((4000,), t, dtype=F64)) - target) ** 2).mean())
+
+    plain, fourier = fitted_error(0), fitted_error(64)
+    assert fourier < plain / 5, (plain, fourier)  # measured 0.0060 vs 0.00012

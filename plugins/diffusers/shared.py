@@ -79,8 +79,11 @@ class SharedBase(torch.nn.Module):
                 p.data = p.data.to(adapter_dtype)
         self.unet = unet
         self._adapted = [m for m in unet.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
-        self._params = {name: [p for _, p in self.adapter_named_parameters(name)] for name in ADAPTERS}
-        self._probe = next(iter(unet.parameters()))  # its .device follows unet.to(); unet.device walks every module
+        # each adapter's modules (lora_A/lora_B of every layer), not its parameters: conversions such as the
+        # planner's fake tensors replace Parameter objects but keep the modules
+        self._adapter_modules = {name: [getattr(layer, attr)[name] for layer in self._adapted
+                                for attr in layer.adapter_layer_names if name in getattr(layer, attr)]
+                         for name in ADAPTERS}
         self._input_cast = True
         self.home, self.current = "student", None
         self._activate(self.home)
@@ -98,9 +101,9 @@ class SharedBase(torch.nn.Module):
             layer._disable_adapters = role == "teacher"
             if role != "teacher":
                 layer._active_adapter = [role]
-        for name, params in self._params.items():
-            for p in params:
-                p.requires_grad_(name == role)
+        for name, modules in self._adapter_modules.items():
+            for m in modules:
+                m.requires_grad_(name == role)
         self.current = role
 
     def use(self, role: str) -> None:
@@ -121,11 +124,11 @@ class SharedBase(torch.nn.Module):
     @contextlib.contextmanager
     def role_call(self, role: str):
         """``active(role)`` that leaves every adapter parameter's ``requires_grad`` as it found it."""
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._probe.device.type))
+        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._device_type()))
         if role == self.current:  # no switch, so peft sets no flag: nothing to put back
             yield self.unet
             return
-        params = self._params["student"] + self._params["critic"]
+        params = [p for name in ADAPTERS for m in self._adapter_modules[name] for p in m.parameters()]
         flags = [p.requires_grad for p in params]
         try:
             with self.active(role) as unet:
@@ -147,9 +150,12 @@ class SharedBase(torch.nn.Module):
 
     def forward(self, role: str, *args, **kwargs):
         """The UNet's forward as ``role`` ("teacher", "student" or "critic"); the home role is restored after."""
-        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._probe.device.type))
+        self._cast_adapter_inputs(not torch.is_autocast_enabled(self._device_type()))
         with self.active(role) as unet:
             return unet(*args, **kwargs)
+
+    def _device_type(self) -> str:
+        return self._adapted[0].base_layer.weight.device.type  # unet.device walks every module
 
     def _cast_adapter_inputs(self, enabled: bool) -> None:
         if enabled != self._input_cast:
@@ -185,7 +191,7 @@ class SharedRole(DiffusersDenoiser):
             params = shared.adapter_named_parameters(role)
             self.adapter = nn.ParameterDict({name.replace(".", "/"): p for name, p in params})
             for _, p in params:
-                p.requires_grad_(name == role)  # the runner's phases decide from here on (SharedBase.role_call)
+                p.requires_grad_(True)  # the runner's phases decide from here on (SharedBase.role_call)
         self.gan_tap = nn.Identity()
         self.gan_feature_module = "gan_tap"
         shared.unet.mid_block.register_forward_hook(self._tap_mid_block)
