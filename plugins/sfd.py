@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from core import files, hookimpl, ops
-from core.config import positive
+from core.config import FieldError, positive
 from core.errors import UsageError
 from core.pfode import PFODE
 from core.protocols import Phase, SamplingSpec, sigma_data_of
@@ -260,9 +260,14 @@ class NFEConditioned(nn.Module):
         return self.nfe_embed(torch.cat([angle.cos(), angle.sin()], dim=1))
 
 
+def positive_even(instance, attribute, value):
+    if value <= 0 or value % 2:  # a cos and a sin per frequency: an odd size would not meet nfe_embed's input
+        raise FieldError(attribute.name, f"must be an even number > 0 (a cos and a sin per frequency), got {value}")
+
+
 @attrs.define(kw_only=True)
 class CopyNFEConfig:
-    emb_dim: int = attrs.field(default=32, validator=positive, metadata={"doc": "sinusoidal NFE features"})
+    emb_dim: int = attrs.field(default=32, validator=positive_even, metadata={"doc": "sinusoidal NFE features (even)"})
 
 
 def copy_nfe_student(config: CopyNFEConfig, teacher, device="cpu"):

@@ -258,6 +258,8 @@ CASES: list[Case] = [
          "expected a finite number"),
     Case("fourier-features-odd", "run", ["student.fourier_features=3", "out={tmp}/new"],
          "student.fourier_features: must be an even number >= 0"),
+    Case("nfe-emb-dim-odd", "run", ["objective=sfd-v", "student=copy-nfe", "student.emb_dim=33", "out={tmp}/new"],
+         "student.emb_dim: must be an even number > 0"),
     Case("steps-zero", "run", ["train.steps=0"], "train.steps: must be > 0"),
     Case("steps-float", "run", ["train.steps=2.5"], "train.steps: expected an integer"),
     Case("steps-nan", "run", ["train.steps=nan"], "train.steps: expected an integer"),
