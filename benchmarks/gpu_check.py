@@ -1,28 +1,14 @@
 """The one-command GPU suite (issue 15): kernel tests, fused ops vs eager vs torch.compile, and the full-size
 SDXL-architecture DMD2 iteration in each memory mode, with a baseline timed in the same run.
 
-Device command (the lent machine; ``.whl`` holds the wheels the image lacks, see docs/benchmarks.md)::
-
-    run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
-
-The short rerun (about 200 s of command time, rows saved as they finish: the kernel tests with each
-failure's message, then the DMD2 rows at batch 1 with one profiled shared iteration and the cuDNN-benchmark
-/ channels-last / peft-input-cast rows), written as ``gpu-<device>-rerun.json`` / ``.md`` so the full
-run's files stay as they are::
-
-    run(command="bash benchmarks/gpu_check.sh --sections kernel_tests,dmd2 --quick", carry=[".whl"],
-        timeout_s=220)
-
-``make gpu-check`` does the same (``PY=python3`` by default). Output: ``benchmarks/results/gpu-<device>.json``
-and ``.md`` (a markdown table), copied into ``$OUT`` when that is set; both are rewritten after every
-section, so a run cut short still leaves what it measured. Each section has a time budget (total under
-8 minutes on one H100, the last section ``dmd2_compile`` -- the shared mode eager vs ``torch.compile`` -- about
-2 of them); a section that fails records its error and the next one runs.
-
+    run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)      # on the lent machine
     python3 benchmarks/gpu_check.py [--tiny] [--quick] [--sections a,b] [--out DIR] [--budget SCALE]
 
-``--tiny`` runs the same script end to end on CPU at tiny sizes, the kernels under TRITON_INTERPRET=1
-(tests/test_gpu_check.py runs it). The repo need not be pip-installed: everything is imported directly.
+Writes ``benchmarks/results/gpu-<device>.json`` and ``.md`` (copied into ``$OUT`` when set) after every row and
+section, so a run cut short keeps what it measured; each section has a time budget (under 8 minutes in all)
+and a failing one records its error. ``--quick``: the short rerun (files ``*-rerun.*``). ``--tiny``: the same
+script end to end on CPU at tiny sizes, kernels under TRITON_INTERPRET=1 (tests/test_gpu_check.py). The repo
+need not be pip-installed. Sections, rows and budgets: docs/benchmarks.md.
 """
 
 from __future__ import annotations
