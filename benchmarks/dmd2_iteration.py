@@ -208,11 +208,10 @@ def shared_step(config: dict, pb: Problem, *, checkpointing: bool, channels_last
         shared.unet.enable_gradient_checkpointing(**func)
     if channels_last:
         shared.unet.to(memory_format=torch.channels_last)
-    if compile_mode == "regional":  # each transformer block compiled once per shape and role (diffusers'
-        torch._dynamo.config.recompile_limit = 64  # regional compilation); roles and batches are guards
-        shared.unet.compile_repeated_blocks()
-    elif compile_mode:
-        shared.unet.compile(mode=compile_mode)
+    if compile_mode:  # as train.compile=true with train.compile_mode does it
+        from core.compiling import compile_module
+
+        compile_module(shared.unet, compile_mode)
     if lora_input_cast:
         shared._cast_adapter_inputs = lambda enabled: None  # peft's cast stays on, as before SharedBase skipped it
     opt_g, opt_c = (_adamw(shared.adapter_parameters(r), dev) for r in ("student", "critic"))

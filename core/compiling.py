@@ -4,9 +4,8 @@ DMD2 iteration spends 2.06 s of CPU time issuing 254k aten calls against 0.69 s 
 Each network's *inner* module (``net`` of a diffusers denoiser, ``backbone`` of ``core.networks.DenoiserNet``,
 else the module itself) is compiled in place with ``nn.Module.compile`` (``regional``: only its repeated
 blocks): its ``__call__`` goes through dynamo, while parameters, ``state_dict`` keys and checkpoints stay as
-they are. The denoiser wrappers (preconditioning,
-guidance, parameterisation) stay eager: they are a few element-wise ops and are called as methods
-(``denoise``), which ``nn.Module.compile`` does not reach. A network shared by several roles (the
+they are. The denoiser wrappers (preconditioning, guidance, parameterisation) stay eager: they are a few
+element-wise ops and are called as methods (``denoise``), which ``nn.Module.compile`` does not reach. A network shared by several roles (the
 ``shared-lora`` base) is compiled once; peft's adapter switch is a guard change, so each role compiles once.
 """
 
