@@ -5,8 +5,9 @@ Each network's *inner* module (``net`` of a diffusers denoiser, ``backbone`` of 
 else the module itself) is compiled in place with ``nn.Module.compile`` (``regional``: only its repeated
 blocks): its ``__call__`` goes through dynamo, while parameters, ``state_dict`` keys and checkpoints stay as
 they are. The denoiser wrappers (preconditioning, guidance, parameterisation) stay eager: they are a few
-element-wise ops and are called as methods (``denoise``), which ``nn.Module.compile`` does not reach. A network shared by several roles (the
-``shared-lora`` base) is compiled once; peft's adapter switch is a guard change, so each role compiles once.
+element-wise ops and are called as methods (``denoise``), which ``nn.Module.compile`` does not reach. A
+network shared by several roles (the ``shared-lora`` base) is compiled once; peft's adapter switch is a guard
+change, so each role compiles once.
 """
 
 from __future__ import annotations
