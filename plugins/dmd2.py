@@ -205,6 +205,7 @@ class DMD2:
             else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
                 x_in = self._noised_real(ctx, self.times[k], noise)
             ctx.cache["dmd2.input"] = (x_in, time_batch(self.times[k], x_in))
+            ctx.cache["dmd2.step"] = k
         return ctx.cache["dmd2.input"]
 
     def _noised_real(self, ctx, t: float, noise: Tensor) -> Tensor:
@@ -280,10 +281,11 @@ class DMD2:
             x0_fake = critic.denoise(x_t, tt, cond)
         return ops.dmd_loss(x, x0_real, x0_fake)
 
-    def step_weight(self, t_in: float, ctx) -> float:
+    def step_weight(self, k: int, ctx) -> float:
         """Step k's regression weight: 1, or EDM's lambda(tau_k) / lambda(tau_0), lambda = 1/c_out^2, which gives
-        every step's x0-MSE the same gradient scale on the raw network F (the last steps' c_out is small)."""
-        if self.config.step_weighting == "uniform" or t_in == self.times[0]:
+        every step's x0-MSE the same gradient scale on the raw network F (the last steps' c_out is small).
+        From the step's index, not the time tensor: no device sync, and exactly 1 at k = 0."""
+        if self.config.step_weighting == "uniform" or k == 0:
             return 1.0
         sched, sigma_data = ctx.teacher.schedule, sigma_data_of(ctx.student, ctx.teacher)
 
@@ -291,7 +293,7 @@ class DMD2:
             t = torch.tensor(t, dtype=torch.float64)
             return float(edm_weight(sched.sigma(t) / sched.alpha(t), sigma_data))
 
-        return lam(t_in) / lam(self.times[0])
+        return lam(self.times[k]) / lam(self.times[0])
 
     def regression_loss(self, ctx, x: Tensor) -> Tensor:
         """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
@@ -310,7 +312,7 @@ class DMD2:
             noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
             target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
         mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
-        weight = self.step_weight(float(t_in[0]), ctx)
+        weight = self.step_weight(ctx.cache["dmd2.step"], ctx)
         return mse if weight == 1 else weight * mse
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
