@@ -200,3 +200,45 @@ def test_one_nfe_student_beats_the_teacher_four_step_euler(ring8_teacher_run, tm
     euler4 = energy_distance(generate(teacher, SamplingSpec("euler", make_grid(teacher.schedule, 4).tolist(), {}),
                                       n, shape=(2,)), ref)
     assert student <= euler4, (student, euler4)
+
+
+# -- the first-stage teacher's checks and its denoiser ----------------------------------------------------------
+
+class _RunTeacher:
+    """A teacher loaded from a run (``run_config.objective``), recording its denoise calls."""
+
+    schedule = "edm"
+
+    def __init__(self, objective=None, nfe=None):
+        if objective is not None:
+            config = type("C", (), {"nfe": nfe})()
+            self.run_config = type("R", (), {"objective": type("O", (), {"name": objective, "config": config})()})()
+        self.calls = []
+
+    def denoise(self, *args):
+        self.calls.append(args)
+        return args[0]
+
+
+@pytest.mark.parametrize("objective,nfe,expected", [
+    ("denoise", None, "fewstep: warning: objective=sfd-1 distils a first-stage SFD or SFD-v run; teacher.path holds "
+                      "a denoise teacher, which runs its plain Euler steps as the target\n"),
+    (None, None, "fewstep: warning: objective=sfd-1 distils a first-stage SFD or SFD-v run; teacher.path holds a "
+                 "non-run teacher, which runs its plain Euler steps as the target\n"),
+    ("sfd", 3, "fewstep: warning: the first-stage SFD run was trained for NFE 3; the second stage runs it at NFE 5 "
+               "(train it with objective.nfe=5, or use sfd-v)\n"),
+    ("sfd", 5, ""), ("sfd-v", 2, "")])
+def test_first_stage_says_what_the_teacher_is_not(capsys, objective, nfe, expected):
+    from plugins.sfd import FirstStage
+
+    FirstStage(_RunTeacher(objective, nfe), nfe=5)
+    assert capsys.readouterr().err == expected
+
+
+def test_first_stage_passes_guidance_to_an_unconditioned_teacher():
+    from plugins.sfd import FirstStage
+
+    teacher = _RunTeacher("sfd", 5)
+    x, t, cond = torch.randn(2, 2), torch.ones(2), torch.zeros(2, dtype=torch.long)
+    assert FirstStage(teacher, nfe=5).denoise(x, t, cond, 2.5) is x
+    assert len(teacher.calls) == 1 and teacher.calls[0][2] is cond and teacher.calls[0][3] == 2.5
