@@ -69,6 +69,10 @@ class DMD2Config:
                          "breaks the per-class collapse of a 1-step teacher copy, which outputs the class mean "
                          "at sigma_max whatever the noise; 0, DMD2's choice, for teachers with expensive_calls such "
                          "as the diffusers pipelines)"})
+    regression_warmup: int = attrs.field(
+        default=0, validator=attrs.validators.ge(0),
+        metadata={"doc": "iterations whose generator updates use the regression loss alone (the critic trains "
+                         "throughout), then DM + GAN join: DMD2's 1-step warm start on teacher ODE pairs"})
     regression_solver: str = attrs.field(default="dpmpp-2m", metadata={"doc": "teacher ODE solver for the targets"})
     regression_steps: int = attrs.field(default=16, validator=positive,
                                         metadata={"doc": "teacher ODE steps from tau_k to 0 for the targets"})
@@ -235,6 +239,9 @@ class DMD2:
         c = self.config
         x = self.generate(ctx)
         ctx.cache["dmd2.x"] = x.detach()
+        if ctx.iteration < c.regression_warmup:  # the warm start: the teacher's ODE pairs only
+            reg = self.regression_loss(ctx, x)
+            return reg, {"regression": reg.detach()}
         dm = self.distribution_matching_loss(x, ctx.batch["cond"], ctx.teacher, ctx.critic)
         loss, metrics = c.dm_weight * dm, {"dm": dm.detach()}
         if self.regression_weight:
@@ -301,18 +308,22 @@ class DMD2:
         ``regression_solver`` from tau_k to 0, with the real score's guidance), so every noise keeps the mode the
         teacher assigns it. Computed per generator update, not from a stored pair set. Scaled by
         ``step_weight`` for the later steps of a K-step generator."""
-        x_in, t_in = self.generator_input(ctx)
+        x_in, _ = self.generator_input(ctx)
         c, teacher = self.config, ctx.teacher
         sched = teacher.schedule
-        grid = make_grid(sched, c.regression_steps, t_max=float(t_in[0]))
+        # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
+        # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
+        k = ctx.cache["dmd2.step"]
+        grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else self.times[k])
         solver = get_registry().get("sampler", c.regression_solver).factory
         guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
         extra = {} if guidance is None or ctx.batch["cond"] is None else {"guidance": guidance}
         with torch.no_grad():
-            noise = x_in / sched.sigma(grid[0]).to(x_in.dtype)  # the solvers start from sigma(t_0) * noise
+            sigma_in = sched.sigma(torch.tensor(self.times[k], dtype=torch.float64))
+            noise = x_in / sigma_in.to(x_in.dtype)  # the solvers start from sigma(grid[0]) * noise
             target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
         mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
-        weight = self.step_weight(ctx.cache["dmd2.step"], ctx)
+        weight = self.step_weight(k, ctx)
         return mse if weight == 1 else weight * mse
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:

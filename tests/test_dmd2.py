@@ -294,7 +294,7 @@ def test_cli_samples_one_and_k_step_students(tmp_path, capsys, steps):
     assert "multistep, 2 steps" in capsys.readouterr().out
 
 
-# -- the regression target: the guided teacher's ODE from the generator's own time tau_k ------------------------
+# -- the regression target: the guided teacher's ODE image of the generator's own noise --------------------------
 
 class GuidedGaussianTeacher:
     """The exact CFG denoiser on EDM for class-conditional data N(mu_c, V) with unconditional data N(0, V):
@@ -325,13 +325,15 @@ def float64_default():
 
 @pytest.mark.parametrize(("guidance", "labelled"), [(None, True), (4.0, True), (None, False)])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidance, labelled, batch, float64_default):
+def test_one_step_regression_target_is_the_full_ode_image_of_the_noise(guidance, labelled, batch, float64_default):
     """For N(m, V) data (m = w mu_c) the PF-ODE from x at sigma_0 to 0 ends at m + (x - m) sqrt(V / (V + sigma_0^2))
-    (closed form). The target starts at the generator's time tau_0 = 2 (not at sigma_max), on the batch's labels,
-    with the objective's guidance scale, else the teacher's, and no guidance argument without labels;
-    regression_loss(x = that closed form) is then ~0 (64 DPM-Solver++(2M) steps)."""
+    (closed form). A 1-step generator conditioned on tau_0 = 2 sees sigma(2) z, pure noise; its target is the
+    teacher's ODE image of that z from sigma_max (DMD2's 1-step SDXL recipe: ODE pairs from T, the generator at
+    t = 399), not the ODE from sigma = 2 (where 2 z is not a noisy sample), on the batch's labels, with the
+    objective's guidance scale, else the teacher's, and no guidance argument without labels; regression_loss
+    (x = that closed form) is then ~0 (128 DPM-Solver++(2M) steps from sigma_max)."""
     teacher = GuidedGaussianTeacher()
-    obj = DMD2(DMD2Config(gan="off", timesteps=[2.0], regression_weight=1.0, regression_steps=64, guidance=guidance))
+    obj = DMD2(DMD2Config(gan="off", timesteps=[2.0], regression_weight=1.0, regression_steps=128, guidance=guidance))
     nets = {"teacher": teacher, "student": RawNet(teacher.schedule, "x0", 2, seed=40),
             "critic": RawCritic(teacher.schedule, "x0", 2, seed=41)}
     obj.build(nets)
@@ -341,10 +343,15 @@ def test_regression_target_starts_at_tau_k_with_the_real_scores_guidance(guidanc
     assert torch.equal(t_in, torch.full((batch,), 2.0))
     w = 2.5 if guidance is None else guidance
     m = w * teacher.MU[cond] if labelled else torch.zeros(2)
-    closed_form = m + (x_in - m) * math.sqrt(teacher.V / (teacher.V + 2.0**2))
+    sigma_max = teacher.schedule.t_max
+    closed_form = m + (x_in / 2.0 * sigma_max - m) * math.sqrt(teacher.V / (teacher.V + sigma_max**2))
+    from_tau_0 = m + (x_in - m) * math.sqrt(teacher.V / (teacher.V + 2.0**2))  # the old, wrong target
     reg = obj.regression_loss(ctx, closed_form)
     assert teacher.guidance_seen == ({w} if labelled else {None})
+    assert float(teacher.times[0][0]) == sigma_max
     assert float(reg) < 1e-6 * float(closed_form.square().mean())
+    gap = float((from_tau_0 - closed_form).square().mean())
+    assert float(obj.regression_loss(ctx, from_tau_0)) > 0.5 * gap > 5e-4
 
 
 def test_critic_phase_trains_on_the_generator_phases_sample(float64_default):

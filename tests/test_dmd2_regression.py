@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.protocols import Context
+from core.timesteps import make_grid
 from plugins.dmd2 import DMD2, DMD2Config
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
 
@@ -42,8 +43,6 @@ def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighti
     x = torch.randn(512, 2, dtype=torch.float32, requires_grad=True)
     loss = obj.regression_loss(ctx, x)
     loss.backward()
-    from core.timesteps import make_grid
-
     times = make_grid(teacher.schedule, 6, t_max=float(t_in[0])).tolist()
     assert times[0] == pytest.approx(float(t_in[0])) and times[-1] == 0
     target = euler_float64(teacher, x_in, times)
@@ -75,3 +74,34 @@ def test_defaults_turn_regression_on_and_raise_the_lr_from_scratch():
     obj = DMD2(DMD2Config(gan="off", regression_weight=0.5, lr=3e-4, critic_lr=2e-4))
     obj.build({"teacher": analytic, "student": analytic, "critic": analytic})
     assert (obj.regression_weight, obj.phases()[0].lr, obj.phases()[1].lr) == (0.5, 3e-4, 2e-4)
+
+
+def test_regression_warmup_updates_the_generator_on_the_ode_pairs_alone():
+    """Before ``regression_warmup`` iterations the generator's loss is the regression loss alone (its gradient is
+    2 (x - ODE(x_in)) / numel, the float64 Euler reference), so the critic is never asked; from then on DM joins."""
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    obj = DMD2(DMD2Config(gan="off", regression_solver="euler", regression_steps=6, regression_warmup=3))
+    obj.build({"teacher": teacher, "student": teacher, "critic": teacher})
+
+    class Generator(torch.nn.Module):  # G(x_in) = x_in + b: the gradient w.r.t. b is the loss's w.r.t. x, summed
+        schedule = teacher.schedule
+
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.zeros(2))
+
+        def denoise(self, x, t, cond=None):
+            return x + self.b
+
+    generator = Generator()
+    ctx = Context({"teacher": teacher, "student": generator}, {"x": None, "cond": None}, 2, 256, "cpu")  # no critic
+    loss, metrics = obj.generator_loss(ctx)
+    loss.backward()
+    x_in, _ = obj.generator_input(ctx)
+    target = euler_float64(teacher, x_in, make_grid(teacher.schedule, 6).tolist())
+    expected = (2 * (x_in.double() - target) / x_in.numel()).sum(0)
+    assert set(metrics) == {"regression"}
+    assert torch.allclose(generator.b.grad.double(), expected, atol=1e-6, rtol=1e-4)
+    after = Context({"teacher": teacher, "student": generator, "critic": teacher}, {"x": None, "cond": None}, 3, 256,
+                    "cpu")
+    assert set(obj.generator_loss(after)[1]) == {"dm", "regression"}
