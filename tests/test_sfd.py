@@ -258,6 +258,13 @@ def test_nfe_conditioned_denoise_passes_the_denoisers_keywords_on():
     expect = inner.denoise(x, t, None, extra_emb=net.nfe_embedding(2, 3, "cpu"), gain=3.0)
     torch.testing.assert_close(net.denoise(x, t, None, nfe=2, gain=3.0), expect)
     torch.testing.assert_close(net.denoise(x, t, None, gain=3.0), inner.denoise(x, t, None, gain=3.0))
+    torch.testing.assert_close(net(x, t, None, nfe=2, gain=3.0), expect)  # calling the module is denoise
+
+
+def test_nfe_embedding_is_made_on_the_device_asked_for():
+    """On PyTorch's meta device (a stand-in for a GPU here): the NFE tensor is made there, not on the CPU."""
+    net = NFEConditioned(_mlp_net()).to("meta")
+    assert net.nfe_embedding(3, 4, "meta").device.type == "meta"
 
 
 def test_nfe_conditioned_sizes_its_embedding_from_a_unet_time_embedding():
