@@ -97,8 +97,13 @@ def test_scalar_time_condition_and_kwargs_reach_the_backbone():
     assert bb.calls[-1]["c_noise"].shape == (4,) and bb.calls[-1]["shift"] == 0.25
     assert torch.equal(bb.calls[-1]["cond"], cond)
     torch.testing.assert_close(got, net.denoise(x, torch.full((4,), 2.0, dtype=F64), cond, shift=0.25))
-    # calling the module is denoise, condition and keyword arguments included
-    torch.testing.assert_close(net(x, torch.full((4,), 2.0, dtype=F64), cond, shift=0.25), got)
+
+
+def test_calling_the_module_is_denoise_with_condition_and_keywords():
+    bb = KnownBackbone()
+    net = DenoiserNet(bb, EDMSchedule())
+    x, t, cond = _batch(), torch.full((4,), 2.0, dtype=F64), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(net(x, t, cond, shift=0.25), net.denoise(x, t, cond, shift=0.25))
     assert torch.equal(bb.calls[-1]["cond"], cond) and bb.calls[-1]["shift"] == 0.25
 
 
