@@ -4,7 +4,9 @@ Reads ``mutmut results --all true``; writes benchmarks/results/mutation.md (or t
 a test failed; timeouts are listed apart and not counted (on a loaded machine they are often the load, not
 the mutant: rerun them with ``mutmut run NAME``). "no tests" mutants (code no selected test runs) count against the rate. Survivors
 listed in tests/mutation_equivalent.txt (``mutant-name  reason``) are equivalent mutants: reported with their
-reason and left out of the adjusted rate. Modules that mutmut has not run yet are listed as not run.
+reason and left out of the adjusted rate. A module without results in ``mutants/`` (which is not committed:
+a fresh clone, or a run of other modules) keeps its row and survivors from the report file being rewritten,
+marked as an earlier run; modules that no run has covered are listed as not run.
 """
 
 from __future__ import annotations
@@ -45,10 +47,29 @@ def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def earlier_report(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """{module: its table row} and {module: its survivor sections} of an earlier report at ``path``."""
+    if not path.exists():
+        return {}, {}
+    rows, sections, current = {}, collections.defaultdict(list), None
+    for line in path.read_text().splitlines():
+        row = re.match(r"^\| ([a-z0-9_.]+)( \(earlier run\))? \| (?!not run)", line)
+        if row:
+            rows[row[1]] = line if row[2] else line.replace(f"| {row[1]} |", f"| {row[1]} (earlier run) |", 1)
+            continue
+        head = re.match(r"^#### `(\S+__mutmut_\d+)`", line)
+        if head:
+            current = module_of(head[1])
+        if current is not None:
+            sections[current].append(line)
+    return rows, sections
+
+
 def main(out_path: str = "benchmarks/results/mutation.md") -> int:
     configured = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
     modules = [p.removesuffix(".py").replace("/", ".") for p in configured]
     status, equiv = results(), equivalents()
+    kept_rows, kept_sections = earlier_report(ROOT / out_path)
     by_module = collections.defaultdict(collections.Counter)
     survivors = collections.defaultdict(list)
     for name, st in status.items():
@@ -65,7 +86,12 @@ def main(out_path: str = "benchmarks/results/mutation.md") -> int:
             rows.append(f"| {mod} | none: every function is decorated (not mutated by mutmut 3) | | | | | | | |")
             continue
         if not counts or counts.get("not checked", 0) == sum(counts.values()):
-            rows.append(f"| {mod} | not run | | | | | | | |")
+            if mod in kept_rows:
+                rows.append(kept_rows[mod])
+                lines += kept_sections.get(mod, [])
+                print(f"{mod:40s} kept from the earlier report")
+            else:
+                rows.append(f"| {mod} | not run | | | | | | | |")
             continue
         total = sum(counts.values()) - counts.get("not checked", 0)
         killed = sum(counts[s] for s in KILLED)
@@ -89,7 +115,9 @@ def main(out_path: str = "benchmarks/results/mutation.md") -> int:
            "with decorators other than staticmethod/classmethod (e.g. `@torch.no_grad()` samplers, Triton kernels)",
            "are not mutated by mutmut 3.", "",
            "A module with mutants \"not run\" was run on a deterministic sample (in each function, the mutants whose",
-           "number is 1 modulo k) or on the functions listed in docs/mutation.md: its rate is that sample's.", "",
+           "number is 1 modulo k) or on the functions listed in docs/mutation.md: its rate is that sample's.",
+           "A module marked \"earlier run\" had no results in this run's `mutants/` (not committed): its row and",
+           "survivors are those of the report this one replaced.", "",
            "| module | mutants run | killed | survived | of which equivalent | timeout | no tests "
            "| kill rate (without equivalents) | not run |",
            "|---|---|---|---|---|---|---|---|---|",

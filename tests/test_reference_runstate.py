@@ -173,3 +173,100 @@ def test_the_8bit_optimizer_without_bitsandbytes_names_the_install(monkeypatch):
     with pytest.raises(UsageError, match=re.escape("train.optimizer=adamw8bit needs bitsandbytes: pip install "
                                                    "bitsandbytes (or use train.optimizer=adamw)")):
         make_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"), lr=1e-3)
+
+
+def test_optimizer_state_with_plain_values_round_trips():
+    """Tensors go to safetensors, everything else (an int step, a flag, a None) stays in state.json."""
+    state = {"state": {0: {"step": 3, "exp_avg": torch.arange(3.0), "flag": None},
+                       2: {"momentum_buffer": torch.ones(2), "count": 1.5}},
+             "param_groups": [{"lr": 0.1, "params": [0, 2]}]}
+    tensors, structure = ckpt.flatten_optimizer("opt.x", state)
+    assert sorted(tensors) == ["opt.x.0.exp_avg", "opt.x.2.momentum_buffer"]
+    assert structure["state"] == {"0": {"step": 3, "exp_avg": {"tensor": "opt.x.0.exp_avg"}, "flag": None},
+                                  "2": {"momentum_buffer": {"tensor": "opt.x.2.momentum_buffer"}, "count": 1.5}}
+    back = ckpt.unflatten_optimizer(structure, tensors)
+    assert back["param_groups"] == state["param_groups"] and back["state"].keys() == {0, 2}
+    assert back["state"][0]["step"] == 3 and back["state"][0]["flag"] is None and back["state"][2]["count"] == 1.5
+    assert torch.equal(back["state"][0]["exp_avg"], torch.arange(3.0))
+    # a plain dict value without a "tensor" key is kept as it is
+    assert ckpt.unflatten_optimizer({"state": {"1": {"meta": {"k": 2}}}, "param_groups": []}, {})["state"] == {
+        1: {"meta": {"k": 2}}}
+
+
+def test_more_missing_keys_than_the_limit_end_with_an_ellipsis():
+    modules = {"student": torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "(missing student.0.weight, student.0.bias, student.1.weight ...); resume")):
+        load_modules(modules, {}, "RUN/ckpt:")
+
+
+def test_optimizer_state_that_does_not_fit_names_the_phase():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    saved = {"optimizers": {"critic": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}}
+    with pytest.raises(CheckpointError, match="^" + re.escape(
+            "RUN/state.json: optimizer state of phase 'critic' does not fit this run (") + ".*" + re.escape(
+            "); resume with the run's own settings (config=RUN/config.yaml), or start afresh with another out=")):
+        load_optimizers({"critic": opt}, saved, {}, "RUN/state.json")
+
+
+def test_a_failed_save_over_an_existing_step_keeps_that_step(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path))
+    store.save(1, {"w": torch.zeros(2)}, {}, {"step": 1})
+    monkeypatch.setattr(ckpt, "write_json", lambda url, obj: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        store.save(1, {"w": torch.ones(2)}, {}, {"step": 1})
+    assert (tmp_path / "checkpoints" / "step-00000001").is_dir()
+
+
+def test_schedules_moved_before_any_optimizer_step_warn_nothing(tmp_path, recwarn):
+    trainer = Trainer(run_config(*FAST, "train.steps=4", f"out={tmp_path / 'run'}"))
+    trainer.build()
+    trainer.state.step_schedules(to=2)
+    trainer.state.step_schedules()
+    assert [str(w.message) for w in recwarn] == []
+    assert trainer.state.schedules["denoiser"].last_epoch == 3
+
+
+def test_the_8bit_optimizer_gets_the_parameters_and_settings(monkeypatch):
+    made = []
+    optim = type("optim", (), {"AdamW8bit": staticmethod(lambda params, **hyper: made.append((params, hyper)))})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", type("bnb", (), {"optim": optim}))
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    make_optimizer("adamw8bit", params, torch.device("cpu"), lr=1e-3, betas=(0.0, 0.99))
+    assert made == [(params, {"lr": 1e-3, "betas": (0.0, 0.99)})]
+
+
+@pytest.mark.parametrize("device,fused", [("cuda", True), ("cpu", None)])
+def test_adamw_is_fused_on_cuda(device, fused):
+    opt = make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], torch.device(device), lr=1e-3)
+    assert opt.defaults.get("fused") is fused
+
+
+def test_the_ema_copy_is_frozen_and_a_phase_needs_its_networks(tmp_path, monkeypatch):
+    trainer = Trainer(run_config(*FAST, "train.steps=2", f"out={tmp_path / 'run'}"))
+    trainer.build()
+    assert not any(p.requires_grad for p in trainer.state.ema.parameters())
+    from core.protocols import Phase
+    from core.runstate import RunState
+
+    with pytest.raises(UsageError, match="^" + re.escape("objective phase 'critic' trains ['critic'], which this "
+                                                         "run does not have (it has ['student'])") + "$"):
+        RunState(trainer.cfg, trainer.networks, [Phase("critic", trains="critic")], trainer.parallel, trainer.log)
+
+
+def test_a_resumed_checkpoint_that_does_not_fit_names_its_file(tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "train.ckpt_every=2", f"out={out}"]
+    train(*args, "train.steps=2")
+    d = out / "checkpoints" / "step-00000002"
+    state = files.read_json(d / "state.json")
+    files.write_json(str(d / "state.json"), {**state, "optimizers": {"other": {}}})
+    trainer = Trainer(run_config(*args, "train.steps=4"))
+    trainer.build()
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{d}/state.json holds optimizers for phases ['other']")):
+        trainer.state.restore()
+    files.write_json(str(d / "state.json"), state)
+    weights = load_file(d / "weights.safetensors")
+    ckpt.save_tensors(str(d / "weights.safetensors"), {k: v for k, v in weights.items() if not k.startswith("ema.")})
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{d}/weights.safetensors was written by another config")):
+        trainer.state.restore()

@@ -3,6 +3,7 @@ model's own Euler (+AFS) trajectory on the 7-point grid, and beats the teacher's
 optional LPIPS term loads VGG weights only from the user's file and matches the LPIPS formula."""
 
 import math
+import re
 import subprocess
 import sys
 
@@ -178,6 +179,54 @@ def test_lpips_needs_image_data(first_stage, lpips_files, tmp_path):
                             f"objective.lpips_path={root / 'vgg.pth'}", f"out={tmp_path / 'run'}"))
     with pytest.raises(UsageError, match="needs image data"):
         tr.build()
+
+
+@pytest.fixture(scope="module")
+def image_first_stage(tmp_path_factory):
+    """A barely trained SFD-v UNet on a barely trained digits teacher (8x8 images, mechanics only)."""
+    root = tmp_path_factory.mktemp("image-first-stage")
+    quiet = ("train.eval_every=0", "train.preview_every=0", "train.eval_samples=16", "data=digits")
+    train("objective=denoise", "student=unet", "student.channels=[8]", "student.attention=[]", "student.head_dim=8",
+          "train.steps=2", "train.batch=8", *quiet, f"out={root / 'teacher'}")
+    train("objective=sfd-v", "teacher=checkpoint", f"teacher.path={root / 'teacher'}", "student=copy-nfe",
+          "train.steps=1", "train.batch=4", *quiet, f"out={root / 'sfdv'}")
+    return str(root / "sfdv")
+
+
+def test_lpips_is_added_on_the_last_step_of_an_image_student(image_first_stage, lpips_files, tmp_path):
+    """NFE 2 (AFS + 2 calls): step 1's loss is L1 alone, step 2's is L1 + lambda * LPIPS at 224 px (each against
+    the first stage's Euler + AFS trajectory, written out here), with the LPIPS of the user's file."""
+    state, root = lpips_files
+    tr = Trainer(run_config("objective=sfd-1", "objective.nfe=2", "teacher=checkpoint", "data=digits",
+                            f"teacher.path={image_first_stage}", f"objective.lpips_path={root / 'vgg.safetensors'}",
+                            "objective.lpips_weight=0.7", "train.batch=2", f"out={tmp_path / 'run'}"))
+    tr.build()
+    assert torch.equal(tr.objective.lpips.lins[4].weight, state["lin4.model.1.weight"])
+    first, student = tr.teacher.net, tr.student
+    cond = tr.teacher.encode_condition(torch.tensor([3, 7]))
+    ctx = Context(tr.nets, {"x": None, "cond": cond}, 0, 2, "cpu")
+    rng = torch.get_rng_state()
+    losses = [value.detach() for value, _ in tr.objective.loss("student", ctx)]
+    torch.set_rng_state(rng)
+    x_T = 80.0 * torch.randn(2, 1, 8, 8)
+    fine = _grid(10)  # N = 4 student timestamps, M = 2: (M+1)(N-1)+1
+    sigma = lambda s: torch.full((2,), s)  # noqa: E731
+    with torch.no_grad():
+        target = _euler_afs(lambda x, s: first.denoise(x, sigma(s), cond, nfe=8), x_T, fine)[::3]
+        out = _euler_afs(lambda x, s: student.denoise(x, sigma(s), cond, nfe=2), x_T, fine[::3])
+        up = lambda z: F.interpolate(z.expand(-1, 3, -1, -1), size=(224, 224), mode="bilinear")  # noqa: E731
+        perceptual = _reference_lpips(state, up(out[3]), up(target[3])).mean()
+    assert len(losses) == 2 and perceptual > 0
+    torch.testing.assert_close(losses[0], (out[2] - target[2]).abs().mean(), rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(losses[1], (out[3] - target[3]).abs().mean() + 0.7 * perceptual, rtol=2e-4, atol=1e-6)
+
+
+def test_an_absent_lpips_file_is_named_before_anything_runs(first_stage, tmp_path):
+    with pytest.raises(UsageError, match="^" + re.escape(
+            f"objective: lpips_path={tmp_path / 'vgg.pth'}: no such file; pass the LPIPS-VGG weights "
+            "file (docs/methods/sfd.md) or drop objective.lpips_path")):
+        run_config("objective=sfd-1", "teacher=checkpoint", f"teacher.path={first_stage}",
+                   f"objective.lpips_path={tmp_path / 'vgg.pth'}", f"out={tmp_path / 'run'}")
 
 
 # -- quality -----------------------------------------------------------------------------------------------------
