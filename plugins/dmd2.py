@@ -239,7 +239,7 @@ class DMD2:
         c = self.config
         x = self.generate(ctx)
         ctx.cache["dmd2.x"] = x.detach()
-        if ctx.iteration < c.regression_warmup:  # the warm start: the teacher's ODE pairs only
+        if c.regression_warmup and ctx.iteration < c.regression_warmup:  # the warm start: the teacher's ODE pairs only
             reg = self.regression_loss(ctx, x)
             return reg, {"regression": reg.detach()}
         dm = self.distribution_matching_loss(x, ctx.batch["cond"], ctx.teacher, ctx.critic)
@@ -305,21 +305,22 @@ class DMD2:
     def regression_loss(self, ctx, x: Tensor) -> Tensor:
         """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
         is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
-        ``regression_solver`` from tau_k to 0, with the real score's guidance), so every noise keeps the mode the
-        teacher assigns it. Computed per generator update, not from a stored pair set. Scaled by
+        ``regression_solver`` from tau_k to 0, with the real score's guidance; for step 0, whose input is pure
+        noise, from t_max), so every noise keeps the mode the teacher assigns it. Computed per generator update, not from a stored pair set. Scaled by
         ``step_weight`` for the later steps of a K-step generator."""
-        x_in, _ = self.generator_input(ctx)
+        x_in, t_in = self.generator_input(ctx)
         c, teacher = self.config, ctx.teacher
         sched = teacher.schedule
         # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
         # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
         k = ctx.cache["dmd2.step"]
-        grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else self.times[k])
+        t_k = float(t_in[0])
+        grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else t_k)
         solver = get_registry().get("sampler", c.regression_solver).factory
         guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
         extra = {} if guidance is None or ctx.batch["cond"] is None else {"guidance": guidance}
         with torch.no_grad():
-            sigma_in = sched.sigma(torch.tensor(self.times[k], dtype=torch.float64))
+            sigma_in = sched.sigma(torch.tensor(t_k, dtype=torch.float64))
             noise = x_in / sigma_in.to(x_in.dtype)  # the solvers start from sigma(grid[0]) * noise
             target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
         mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
