@@ -53,7 +53,7 @@ def earlier_report(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
         return {}, {}
     rows, sections, current = {}, collections.defaultdict(list), None
     for line in path.read_text().splitlines():
-        row = re.match(r"^\| ([a-z_.]+)( \(earlier run\))? \| (?!not run)", line)
+        row = re.match(r"^\| ([a-z0-9_.]+)( \(earlier run\))? \| (?!not run)", line)
         if row:
             rows[row[1]] = line if row[2] else line.replace(f"| {row[1]} |", f"| {row[1]} (earlier run) |", 1)
             continue

@@ -23,6 +23,9 @@ from core.errors import UsageError
 from core.roles import set_seed
 from core.runner import Trainer
 
+# one process plays every rank: DCP's single-process notice and its overwrite of the shared dcp/ directory
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled", "ignore:Detected an existing checkpoint")
+
 FAST = ["objective=denoise", "train.batch=16", "train.eval_every=0", "train.preview_every=0", "student.hidden=16",
         "student.depth=1", "student.emb_dim=8", "train.ema=0.5", "train.log_every=1"]
 
@@ -230,3 +233,45 @@ def test_sharded_state_round_trips_through_an_fsspec_url():
     assert isinstance(writer, FsspecWriter) and isinstance(reader, FsspecReader)
     local = ckpt._writer_reader("file:///tmp/x/dcp")
     assert [str(w.path) for w in local] == ["/tmp/x/dcp", "/tmp/x/dcp"]
+
+
+class _FakeCuda:
+    """torch.cuda's RNG calls, recorded: a CPU machine checks which CUDA stream goes where."""
+
+    def __init__(self, monkeypatch, devices=2, available=True):
+        self.streams = [torch.full((4,), 10 + i, dtype=torch.uint8) for i in range(devices)]
+        self.calls = []
+        fakes = {"get_rng_state": lambda device: self.streams[device.index or 0],
+                 "set_rng_state": lambda state, device: self.calls.append(("set", state, device))}
+        if available:  # DCP asks too: the sharded test leaves it False
+            fakes |= {"is_available": lambda: True, "device_count": lambda: devices,
+                      "get_rng_state_all": lambda: list(self.streams),
+                      "set_rng_state_all": lambda states: self.calls.append(("set_all", states))}
+        for name, fn in fakes.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_cuda_streams_of_a_one_process_run_are_saved_and_restored(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path / "run", "train.steps=4", world=1, mode="none")
+    cuda = _FakeCuda(monkeypatch)  # after the build, which would otherwise pick a CUDA device
+    rundir.write_run_files(trainer.cfg, trainer.spec)
+    d = trainer.state.save(2, trainer.spec)
+    saved = load_file(f"{d}/state.safetensors")
+    assert torch.equal(saved["rng.cuda0"], cuda.streams[0]) and torch.equal(saved["rng.cuda1"], cuda.streams[1])
+    assert trainer.state.restore() == 2
+    ((what, states),) = cuda.calls
+    assert what == "set_all" and [s.tolist() for s in states] == [s.tolist() for s in cuda.streams]
+
+
+def test_each_ranks_cuda_stream_is_saved_and_restored_on_its_device(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path / "run", "train.steps=4")
+    cuda = _FakeCuda(monkeypatch, available=False)
+    rundir.write_run_files(trainer.cfg, trainer.spec)
+    p = trainer.state.parallel
+    for rank in (0, 1):  # where each rank's stream lives; the weights stay on the CPU
+        p.rank, p.main, p.device = rank, rank == 0, torch.device("cuda", rank)
+        d = trainer.state.save(2, trainer.spec)
+        assert torch.equal(load_file(f"{d}/rng-{rank:05d}.safetensors")["rng.cuda"], cuda.streams[rank])
+    assert trainer.state.restore() == 2  # as rank 1
+    ((what, state, device),) = cuda.calls
+    assert what == "set" and torch.equal(state, cuda.streams[1]) and device == torch.device("cuda", 1)

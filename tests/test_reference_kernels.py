@@ -144,3 +144,10 @@ def test_posterior_at_eta_0_is_ddim_and_eta_scales_the_noise():
     out = posterior_sample_reference(z_t, x0, at, st, at, st * 1.5, noise)
     assert bool(out.isfinite().all())
     torch.testing.assert_close(out, at[:, None] * x0 + 1.5 * st[:, None] * eps_hat)
+
+
+def test_weighted_loss_reference_keeps_a_list_weight_on_the_batch_device():
+    """On PyTorch's meta device (a stand-in for a GPU here): a per-sample weight given as a list goes where
+    the batch is."""
+    pred, target = torch.zeros(3, 4, device="meta"), torch.zeros(3, 4, device="meta")
+    assert weighted_loss_reference(pred, target, [1.0, 2.0, 3.0]).device.type == "meta"

@@ -97,8 +97,13 @@ def test_scalar_time_condition_and_kwargs_reach_the_backbone():
     assert bb.calls[-1]["c_noise"].shape == (4,) and bb.calls[-1]["shift"] == 0.25
     assert torch.equal(bb.calls[-1]["cond"], cond)
     torch.testing.assert_close(got, net.denoise(x, torch.full((4,), 2.0, dtype=F64), cond, shift=0.25))
-    # calling the module is denoise, condition and keyword arguments included
-    torch.testing.assert_close(net(x, torch.full((4,), 2.0, dtype=F64), cond, shift=0.25), got)
+
+
+def test_calling_the_module_is_denoise_with_condition_and_keywords():
+    bb = KnownBackbone()
+    net = DenoiserNet(bb, EDMSchedule())
+    x, t, cond = _batch(), torch.full((4,), 2.0, dtype=F64), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(net(x, t, cond, shift=0.25), net.denoise(x, t, cond, shift=0.25))
     assert torch.equal(bb.calls[-1]["cond"], cond) and bb.calls[-1]["shift"] == 0.25
 
 
@@ -242,3 +247,26 @@ def test_fourier_input_lets_the_mlp_fit_a_sharp_denoiser_that_the_plain_mlp_cann
 
     plain, fourier = fitted_error(0), fitted_error(64)
     assert fourier < plain / 5, (plain, fourier)  # measured 0.0060 vs 0.00012
+
+
+def test_float64_times_leave_a_float32_batch_in_float32():
+    """The preconditioning is computed in the batch's dtype (float32 at least), not the time's: a float32
+    network gets float32 inputs and noise levels from float64 sampler grids."""
+    bb = KnownBackbone()
+    net = DenoiserNet(bb, EDMSchedule())
+    out = net.denoise(_batch(torch.float32), torch.full((4,), 2.0, dtype=F64))
+    call = bb.calls[-1]
+    assert (call["x"].dtype, call["c_noise"].dtype, out.dtype) == (torch.float32,) * 3
+
+
+@pytest.mark.parametrize("prediction", ["edm", "eps"])
+def test_condition_keywords_and_dtype_on_every_prediction(prediction):
+    """Both branches (EDM preconditioning, and a converted prediction) hand the condition and keywords to the
+    backbone and return the batch's own dtype; the default sigma_data is EDM's 0.5."""
+    bb = KnownBackbone()
+    net = DenoiserNet(bb, EDMSchedule(), prediction)
+    assert net.sigma_data == 0.5
+    x, t, cond = _batch(torch.bfloat16), torch.full((4,), 2.0), torch.tensor([0, 1, 2, 3])
+    out = net.denoise(x, t, cond, shift=0.25)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(bb.calls[-1]["cond"], cond) and bb.calls[-1]["shift"] == 0.25

@@ -225,3 +225,48 @@ def test_schedules_moved_before_any_optimizer_step_warn_nothing(tmp_path, recwar
     trainer.state.step_schedules()
     assert [str(w.message) for w in recwarn] == []
     assert trainer.state.schedules["denoiser"].last_epoch == 3
+
+
+def test_the_8bit_optimizer_gets_the_parameters_and_settings(monkeypatch):
+    made = []
+    optim = type("optim", (), {"AdamW8bit": staticmethod(lambda params, **hyper: made.append((params, hyper)))})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", type("bnb", (), {"optim": optim}))
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    make_optimizer("adamw8bit", params, torch.device("cpu"), lr=1e-3, betas=(0.0, 0.99))
+    assert made == [(params, {"lr": 1e-3, "betas": (0.0, 0.99)})]
+
+
+@pytest.mark.parametrize("device,fused", [("cuda", True), ("cpu", None)])
+def test_adamw_is_fused_on_cuda(device, fused):
+    opt = make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], torch.device(device), lr=1e-3)
+    assert opt.defaults.get("fused") is fused
+
+
+def test_the_ema_copy_is_frozen_and_a_phase_needs_its_networks(tmp_path, monkeypatch):
+    trainer = Trainer(run_config(*FAST, "train.steps=2", f"out={tmp_path / 'run'}"))
+    trainer.build()
+    assert not any(p.requires_grad for p in trainer.state.ema.parameters())
+    from core.protocols import Phase
+    from core.runstate import RunState
+
+    with pytest.raises(UsageError, match="^" + re.escape("objective phase 'critic' trains ['critic'], which this "
+                                                         "run does not have (it has ['student'])") + "$"):
+        RunState(trainer.cfg, trainer.networks, [Phase("critic", trains="critic")], trainer.parallel, trainer.log)
+
+
+def test_a_resumed_checkpoint_that_does_not_fit_names_its_file(tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "train.ckpt_every=2", f"out={out}"]
+    train(*args, "train.steps=2")
+    d = out / "checkpoints" / "step-00000002"
+    state = files.read_json(d / "state.json")
+    files.write_json(str(d / "state.json"), {**state, "optimizers": {"other": {}}})
+    trainer = Trainer(run_config(*args, "train.steps=4"))
+    trainer.build()
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{d}/state.json holds optimizers for phases ['other']")):
+        trainer.state.restore()
+    files.write_json(str(d / "state.json"), state)
+    weights = load_file(d / "weights.safetensors")
+    ckpt.save_tensors(str(d / "weights.safetensors"), {k: v for k, v in weights.items() if not k.startswith("ema.")})
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"{d}/weights.safetensors was written by another config")):
+        trainer.state.restore()

@@ -258,7 +258,24 @@ def test_nfe_conditioned_denoise_passes_the_denoisers_keywords_on():
     expect = inner.denoise(x, t, None, extra_emb=net.nfe_embedding(2, 3, "cpu"), gain=3.0)
     torch.testing.assert_close(net.denoise(x, t, None, nfe=2, gain=3.0), expect)
     torch.testing.assert_close(net.denoise(x, t, None, gain=3.0), inner.denoise(x, t, None, gain=3.0))
-    torch.testing.assert_close(net(x, t, None, nfe=2, gain=3.0), expect)  # calling the module is denoise
+
+
+def test_calling_an_nfe_conditioned_net_is_its_denoise():
+    net = NFEConditioned(DenoiserNet(GainBackbone(), make_schedule("edm"), "edm", 0.5).double()).double()
+    torch.nn.init.normal_(net.nfe_embed[-1].bias)
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64)
+    torch.testing.assert_close(net(x, t, None, nfe=2, gain=3.0), net.denoise(x, t, None, nfe=2, gain=3.0))
+
+
+@pytest.mark.parametrize("emb_dim", [3, 0, -2])
+def test_copy_nfe_wants_an_even_positive_embedding(emb_dim):
+    from core.config import FieldError
+
+    with pytest.raises(FieldError, match=f"^must be an even number > 0 \\(a cos and a sin per frequency\\), "
+                                         f"got {emb_dim}$") as info:
+        CopyNFEConfig(emb_dim=emb_dim)
+    assert info.value.field == "emb_dim"
+    assert CopyNFEConfig(emb_dim=4).emb_dim == 4
 
 
 def test_nfe_embedding_is_made_on_the_device_asked_for():
