@@ -18,8 +18,8 @@ from core.networks import DenoiserNet, ResidualMLP
 from core.protocols import Context
 from core.schedules import make_schedule
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-from plugins.moment_matching import (MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam, draw,
-                                     sample_times)
+from plugins.moment_matching import (MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam, data_side,
+                                     draw, sample_times)
 from tests.conftest import run_config, train
 
 
@@ -170,6 +170,21 @@ def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp, data_
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * 1e-3)
     torch.testing.assert_close(metrics["moment_norm"], surrogate.detach(), rtol=tol, atol=0)
+
+
+def test_data_side_draw_has_the_forward_marginal():
+    """mm-param's data-side z_s ~ q(z_s | z_t, x), z_t ~ q(z_t | x), is a draw of q(z_s | x) = N(alpha_s x, sigma_s^2)
+    (cosine schedule written out), whatever the generator predicted."""
+    student, n = small_net(make_schedule("vp-cosine")), 200_000
+    x = torch.tensor([[0.7, -1.3]], dtype=torch.float64).expand(n, 2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d = draw(student, x, None, 4)
+    z_s = data_side(d, x, student.schedule)
+    u = d.s[:, None]
+    eps = (z_s - torch.cos(torch.pi * u / 2) * x) / torch.sin(torch.pi * u / 2)
+    torch.testing.assert_close(eps.mean(0), torch.zeros(2, dtype=torch.float64), atol=0.01, rtol=0)
+    torch.testing.assert_close(eps.var(0), torch.ones(2, dtype=torch.float64), atol=0.015, rtol=0)
 
 
 def test_mm_param_needs_a_network_teacher():
