@@ -71,6 +71,7 @@ class Draw(NamedTuple):
     z_t: Tensor
     x_tilde: Tensor
     z_s: Tensor
+    noise: Tensor  # the posterior draw's xi [B, ...] float64, so a data-side z_s can share it
 
 
 def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "continuous") -> Draw:
@@ -84,7 +85,14 @@ def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "co
     xi = torch.randn(x.shape, dtype=torch.float64, device=x.device)
     z_s = ops.posterior_sample(z_t.detach().double(), x_tilde.detach().double(), sched.alpha(t), sched.sigma(t),
                                sched.alpha(s), sched.sigma(s), xi, eta).to(x.dtype)
-    return Draw(s, t, z_t, x_tilde, z_s)
+    return Draw(s, t, z_t, x_tilde, z_s, xi)
+
+
+def data_side(d: Draw, x: Tensor, sched, eta: float = 1.0) -> Tensor:
+    """z_s ~ q(z_s | z_t, x) for the real x that ``d``'s z_t was diffused from, with ``d``'s own posterior noise:
+    (x, z_s) is then a draw of the data's joint, coupled to the generated (x~, z_s) by common random numbers."""
+    return ops.posterior_sample(d.z_t.detach().double(), x.double(), sched.alpha(d.t), sched.sigma(d.t),
+                                sched.alpha(d.s), sched.sigma(d.s), d.noise, eta).to(x.dtype)
 
 
 def _data(ctx) -> Tensor:
@@ -241,6 +249,9 @@ class MMParamConfig:
                                          "or forward with fd fallback (auto)"})
     fd_step: float = attrs.field(default=1e-3, validator=positive,
                                  metadata={"doc": "fd step as a fraction of ||theta|| / ||nu||"})
+    data_moment: bool = attrs.field(
+        default=False, metadata={"doc": "match E_g[grad_theta l] to the teacher's gradient on real data (from each "
+                                        "batch) rather than to 0, the paper's value for a converged teacher"})
 
 
 class _Denoise(torch.nn.Module):
@@ -310,11 +321,14 @@ class MomentMatchingParam:
     def _f(self, params: dict, z_s: Tensor, s: Tensor, cond):
         return torch.func.functional_call(self.model, params, (z_s, s.to(z_s.dtype), cond))
 
-    def parameter_direction(self, d: Draw, w: Tensor, cond) -> list[Tensor]:
-        """nu = Lambda^-1 grad_theta mean_A w ||x~_A - g_theta(z_s,A)||^2 (teacher never stepped)."""
+    def parameter_direction(self, d: Draw, w: Tensor, cond, data: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+        """nu = Lambda^-1 (grad_theta mean_A w ||x~_A - g_theta(z_s,A)||^2 - m_q) (the teacher is never stepped), m_q
+        the same gradient on real data at ``data`` = (x_A, z_s,A), or 0 without it."""
         params = {k: p.detach().requires_grad_(True) for k, p in self.theta.items()}
         with torch.enable_grad():
             loss = ops.weighted_loss(self._f(params, d.z_s, d.s, cond), d.x_tilde.detach(), w)
+            if data is not None:
+                loss = loss - ops.weighted_loss(self._f(params, data[1], d.s, cond), data[0], w)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.theta.values())]
         return self.moments.precondition(grads) if self.moments is not None else grads
@@ -353,16 +367,23 @@ class MomentMatchingParam:
         sched, sd = student.schedule, float(sigma_data_of(ctx.teacher, ctx.student))
         with torch.no_grad():  # batch A: only the teacher's parameter gradient, no student graph
             a = draw(student, x[:half], cond_a, c.steps, c.eta, c.time_sampling)
-        nu = self.parameter_direction(a, loss_weight(sched, a.s, c.weighting, sd).to(x.dtype), cond_a)
+        # the moment to match is the teacher's gradient on real data: 0 only at a stationary point of the loss
+        data_a = (x[:half], data_side(a, x[:half], sched, c.eta)) if c.data_moment else None
+        nu = self.parameter_direction(a, loss_weight(sched, a.s, c.weighting, sd).to(x.dtype), cond_a, data_a)
         b = draw(student, x[half:], cond_b, c.steps, c.eta, c.time_sampling)
-        w_b = loss_weight(sched, b.s, c.weighting, sd).to(x.dtype)
-        teacher_b, jv = self.jvp(nu, b.z_s, b.s, cond_b)
+        w_b, k, reps = loss_weight(sched, b.s, c.weighting, sd).to(x.dtype), x.shape[0] - half, 1 + c.data_moment
+        z_data = data_side(b, x[half:], sched, c.eta) if c.data_moment else b.z_s[:0]  # one JVP over both z_s
+        g_all, jv_all = self.jvp(nu, torch.cat([b.z_s, z_data]), b.s.repeat(reps),
+                                 None if cond_b is None else torch.cat([cond_b] * reps))
+        teacher_b, jv = g_all[:k], jv_all[:k]
         # nu^T grad_theta mean_B w ||x~_B - g_theta||^2 has x~-gradient -2 w J nu / (B D): Alg. 2's generator
         # loss with the instant auxiliary g_phi = g_theta - 2 J nu (one preconditioned step from theta).
         loss = ops.mm_generator_loss(b.x_tilde, teacher_b - 2 * jv, teacher_b, w_b)
-        # unbiased estimate of ||E_g grad_theta l||^2_{Lambda^-1} (A and B independent)
-        moment = (-2 * w_b * ((b.x_tilde.detach() - teacher_b) * jv).flatten(1).mean(1)).mean()
-        return loss, {"moment_norm": moment}
+        # unbiased estimate of ||E_g grad_theta l - m_q||^2_{Lambda^-1} (A and B independent)
+        moment = -2 * w_b * ((b.x_tilde.detach() - teacher_b) * jv).flatten(1).mean(1)
+        if c.data_moment:
+            moment = moment + 2 * w_b * ((x[half:] - g_all[k:]) * jv_all[k:]).flatten(1).mean(1)
+        return loss, {"moment_norm": moment.mean()}
 
     def sampling(self, student):
         return _steps_spec(student, self.config.steps, self.config.sample_eta)

@@ -18,8 +18,8 @@ from core.networks import DenoiserNet, ResidualMLP
 from core.protocols import Context
 from core.schedules import make_schedule
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-from plugins.moment_matching import (MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam, draw,
-                                     sample_times)
+from plugins.moment_matching import (MMConfig, MMParamConfig, MomentMatching, MomentMatchingParam, data_side,
+                                     draw, sample_times)
 from tests.conftest import run_config, train
 
 
@@ -126,14 +126,15 @@ def test_mm_auxiliary_loss_is_fit_plus_teacher_regulariser():
 # ---------------------------------------------------------------------------------------------------
 # Algorithm 3: the parameter-space surrogate
 
+@pytest.mark.parametrize("data_moment", [True, False], ids=["data-moment", "zero-moment"])
 @pytest.mark.parametrize("precond,jvp", [("identity", "forward"), ("rms", "forward"), ("identity", "fd"),
                                          ("identity", "auto")])
-def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp):
+def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp, data_moment):
     sched = make_schedule("edm")
     sd = 0.5
     net = small_net(sched, sd, 4)
     teacher, student = NetTeacher(net), small_net(sched, sd, 5)
-    obj = MomentMatchingParam(MMParamConfig(precond=precond, jvp=jvp, fd_step=1e-5))
+    obj = MomentMatchingParam(MMParamConfig(precond=precond, jvp=jvp, fd_step=1e-5, data_moment=data_moment))
     obj.build({"teacher": teacher, "student": student})
     b = batch(16)
     ctx = Context({"teacher": teacher, "student": student}, b, 0, 16, "cpu")
@@ -148,18 +149,42 @@ def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp):
         a = draw(student, x[:8], None, 4)
     d = draw(student, x[8:], None, 4)
 
-    def teacher_loss(dr, x_tilde):  # l(theta) = mean_b w(s_b) mean_d (g_theta(z_s) - x~)^2
-        return (edm_weight(dr.s, sd) * ((net.denoise(dr.z_s, dr.s) - x_tilde) ** 2).mean(1)).mean()
+    def teacher_loss(dr, x0, z_s):  # l(theta) = mean_b w(s_b) mean_d (g_theta(z_s) - x0)^2
+        return (edm_weight(dr.s, sd) * ((net.denoise(z_s, dr.s) - x0) ** 2).mean(1)).mean()
 
-    g_a = torch.autograd.grad(teacher_loss(a, a.x_tilde), theta)
+    def data_z_s(dr, x0):  # EDM posterior q(z_s | z_t, x0) written out, with the draw's own noise
+        r = (dr.s**2 / dr.t**2)[:, None]
+        return x0 + r * (dr.z_t - x0) + (dr.s * (dr.t**2 - dr.s**2).sqrt() / dr.t)[:, None] * dr.noise
+
+    def moment(dr, x_tilde, x0, create_graph=False):  # grad_theta l on generated data, less its data-side value
+        gen = teacher_loss(dr, x_tilde, dr.z_s)
+        return torch.autograd.grad(gen - teacher_loss(dr, x0, data_z_s(dr, x0)) if data_moment else gen, theta,
+                                   create_graph=create_graph)
+
+    g_a = moment(a, a.x_tilde, x[:8])
     nu = [g / (g.abs() + 1e-8) if precond == "rms" else g for g in g_a]  # first Adam step: v_hat = g^2
-    g_b = torch.autograd.grad(teacher_loss(d, d.x_tilde), theta, create_graph=True)
-    surrogate = sum((n * g).sum() for n, g in zip(nu, g_b))  # nu^T grad_theta l_B
+    g_b = moment(d, d.x_tilde, x[8:], create_graph=True)
+    surrogate = sum((n * g).sum() for n, g in zip(nu, g_b))  # nu^T (m_g - m_q)_B
     want = torch.autograd.grad(surrogate, params)
     tol = 1e-5 if jvp == "fd" else 1e-9
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * 1e-3)
     torch.testing.assert_close(metrics["moment_norm"], surrogate.detach(), rtol=tol, atol=0)
+
+
+def test_data_side_draw_has_the_forward_marginal():
+    """mm-param's data-side z_s ~ q(z_s | z_t, x), z_t ~ q(z_t | x), is a draw of q(z_s | x) = N(alpha_s x, sigma_s^2)
+    (cosine schedule written out), whatever the generator predicted."""
+    student, n = small_net(make_schedule("vp-cosine")), 200_000
+    x = torch.tensor([[0.7, -1.3]], dtype=torch.float64).expand(n, 2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d = draw(student, x, None, 4)
+    z_s = data_side(d, x, student.schedule)
+    u = d.s[:, None]
+    eps = (z_s - torch.cos(torch.pi * u / 2) * x) / torch.sin(torch.pi * u / 2)
+    torch.testing.assert_close(eps.mean(0), torch.zeros(2, dtype=torch.float64), atol=0.01, rtol=0)
+    torch.testing.assert_close(eps.var(0), torch.ones(2, dtype=torch.float64), atol=0.015, rtol=0)
 
 
 def test_mm_param_needs_a_network_teacher():
