@@ -111,3 +111,45 @@ def test_gan_inputs_are_each_batch_noised_at_its_own_uniform_time(monkeypatch):
         t = sched.t_from_fraction(torch.rand(x.shape[0], dtype=torch.float64))
         eps = torch.randn_like(x)
         torch.testing.assert_close(logits, sched.alpha(t)[:, None] * x + sched.sigma(t)[:, None] * eps)
+
+
+def test_regression_warmup_trains_on_the_regression_loss_alone(monkeypatch):
+    objective = DMD2(DMD2Config(regression_warmup=3, dm_weight=0.7, regression_weight=2.0))
+    x = torch.randn(4, 2)
+    monkeypatch.setattr(objective, "generate", lambda ctx: x)
+    monkeypatch.setattr(objective, "use_gan", lambda ctx: False)
+    monkeypatch.setattr(objective, "regression_loss", lambda ctx_, x_: (x_ - 1).square().mean())
+    monkeypatch.setattr(objective, "distribution_matching_loss", lambda *a: torch.tensor(0.4))
+    ctx = SimpleNamespace(batch={"cond": None}, cache={}, teacher="T", critic="C", iteration=2)
+    loss, metrics = objective.generator_loss(ctx)
+    torch.testing.assert_close(loss, (x - 1).square().mean())
+    assert list(metrics) == ["regression"]
+    ctx.iteration = 3  # warm-up over: lambda_DM L_DM + lambda_reg L_reg
+    loss, metrics = objective.generator_loss(ctx)
+    torch.testing.assert_close(loss, 0.7 * torch.tensor(0.4) + 2.0 * (x - 1).square().mean())
+    assert list(metrics) == ["dm", "regression"]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_regression_target_is_the_teachers_ode_from_t_max_for_step_0_and_from_tau_k_after(monkeypatch, k):
+    """Step 0's input sigma(tau_0) z is pure noise: its target is the ODE image of z from t_max. Step k > 0's
+    input is a noisy sample at tau_k: its ODE starts there. Either way the solver gets z = x_in / sigma(tau_k)."""
+    from core.timesteps import make_grid
+
+    sched, t_k, seen = VPCosineSchedule(), 0.7, {}
+    objective = DMD2(DMD2Config(steps=4, regression_steps=5))
+    x_in = torch.randn(3, 2, dtype=torch.float64)
+    monkeypatch.setattr(objective, "generator_input", lambda ctx: (x_in, torch.full((3,), t_k, dtype=torch.float64)))
+    monkeypatch.setattr(objective, "step_weight", lambda k, ctx: 1.0)
+
+    def solver(teacher, noise, grid, cond, **kw):
+        seen.update(noise=noise, grid=grid)
+        return torch.zeros_like(noise)
+
+    monkeypatch.setattr(dmd2, "get_registry", lambda: SimpleNamespace(
+        get=lambda kind, name: SimpleNamespace(factory=solver)))
+    ctx = SimpleNamespace(teacher=SimpleNamespace(schedule=sched), cache={"dmd2.step": k}, batch={"cond": None})
+    objective.regression_loss(ctx, torch.zeros(3, 2, dtype=torch.float64))
+    expect = make_grid(sched, 5) if k == 0 else make_grid(sched, 5, t_max=t_k)
+    assert torch.equal(seen["grid"], expect)
+    assert torch.equal(seen["noise"], x_in / sched.sigma(torch.tensor(t_k, dtype=torch.float64)))
