@@ -306,8 +306,8 @@ class DMD2:
         """DMD's regression loss (Yin et al. 2024a, eq. 9), on the generator's own input x_in at tau_k: the target
         is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
         ``regression_solver`` from tau_k to 0, with the real score's guidance; for step 0, whose input is pure
-        noise, from t_max), so every noise keeps the mode the teacher assigns it. Computed per generator update, not from a stored pair set. Scaled by
-        ``step_weight`` for the later steps of a K-step generator."""
+        noise, from t_max), so every noise keeps the mode the teacher assigns it. Computed per generator update,
+        not from a stored pair set. Scaled by ``step_weight`` for the later steps of a K-step generator."""
         x_in, t_in = self.generator_input(ctx)
         c, teacher = self.config, ctx.teacher
         sched = teacher.schedule
