@@ -12,8 +12,21 @@ from core.protocols import sigma_data_of
 
 
 def even_count(instance, attribute, value):
-    if value < 0 or value % 2:
+    if value is not None and (value < 0 or value % 2):
         raise FieldError(attribute.name, f"must be an even number >= 0 (a cos and a sin per frequency), got {value}")
+
+
+# Random Fourier features help where the data are low-dimensional coordinates (Tancik et al. 2020): measured 3-6x
+# lower energy distance for DMD2 and MM on every 2-D preset, 2.4x worse on the 16-D one (docs/methods/quality.md)
+AUTO_FOURIER_FEATURES = 128
+AUTO_FOURIER_MAX_DIM = 3
+
+
+def fourier_features_for(config, dim: int) -> int:
+    """The configured count, or when unset the measured default for ``dim``-dimensional data."""
+    if config.fourier_features is not None:
+        return config.fourier_features
+    return AUTO_FOURIER_FEATURES if dim <= AUTO_FOURIER_MAX_DIM else 0
 
 
 @attrs.define(kw_only=True)
@@ -21,9 +34,10 @@ class MLPConfig:
     hidden: int = attrs.field(default=256, validator=positive, metadata={"doc": "width"})
     depth: int = attrs.field(default=4, validator=positive, metadata={"doc": "residual blocks"})
     emb_dim: int = attrs.field(default=128, validator=positive, metadata={"doc": "Fourier time-embedding size"})
-    fourier_features: int = attrs.field(
-        default=0, validator=even_count,
-        metadata={"doc": "random Fourier features of the input (cos + sin, even; 0: the plain input)"})
+    fourier_features: int | None = attrs.field(
+        default=None, validator=even_count,
+        metadata={"doc": "random Fourier features of the input (cos + sin, even; 0: the plain input; unset: "
+                         f"{AUTO_FOURIER_FEATURES} for data of dimension <= {AUTO_FOURIER_MAX_DIM}, else 0)"})
     fourier_scale: float = attrs.field(default=1.0, validator=positive,
                                        metadata={"doc": "std of the Fourier frequencies per unit of c_in * x"})
     sigma_data: float | None = attrs.field(default=None, validator=positive,
@@ -35,7 +49,8 @@ def mlp_student(config: MLPConfig, teacher, device="cpu"):
     if len(teacher.data_shape) != 1:
         raise UsageError(f"student=mlp is for vector data; the teacher's data has shape {tuple(teacher.data_shape)}")
     backbone = ResidualMLP(teacher.data_shape[0], config.hidden, config.depth, config.emb_dim,
-                           getattr(teacher, "num_classes", 0), config.fourier_features, config.fourier_scale)
+                           getattr(teacher, "num_classes", 0), fourier_features_for(config, teacher.data_shape[0]),
+                           config.fourier_scale)
     sigma_data = config.sigma_data or sigma_data_of(teacher)
     return DenoiserNet(backbone, teacher.schedule, "edm", sigma_data).to(device)
 

@@ -59,9 +59,9 @@ def test_dmd2_four_step_with_a_fourier_input_beats_the_teachers_4_step_euler_twe
     assert student["off_manifold"] < 0.2, student  # exact samples: 0.001; the plain-input student: 0.44
 
 
-@pytest.mark.xfail(reason="issue 14 open: MM at 1:1 from scratch ends at 0.033-0.29 over seeds vs the teacher's "
-                          "4-step ancestral 0.037 on ring8, and collapses on some grid25 seeds (docs/methods/quality.md, "
-                          "third pass)", strict=False)
+@pytest.mark.xfail(reason="issue 14 open: MM at 1:1 from scratch ends at 0.0085-0.060 over seeds vs the teacher's "
+                          "4-step ancestral 0.037 on ring8 (2 of 3 seeds meet it), and loses 1-2 grid25 modes on 2 of 3 "
+                          "seeds (docs/methods/quality.md, seventh pass)", strict=False)
 @pytest.mark.parametrize("preset", ["ring8", "grid25"])
 def test_mm_four_step_at_one_to_one_keeps_every_mode_and_beats_the_teachers_4_step_ancestral(preset, tmp_path):
     tr = train("objective=mm", f"teacher.preset={preset}", "train.eval_every=0", f"out={tmp_path}")["trainer"]
