@@ -16,8 +16,9 @@ def even_count(instance, attribute, value):
         raise FieldError(attribute.name, f"must be an even number >= 0 (a cos and a sin per frequency), got {value}")
 
 
-# Random Fourier features help where the data are low-dimensional coordinates (Tancik et al. 2020): measured 3-6x
-# lower energy distance for DMD2 and MM on every 2-D preset, 2.4x worse on the 16-D one (docs/methods/quality.md)
+# Random Fourier features help where the data are low-dimensional coordinates (Tancik et al. 2020). Measured
+# (docs/methods/quality.md, fourth and seventh passes): DMD2 3-6x lower energy distance on every 2-D preset and
+# seed, MM and mm-param 3-9x on ring8; but DMD2 2.4x worse on the 16-D preset, hence the dimension cut-off
 AUTO_FOURIER_FEATURES = 128
 AUTO_FOURIER_MAX_DIM = 3
 
