@@ -81,6 +81,9 @@ class TrainConfig:
                                           metadata={"doc": "global grad-norm clip (none: off)"})
     ema: float = attrs.field(default=0.0, validator=unit_interval,
                              metadata={"doc": "student EMA decay (0: off); samples use the EMA when on"})
+    ema_start: int = attrs.field(default=0, validator=non_negative, metadata={
+        "doc": "iteration from which the EMA averages; before it the EMA copies the student, so a warm-up (e.g. "
+               "objective=mm's teacher fit) leaves nothing of the initial network in the average"})
     log_every: int = attrs.field(default=50, validator=positive, metadata={"doc": "metrics.jsonl cadence"})
     eval_every: int = attrs.field(default=500, validator=non_negative,
                                   metadata={"doc": "quality metrics cadence when the teacher has exact samples (0: off)"})

@@ -79,7 +79,7 @@ class Trainer:
         for i, plugin in enumerate(self.extra_plugins):
             yield f"extra:{i}", plugin
         if self.ema is not None:
-            yield "ema", EMA(self.ema, self.student, self.cfg.train.ema)
+            yield "ema", EMA(self.ema, self.student, self.cfg.train.ema, self.cfg.train.ema_start)
         if self.cfg.train.compile:  # issue 15: torch.compile on the networks (core.compiling)
             from core.compiling import Compile
 

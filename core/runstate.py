@@ -161,13 +161,16 @@ class RunState:
 
 
 class EMA:
-    """Built-in: the student's exponential moving average, after every phase that trains the student."""
+    """Built-in: the student's exponential moving average, after every phase that trains the student; before
+    iteration ``start`` it copies the student (a stateless rule, so resuming needs nothing extra)."""
 
-    def __init__(self, ema: torch.nn.Module, student: torch.nn.Module, decay: float):
+    def __init__(self, ema: torch.nn.Module, student: torch.nn.Module, decay: float, start: int = 0):
         self.ema_params, self.params, self.decay = list(ema.parameters()), list(student.parameters()), decay
+        self.start = start
 
     @hookimpl
     def fewstep_after_phase(self, trainer, phase, iteration, metrics):
         if "student" in phase.trains:
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema_params, self.params, 1 - self.decay)
+                weight = 1.0 if iteration < self.start else 1 - self.decay
+                torch._foreach_lerp_(self.ema_params, self.params, weight)

@@ -270,3 +270,33 @@ def test_a_resumed_checkpoint_that_does_not_fit_names_its_file(tmp_path):
     ckpt.save_tensors(str(d / "weights.safetensors"), {k: v for k, v in weights.items() if not k.startswith("ema.")})
     with pytest.raises(CheckpointError, match="^" + re.escape(f"{d}/weights.safetensors was written by another config")):
         trainer.state.restore()
+
+
+def test_the_ema_copies_the_student_before_ema_start_and_averages_after():
+    from core.protocols import Phase
+    from core.runstate import EMA
+
+    student, ema = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()  # ema starts elsewhere
+    rule, decay, start = EMA(ema, student, 0.9, start=3), 0.9, 3
+    reference = [p.detach().clone() for p in ema.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for it in range(7):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        rule.fewstep_after_phase(None, Phase("critic", trains=("critic",)), it, {})  # not the student's: no update
+        rule.fewstep_after_phase(None, Phase("generator", trains=("student",)), it, {})
+        reference = [s.detach().clone() if it < start else decay * r + (1 - decay) * s.detach()
+                     for r, s in zip(reference, student.parameters())]
+        for r, e in zip(reference, ema.parameters()):
+            torch.testing.assert_close(e, r, rtol=1e-12, atol=1e-12)
+
+
+def test_a_run_that_ends_before_ema_start_samples_the_student_itself(tmp_path):
+    out = tmp_path / "run"
+    train(*FAST, "train.steps=3", "train.ema_start=3", f"out={out}")
+    _, weights = _latest(out)
+    student = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("student.")}
+    ema = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("ema.")}
+    assert student.keys() == ema.keys() and student
+    assert all(torch.equal(student[k], ema[k]) for k in student)
