@@ -126,3 +126,24 @@ def test_collect_aggregates_partial_sweeps_over_seeds(tmp_path):
     assert d["energy_distance_std"] == pytest.approx(math.sqrt(2) * 0.01) and d["lost_modes_max"] == 1
     goals = {g["goal"]: g["pass"] for g in json.loads(out.read_text())["goals"]}
     assert goals == {"dmd2 1-step: no lost mode": False, "dmd2 1-step <= teacher euler 8": True}
+
+
+def test_chain_steps_from_the_top_is_the_ancestral_sampler_and_later_starts_skip_steps():
+    """benchmarks/chain_steps.py's chain, started at tau_0, is Algorithm 1 draw for draw (same seed); started at
+    tau_j it makes k - j model calls, and from the last time it is one denoising call."""
+    from benchmarks.chain_steps import chain_from
+    from core.timesteps import fraction_grid
+    from plugins.samplers.ancestral import ancestral
+
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    times = fraction_grid(teacher.schedule, 4)
+    noise = torch.randn(256, 2, dtype=torch.float64)
+    torch.manual_seed(5)
+    want = ancestral(teacher, noise, times)
+    torch.manual_seed(5)
+    got, first = chain_from(teacher, times, noise * teacher.schedule.sigma(times[0]), 0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    z = torch.randn(256, 2, dtype=torch.float64)
+    last, own = chain_from(teacher, times, z, len(times) - 2)
+    torch.testing.assert_close(last, teacher.denoise(z, times[-2].expand(256)), rtol=1e-12, atol=1e-12)
+    assert last is own

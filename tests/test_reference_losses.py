@@ -353,12 +353,12 @@ def test_mm_draw_is_forward_noise_student_then_gaussian_posterior():
 @pytest.mark.parametrize("guidance", [None, 3.0])
 def test_mm_teacher_fit_loss(guidance):
     """The initial fit: t over the whole range, z_t = alpha x + sigma eps, target the teacher's (guided) x0, EDM
-    weight at t with the teacher's sigma_data, on the network being fitted."""
+    weight at t with the teacher's sigma_data whatever objective.weighting is, on the network being fitted."""
     from plugins.moment_matching import MMConfig, MomentMatching
 
     sched = make_schedule("edm")
     teacher, net = GuidedRecordingNet(sched, 2, seed=50, sigma_data=0.9), RecordingNet(sched, 2, seed=51)
-    obj = MomentMatching(MMConfig(guidance=guidance))
+    obj = MomentMatching(MMConfig(guidance=guidance, weighting="flat"))
     x, cond = torch.randn(128, 2, dtype=torch.float64), torch.randint(0, 4, (128,))
     ctx = Context({"teacher": teacher, "student": net, "critic": net}, {"x": x, "cond": cond}, 0, 128, "cpu")
     torch.manual_seed(9)
