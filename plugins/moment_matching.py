@@ -132,7 +132,7 @@ class MMConfig:
     aux_teacher_weight: float = attrs.field(default=1.0, validator=non_negative,
                                             metadata={"doc": "weight of ||g_theta - g_phi||^2 in the auxiliary loss"})
     # Both defaults depart from the paper's reconstructed setting (edm, continuous); measured in
-    # docs/methods/quality.md (eighth pass): with them MM from scratch keeps every mode of every mixture preset, 3 seeds.
+    # docs/methods/quality.md (eighth pass): with them MM from scratch keeps every mode of every preset, 3 seeds.
     weighting: Literal["edm", "flat", "snr", "snr+1"] = attrs.field(
         default="flat", metadata={"doc": "w(s): flat (default) or edm, which weights a step's clean end tens of "
                                          "times more than its noisy end, where the signal that keeps modes lives"})
