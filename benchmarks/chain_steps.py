@@ -1,7 +1,8 @@
 """Which step of a k-step ancestral student loses the modes? Start its chain from the exact marginal at each grid time.
 
     python -m benchmarks.chain_steps objective=mm teacher.preset=grid25 seed=0
-    python -m benchmarks.chain_steps objective=mm teacher.preset=grid25 objective.time_sampling=continuous
+    python -m benchmarks.chain_steps objective=mm teacher.preset=grid25 objective.time_sampling=continuous \
+        objective.weighting=edm                                       # the paper's settings, MM's old defaults
 
 Trains one run on an exact mixture teacher (the overrides, as for ``python -m core.run``), then for each grid time
 tau_j draws z ~ q(z_tau_j) exactly (mixture samples plus noise) and runs the student's remaining steps j..k-1 from
