@@ -43,6 +43,12 @@ class DMD2Config:
                                        "[t] conditions a 1-step generator on t"})
     backward_simulation: bool = attrs.field(
         default=True, metadata={"doc": "K-step inputs from the generator's own rollout (off: noised real data)"})
+    step_sampling: Literal["auto", "iteration", "stratified"] = attrs.field(
+        default="auto",
+        metadata={"doc": "which generator steps a K-step batch trains: iteration, one k ~ U{0..K-1} per iteration "
+                         "for the whole batch (DMD2); stratified, every step in each batch, on B/K rows each, so "
+                         "every generator update trains all K steps at the same cost; auto: stratified for a "
+                         "generator trained from scratch (analytic teacher), iteration for a teacher copy"})
     critic_updates: int = attrs.field(default=5, validator=positive,
                                       metadata={"doc": "critic updates per generator update (TTUR ratio r)"})
     guidance: float | None = attrs.field(default=None,
@@ -122,6 +128,14 @@ def backward_simulate(generator, noise: Tensor, times: list[float], k: int, cond
     return multistep(generator, noise, grid, cond)
 
 
+def condition_rows(cond, rows: slice):
+    """The condition of a slice of the batch's rows (conditions are per-row tensors: labels, prompt ids)."""
+    if cond is None or torch.is_tensor(cond):
+        return None if cond is None else cond[rows]
+    raise UsageError(f"objective.step_sampling=stratified cannot split a {type(cond).__name__} condition into "
+                     "row groups; use objective.step_sampling=iteration")
+
+
 class DMD2:
     """DMD2: distribution matching with a fake-score critic (TTUR), GAN head, K-step backward simulation."""
 
@@ -179,6 +193,14 @@ class DMD2:
         return 1e-3 if getattr(self, "from_scratch", False) else 1e-4
 
     @property
+    def stratified(self) -> bool:
+        # measured on the mixtures from scratch (docs/methods/quality.md, ninth pass); a teacher copy keeps DMD2's
+        # one k per iteration, whose rollout is one batched call per step on any per-device batch
+        if self.config.step_sampling != "auto":
+            return self.config.step_sampling == "stratified"
+        return getattr(self, "from_scratch", False)
+
+    @property
     def regression_weight(self) -> float:
         # on for teacher copies too (docs/methods/digits.md): DM and GAN gradients cannot make a copy's output
         # depend on the noise it starts from, the ODE targets can. Off, as in DMD2's recipe, where each of its
@@ -196,29 +218,44 @@ class DMD2:
         raise ValueError(f"dmd2 has no phase '{phase}'")
 
     def generator_input(self, ctx) -> tuple[Tensor, Tensor]:
-        """(x at tau_k, tau_k): one k per iteration for the whole batch, drawn with torch's RNG (exact resume),
-        shared by the generator and critic phases of the iteration."""
+        """(x at tau_k, tau_k per row), shared by the generator and critic phases of the iteration. Rows come in
+        groups (k, rows), cached as ``dmd2.groups``: one group with k drawn by torch's RNG (exact resume) and
+        broadcast from rank 0, or with ``step_sampling=stratified`` one group per step."""
         if "dmd2.input" not in ctx.cache:
             K, teacher, cond = len(self.times), ctx.teacher, ctx.batch["cond"]
-            k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
             # at the real batch's size where there is one (aspect-ratio buckets: each batch one size)
             shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
             noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
-            if k == 0 or self.config.backward_simulation:
-                x_in = backward_simulate(ctx.student, noise, self.times, k, cond)
-            else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
-                x_in = self._noised_real(ctx, self.times[k], noise)
-            ctx.cache["dmd2.input"] = (x_in, time_batch(self.times[k], x_in))
-            ctx.cache["dmd2.step"] = k
+            if self.stratified and K > 1:
+                if ctx.batch_size < K:
+                    raise UsageError(f"objective.step_sampling=stratified splits each batch into objective.steps={K} "
+                                     f"groups, but a device's batch has {ctx.batch_size} rows; raise train.batch "
+                                     "or set objective.step_sampling=iteration")
+                groups = [(k, rows) for k, rows in enumerate(torch.arange(ctx.batch_size).tensor_split(K)) if len(rows)]
+                groups = [(k, slice(int(rows[0]), int(rows[-1]) + 1)) for k, rows in groups]
+            else:
+                k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
+                groups = [(k, slice(0, ctx.batch_size))]
+            parts = []
+            for k, rows in groups:
+                z = noise[rows]
+                if k == 0 or self.config.backward_simulation:
+                    parts.append(backward_simulate(ctx.student, z, self.times, k, condition_rows(cond, rows)))
+                else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
+                    parts.append(self._noised_real(ctx, self.times[k], z, rows))
+            x_in = parts[0] if len(parts) == 1 else torch.cat(parts)
+            t_in = torch.cat([time_batch(self.times[k], x_in[rows]) for k, rows in groups])
+            ctx.cache["dmd2.input"] = (x_in, t_in)
+            ctx.cache["dmd2.groups"] = groups
         return ctx.cache["dmd2.input"]
 
-    def _noised_real(self, ctx, t: float, noise: Tensor) -> Tensor:
+    def _noised_real(self, ctx, t: float, noise: Tensor, rows: slice) -> Tensor:
         if ctx.batch["x"] is None:
             raise UsageError("objective.backward_simulation=false noises real data, but this run has none; "
                              "add data=... or keep backward simulation on")
         s = ctx.teacher.schedule
         t64 = torch.tensor(t, dtype=torch.float64)
-        return ops.add_noise(ctx.batch["x"], noise, s.alpha(t64).to(noise.dtype), s.sigma(t64).to(noise.dtype))
+        return ops.add_noise(ctx.batch["x"][rows], noise, s.alpha(t64).to(noise.dtype), s.sigma(t64).to(noise.dtype))
 
     def generate(self, ctx) -> Tensor:
         """x = G(x_{tau_k}, tau_k, c), the generator's x0 estimate (with grads when the student is training)."""
@@ -307,25 +344,28 @@ class DMD2:
         is where the teacher's probability-flow ODE takes x_in (``regression_steps`` steps of
         ``regression_solver`` from tau_k to 0, with the real score's guidance; for step 0, whose input is pure
         noise, from t_max), so every noise keeps the mode the teacher assigns it. Computed per generator update,
-        not from a stored pair set. Scaled by ``step_weight`` for the later steps of a K-step generator."""
+        not from a stored pair set. The rows of step k are scaled by ``step_weight``; the loss is their weighted
+        mean squared error over the whole batch."""
         x_in, t_in = self.generator_input(ctx)
-        c, teacher = self.config, ctx.teacher
+        c, teacher, cond = self.config, ctx.teacher, ctx.batch["cond"]
         sched = teacher.schedule
-        # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
-        # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
-        k = ctx.cache["dmd2.step"]
-        t_k = float(t_in[0])
-        grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else t_k)
         solver = get_registry().get("sampler", c.regression_solver).factory
         guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
-        extra = {} if guidance is None or ctx.batch["cond"] is None else {"guidance": guidance}
-        with torch.no_grad():
-            sigma_in = sched.sigma(torch.tensor(t_k, dtype=torch.float64))
-            noise = x_in / sigma_in.to(x_in.dtype)  # the solvers start from sigma(grid[0]) * noise
-            target = solver(teacher, noise, grid, ctx.batch["cond"], **extra)
-        mse = torch.nn.functional.mse_loss(x, target.to(x.dtype))
-        weight = self.step_weight(k, ctx)
-        return mse if weight == 1 else weight * mse
+        extra = {} if guidance is None or cond is None else {"guidance": guidance}
+        total = x.new_zeros(())
+        for k, rows in ctx.cache["dmd2.groups"]:
+            # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
+            # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
+            t_k = float(t_in[rows][0])
+            grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else t_k)
+            with torch.no_grad():
+                sigma_in = sched.sigma(torch.tensor(t_k, dtype=torch.float64))
+                noise = x_in[rows] / sigma_in.to(x_in.dtype)  # the solvers start from sigma(grid[0]) * noise
+                target = solver(teacher, noise, grid, condition_rows(cond, rows), **extra)
+            sse = (x[rows] - target.to(x.dtype)).square().sum()
+            weight = self.step_weight(k, ctx)
+            total = total + (sse if weight == 1 else weight * sse)
+        return total / x.numel()
 
     def fake_score_loss(self, x: Tensor, cond, critic, teacher) -> Tensor:
         """L_fake (method note sec. 5): denoising loss of the critic on sg(x) over the full t range, with EDM's

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from conftest import run_config, train
 from core.errors import UsageError
 from core.protocols import Context
 from core.schedules import make_schedule
+import plugins.dmd2 as dmd2
 from plugins.dmd2 import DMD2, DMD2Config, default_times, generator_times
 
 TINY = ("student.hidden=32", "student.depth=2", "student.emb_dim=16", "train.batch=32", "train.eval_every=0",
@@ -153,10 +156,11 @@ class ConstantGenerator(torch.nn.Module):
 
     def __init__(self, schedule, c):
         super().__init__()
-        self.schedule, self.c, self.calls = schedule, c, []
+        self.schedule, self.c, self.calls, self.cond_rows = schedule, c, [], []
 
     def denoise(self, x_t, t, cond=None):
         self.calls.append((x_t.clone(), t.clone()))
+        self.cond_rows.append(cond)
         return torch.full_like(x_t, self.c)
 
 
@@ -189,6 +193,97 @@ def test_backward_simulation_inputs_sit_at_the_right_noise_levels(schedule):
                 assert abs(torch.corrcoef(torch.stack([prev.flatten(), eps.flatten()]))[0, 1]) < 0.05
             a_prev, s_prev = a, s
     assert seen == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("batch", [4096, 4099])
+def test_stratified_batches_train_every_step_on_its_own_rollout(batch):
+    """step_sampling=stratified: rows split into K contiguous groups of B/K (+1), group k at tau_k, each group's
+    input the generator's own first k steps from fresh noise (sec. 7), every iteration; conditions follow the rows."""
+    sched = make_schedule("edm")
+    obj = DMD2(DMD2Config(steps=4, step_sampling="stratified"))
+    obj.times = generator_times(obj.config, sched)
+    teacher = type("T", (), {"data_shape": (4,), "schedule": sched})()
+    c, labels = 0.3, torch.arange(batch) % 7
+    gen = ConstantGenerator(sched, c)
+    ctx = Context({"teacher": teacher, "student": gen}, {"x": None, "cond": labels}, 0, batch, "cpu")
+    x_in, t_in = obj.generator_input(ctx)
+    sizes = [len(r) for r in np.array_split(np.arange(batch), 4)]  # numpy's split as the reference
+    starts = np.cumsum([0, *sizes])
+    assert ctx.cache["dmd2.groups"] == [(k, slice(int(starts[k]), int(starts[k + 1]))) for k in range(4)]
+    for k in range(4):
+        rows = slice(int(starts[k]), int(starts[k + 1]))
+        assert torch.equal(t_in[rows], torch.full((sizes[k],), obj.times[k], dtype=t_in.dtype))
+        tk = torch.tensor(obj.times[k], dtype=torch.float64)
+        mean = 0.0 if k == 0 else float(sched.alpha(tk)) * c
+        eps = (x_in[rows].double() - mean) / float(sched.sigma(tk))
+        assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05, k
+    # group k made k generator calls, at tau_0 .. tau_{k-1}, on its own rows and their labels only
+    calls = sorted((len(x), float(t.unique())) for x, t in gen.calls)  # one time per call (float32 there)
+    expect = sorted((sizes[k], obj.times[j]) for k in range(4) for j in range(k))
+    assert [n for n, _ in calls] == [n for n, _ in expect]
+    assert [t for _, t in calls] == pytest.approx([t for _, t in expect], rel=1e-6)
+    assert len(gen.cond_rows) == len(gen.calls) and all(len(cnd) == len(x) for cnd, (x, _) in
+                                                         zip(gen.cond_rows, gen.calls))
+    last = gen.cond_rows[-1]
+    torch.testing.assert_close(last, labels[int(starts[3]):], rtol=0, atol=0)
+
+
+def test_stratified_regression_loss_weights_each_groups_rows(monkeypatch):
+    """The regression loss over row groups: sum_k w_k ||x_k - ODE_k||^2 / numel, each group's target from its own
+    tau_k (step 0 from t_max)."""
+    sched = make_schedule("edm")
+    obj = DMD2(DMD2Config(steps=3, step_sampling="stratified", regression_steps=4))
+    obj.times = generator_times(obj.config, sched)
+    x_in = torch.randn(7, 2, dtype=torch.float64)
+    t_in = torch.tensor([obj.times[0]] * 3 + [obj.times[1]] * 2 + [obj.times[2]] * 2, dtype=torch.float64)
+    groups = [(0, slice(0, 3)), (1, slice(3, 5)), (2, slice(5, 7))]
+    starts = []
+
+    def solver(teacher, noise, grid, cond, **kw):
+        starts.append(float(grid[0]))
+        return noise * float(grid[0])  # a target that tells the groups' grids apart
+
+    monkeypatch.setattr(dmd2, "get_registry", lambda: SimpleNamespace(
+        get=lambda kind, name: SimpleNamespace(factory=solver)))
+    weights = {0: 1.0, 1: 3.0, 2: 0.5}
+    monkeypatch.setattr(obj, "step_weight", lambda k, ctx: weights[k])
+    ctx = SimpleNamespace(teacher=SimpleNamespace(schedule=sched), batch={"cond": None},
+                          cache={"dmd2.input": (x_in, t_in), "dmd2.groups": groups})
+    x = torch.randn(7, 2, dtype=torch.float64)
+    expect = 0.0
+    for k, rows in groups:
+        t0 = sched.t_max if k == 0 else obj.times[k]
+        target = x_in[rows] / float(sched.sigma(torch.tensor(obj.times[k], dtype=torch.float64))) * t0
+        expect += weights[k] * float((x[rows] - target).square().sum())
+    torch.testing.assert_close(float(obj.regression_loss(ctx, x)), expect / x.numel(), rtol=1e-12, atol=0)
+    assert starts == pytest.approx([sched.t_max, obj.times[1], obj.times[2]])
+
+
+@pytest.mark.parametrize("setting,from_scratch,expect", [("auto", True, True), ("auto", False, False),
+                                                          ("iteration", True, False), ("stratified", False, True)])
+def test_step_sampling_auto_stratifies_generators_trained_from_scratch(setting, from_scratch, expect):
+    obj = DMD2(DMD2Config(steps=4, step_sampling=setting))
+    obj.from_scratch = from_scratch
+    assert obj.stratified is expect
+
+
+def test_stratified_batch_smaller_than_the_step_count_is_a_usage_error():
+    sched = make_schedule("edm")
+    obj = DMD2(DMD2Config(steps=4, step_sampling="stratified"))
+    obj.times = generator_times(obj.config, sched)
+    teacher = type("T", (), {"data_shape": (2,), "schedule": sched})()
+    ctx = Context({"teacher": teacher, "student": ConstantGenerator(sched, 0.0)}, {"x": None, "cond": None}, 0, 3,
+                  "cpu")
+    with pytest.raises(UsageError, match="batch has 3 rows; raise train.batch or set objective.step_sampling"):
+        obj.generator_input(ctx)
+
+
+def test_stratified_steps_reject_conditions_they_cannot_split():
+    from plugins.dmd2 import condition_rows
+
+    assert condition_rows(None, slice(0, 2)) is None
+    with pytest.raises(UsageError, match="step_sampling=iteration"):
+        condition_rows(["a prompt", "another"], slice(0, 1))
 
 
 def test_backward_simulation_off_noises_real_data():

@@ -46,7 +46,7 @@ def test_regression_loss_is_scaled_by_the_steps_weight(monkeypatch, weight):
     monkeypatch.setattr(dmd2, "get_registry", lambda: SimpleNamespace(
         get=lambda kind, name: SimpleNamespace(factory=lambda *a, **k: target)))
     ctx = SimpleNamespace(teacher=SimpleNamespace(schedule=EDMSchedule(), sigma_data=0.5),
-                          student=SimpleNamespace(), cache={"dmd2.step": 1}, batch={"cond": None})
+                          student=SimpleNamespace(), cache={"dmd2.groups": [(1, slice(0, 6))]}, batch={"cond": None})
     x = torch.randn(6, 2)
     unit = (x - target).square().mean()
     monkeypatch.setattr(objective, "step_weight", lambda k, ctx: 1.0)
@@ -148,7 +148,7 @@ def test_regression_target_is_the_teachers_ode_from_t_max_for_step_0_and_from_ta
 
     monkeypatch.setattr(dmd2, "get_registry", lambda: SimpleNamespace(
         get=lambda kind, name: SimpleNamespace(factory=solver)))
-    ctx = SimpleNamespace(teacher=SimpleNamespace(schedule=sched), cache={"dmd2.step": k}, batch={"cond": None})
+    ctx = SimpleNamespace(teacher=SimpleNamespace(schedule=sched), cache={"dmd2.groups": [(k, slice(0, 3))]}, batch={"cond": None})
     objective.regression_loss(ctx, torch.zeros(3, 2, dtype=torch.float64))
     expect = make_grid(sched, 5) if k == 0 else make_grid(sched, 5, t_max=t_k)
     assert torch.equal(seen["grid"], expect)
