@@ -161,7 +161,7 @@ class Bare:
 def test_dmd2_iteration(benchmark, trainer, machine, kind, variant):
     benchmark.group = f"dmd2-{kind}-iteration"
     benchmark.extra_info.update(machine=machine, variant="eager" if variant == "bare" else variant,
-                                batch=trainer.micro, critic_updates=trainer.objective.config.critic_updates)
+                                batch=trainer.micro, critic_updates=trainer.objective.critic_ratio)
     it = 0 if kind == "generator" else 1
     if variant == "bare":
         bare = Bare(trainer)

@@ -49,8 +49,11 @@ class DMD2Config:
                          "for the whole batch (DMD2); stratified, every step in each batch, on B/K rows each, so "
                          "every generator update trains all K steps at the same cost; auto: stratified for a "
                          "generator trained from scratch (analytic teacher), iteration for a teacher copy"})
-    critic_updates: int = attrs.field(default=5, validator=positive,
-                                      metadata={"doc": "critic updates per generator update (TTUR ratio r)"})
+    critic_updates: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(positive),
+        metadata={"doc": "critic updates per generator update (TTUR ratio r; default: DMD2's 5 for a copy of the "
+                         "teacher's network, 2 for a generator trained from scratch, whose regression loss "
+                         "steadies it as in DMD's 1:1 recipe)"})
     guidance: float | None = attrs.field(default=None,
                                          metadata={"doc": "real-score CFG scale (default: the teacher's)"})
     dm_t_range: tuple[float, float] = attrs.field(
@@ -136,6 +139,9 @@ def condition_rows(cond, rows: slice):
                      "row groups; use objective.step_sampling=iteration")
 
 
+CRITIC_FROM_SCRATCH = 2  # critic updates per generator update from scratch (docs/methods/quality.md, ninth pass)
+
+
 class DMD2:
     """DMD2: distribution matching with a fake-score critic (TTUR), GAN head, K-step backward simulation."""
 
@@ -182,7 +188,7 @@ class DMD2:
         c = self.config
         critic_nets = ("critic",) if c.gan == "off" else ("critic", "gan_head")
         lr = self.generator_lr
-        return [Phase("generator", ("student",), every=c.critic_updates, lr=lr, weight_decay=c.weight_decay),
+        return [Phase("generator", ("student",), every=self.critic_ratio, lr=lr, weight_decay=c.weight_decay),
                 Phase("critic", critic_nets, lr=c.critic_lr or lr, weight_decay=c.weight_decay)]
 
     # defaults that depend on whether the generator starts from scratch (measured: docs/methods/quality.md)
@@ -191,6 +197,12 @@ class DMD2:
         if self.config.lr is not None:
             return self.config.lr
         return 1e-3 if getattr(self, "from_scratch", False) else 1e-4
+
+    @property
+    def critic_ratio(self) -> int:
+        if self.config.critic_updates is not None:
+            return self.config.critic_updates
+        return CRITIC_FROM_SCRATCH if getattr(self, "from_scratch", False) else 5
 
     @property
     def stratified(self) -> bool:
