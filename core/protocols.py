@@ -140,15 +140,20 @@ class SamplingSpec:
 
 class Context:
     """What an objective sees in one phase call: networks, real data batch, iteration and a
-    per-iteration cache (shared by the phases of one iteration, cleared after it)."""
+    per-iteration cache (shared by the phases of one iteration, cleared after it). The batch's rows are
+    rows ``row_offset ..`` of the step's ``global_batch`` (over ranks and micro-batches), for objectives that
+    treat rows by their place in the whole batch."""
 
-    def __init__(self, nets: dict, batch: dict, iteration: int, batch_size: int, device, cache=None):
+    def __init__(self, nets: dict, batch: dict, iteration: int, batch_size: int, device, cache=None,
+                 row_offset: int = 0, global_batch: int | None = None):
         self.nets = nets
         self.batch = batch
         self.iteration = iteration
         self.batch_size = batch_size
         self.device = device
         self.cache = {} if cache is None else cache
+        self.row_offset = row_offset
+        self.global_batch = batch_size if global_batch is None else global_batch
 
     @property
     def teacher(self):

@@ -154,7 +154,9 @@ class Trainer:
     def step(self, it: int) -> dict[str, dict]:
         """One iteration: a fresh batch, then every phase due; returns each phase's metrics."""
         batches = self.parallel.micro_batches(self.networks.dataset, self.teacher)
-        ctxs = [Context(self.nets, batch, it, self.micro, self.device) for batch in batches]
+        first, total = self.rank * len(batches), self.parallel.total_batch  # this rank's micro-batches' place
+        ctxs = [Context(self.nets, batch, it, self.micro, self.device, row_offset=(first + j) * self.micro,
+                        global_batch=total) for j, batch in enumerate(batches)]
         metrics = {p.name: self.run_phase(p, ctxs, it) for p in self.phases if it % p.every == p.offset}
         self.state.step_schedules()
         return metrics

@@ -23,7 +23,7 @@ from core.errors import UsageError
 from core.networks import ResidualMLP
 from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
-from core.generation import multistep
+from core.generation import multistep, start
 from core.registry import get_registry
 from core.timesteps import make_grid
 
@@ -129,6 +129,41 @@ def backward_simulate(generator, noise: Tensor, times: list[float], k: int, cond
     """
     grid = torch.as_tensor(times[:k + 1], dtype=torch.float64)
     return multistep(generator, noise, grid, cond)
+
+
+@torch.no_grad()
+def backward_simulate_groups(generator, noise: Tensor, times: list[float], groups: list[tuple[int, slice]],
+                             cond=None) -> Tensor:
+    """Stratified backward simulation: the rows of group (k, rows) end at tau_k. One rollout for the batch: step j
+    denoises the rows still behind (k > j) and re-noises their x0 to tau_{j+1}. Fresh noise is drawn for every row
+    at every step, so the random stream does not depend on how the batch is split (DDP, gradient accumulation)."""
+    sched = generator.schedule
+    x = start(generator, noise, times[:1]).clone()
+    for j in range(len(times) - 1):
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+        behind = [rows for k, rows in groups if k > j]  # groups ascend in k: a suffix of the rows
+        if behind:
+            rows = slice(behind[0].start, behind[-1].stop)
+            x0 = generator.denoise(x[rows], time_batch(times[j], x[rows]), condition_rows(cond, rows))
+            s = torch.tensor(times[j + 1], dtype=torch.float64)
+            x[rows] = ops.add_noise(x0, eps[rows], sched.alpha(s).to(x.dtype), sched.sigma(s).to(x.dtype))
+    return x
+
+
+def step_groups(K: int, total: int, offset: int, rows: int) -> list[tuple[int, slice]]:
+    """Stratified steps: the global batch's rows split into K contiguous groups as even as possible (the first
+    total % K one row larger), group k at tau_k; returns this micro-batch's (k, local rows) for rows
+    offset .. offset + rows. Placed by global row, so DDP and gradient accumulation train what one process would."""
+    if total < K:
+        raise UsageError(f"objective.step_sampling=stratified splits each batch into objective.steps={K} groups, but "
+                         f"train.batch is {total}; raise train.batch or set objective.step_sampling=iteration")
+    bounds = [k * (total // K) + min(k, total % K) for k in range(K + 1)]
+    groups = []
+    for k in range(K):
+        lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + rows)
+        if lo < hi:
+            groups.append((k, slice(lo - offset, hi - offset)))
+    return groups
 
 
 def condition_rows(cond, rows: slice):
@@ -239,23 +274,21 @@ class DMD2:
             shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
             noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
             if self.stratified and K > 1:
-                if ctx.batch_size < K:
-                    raise UsageError(f"objective.step_sampling=stratified splits each batch into objective.steps={K} "
-                                     f"groups, but a device's batch has {ctx.batch_size} rows; raise train.batch "
-                                     "or set objective.step_sampling=iteration")
-                groups = [(k, rows) for k, rows in enumerate(torch.arange(ctx.batch_size).tensor_split(K)) if len(rows)]
-                groups = [(k, slice(int(rows[0]), int(rows[-1]) + 1)) for k, rows in groups]
+                groups = step_groups(K, ctx.global_batch, ctx.row_offset, ctx.batch_size)
             else:
                 k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
                 groups = [(k, slice(0, ctx.batch_size))]
-            parts = []
-            for k, rows in groups:
-                z = noise[rows]
-                if k == 0 or self.config.backward_simulation:
-                    parts.append(backward_simulate(ctx.student, z, self.times, k, condition_rows(cond, rows)))
-                else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
-                    parts.append(self._noised_real(ctx, self.times[k], z, rows))
-            x_in = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if self.stratified and K > 1 and self.config.backward_simulation:
+                x_in = backward_simulate_groups(ctx.student, noise, self.times, groups, cond)
+            else:
+                parts = []
+                for k, rows in groups:
+                    z = noise[rows]
+                    if k == 0 or self.config.backward_simulation:
+                        parts.append(backward_simulate(ctx.student, z, self.times, k, condition_rows(cond, rows)))
+                    else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
+                        parts.append(self._noised_real(ctx, self.times[k], z, rows))
+                x_in = parts[0] if len(parts) == 1 else torch.cat(parts)
             t_in = torch.cat([time_batch(self.times[k], x_in[rows]) for k, rows in groups])
             ctx.cache["dmd2.input"] = (x_in, t_in)
             ctx.cache["dmd2.groups"] = groups

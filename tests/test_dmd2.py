@@ -198,7 +198,8 @@ def test_backward_simulation_inputs_sit_at_the_right_noise_levels(schedule):
 @pytest.mark.parametrize("batch", [4096, 4099])
 def test_stratified_batches_train_every_step_on_its_own_rollout(batch):
     """step_sampling=stratified: rows split into K contiguous groups of B/K (+1), group k at tau_k, each group's
-    input the generator's own first k steps from fresh noise (sec. 7), every iteration; conditions follow the rows."""
+    input the generator's own first k steps from fresh, independent noise (sec. 7), every iteration; conditions
+    follow the rows."""
     sched = make_schedule("edm")
     obj = DMD2(DMD2Config(steps=4, step_sampling="stratified"))
     obj.times = generator_times(obj.config, sched)
@@ -217,15 +218,36 @@ def test_stratified_batches_train_every_step_on_its_own_rollout(batch):
         mean = 0.0 if k == 0 else float(sched.alpha(tk)) * c
         eps = (x_in[rows].double() - mean) / float(sched.sigma(tk))
         assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05, k
-    # group k made k generator calls, at tau_0 .. tau_{k-1}, on its own rows and their labels only
-    calls = sorted((len(x), float(t.unique())) for x, t in gen.calls)  # one time per call (float32 there)
-    expect = sorted((sizes[k], obj.times[j]) for k in range(4) for j in range(k))
+    # one rollout: step j calls the generator at tau_j on the rows still behind (k > j) and their labels only
+    calls = [(len(x), float(t.unique())) for x, t in gen.calls]  # one time per call (float32 there)
+    expect = [(sum(sizes[j + 1:]), obj.times[j]) for j in range(3)]
     assert [n for n, _ in calls] == [n for n, _ in expect]
     assert [t for _, t in calls] == pytest.approx([t for _, t in expect], rel=1e-6)
-    assert len(gen.cond_rows) == len(gen.calls) and all(len(cnd) == len(x) for cnd, (x, _) in
-                                                         zip(gen.cond_rows, gen.calls))
-    last = gen.cond_rows[-1]
-    torch.testing.assert_close(last, labels[int(starts[3]):], rtol=0, atol=0)
+    eps = []
+    for j in (1, 2):  # group 3's rows in the calls at tau_1 and tau_2 (call j holds rows starts[j + 1]:)
+        tj = torch.tensor(obj.times[j], dtype=torch.float64)
+        x = gen.calls[j][0][int(starts[3] - starts[j + 1]):].double()
+        eps.append(((x - float(sched.alpha(tj)) * c) / float(sched.sigma(tj))).flatten())
+    assert abs(torch.corrcoef(torch.stack(eps))[0, 1]) < 0.05  # fresh noise at every re-noising
+    for j, cnd in enumerate(gen.cond_rows):
+        torch.testing.assert_close(cnd, labels[int(starts[j + 1]):], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("total,K,parts", [(128, 4, 1), (128, 4, 2), (128, 4, 8), (130, 4, 2), (6, 4, 3), (7, 3, 7)])
+def test_step_groups_of_micro_batches_tile_the_global_split(total, K, parts):
+    """Micro-batches (ranks x grad_accum) see exactly the groups one process sees for the whole batch: numpy's
+    array_split of the global rows into K as the reference."""
+    from plugins.dmd2 import step_groups
+
+    reference = np.empty(total, dtype=int)
+    for k, rows in enumerate(np.array_split(np.arange(total), K)):
+        reference[rows] = k
+    micro, seen = total // parts, np.full(total, -1)
+    for j in range(parts):
+        for k, rows in step_groups(K, total, j * micro, micro):
+            assert rows.start < rows.stop
+            seen[j * micro + rows.start:j * micro + rows.stop] = k
+    assert (seen == reference).all()
 
 
 def test_stratified_regression_loss_weights_each_groups_rows(monkeypatch):
@@ -282,7 +304,7 @@ def test_stratified_batch_smaller_than_the_step_count_is_a_usage_error():
     teacher = type("T", (), {"data_shape": (2,), "schedule": sched})()
     ctx = Context({"teacher": teacher, "student": ConstantGenerator(sched, 0.0)}, {"x": None, "cond": None}, 0, 3,
                   "cpu")
-    with pytest.raises(UsageError, match="batch has 3 rows; raise train.batch or set objective.step_sampling"):
+    with pytest.raises(UsageError, match="train.batch is 3; raise train.batch or set objective.step_sampling"):
         obj.generator_input(ctx)
 
 

@@ -31,7 +31,8 @@ def edm_lambda(sigma: float, sigma_data: float) -> float:
 @pytest.mark.parametrize("steps", [1, 3])
 def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighting):
     teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
-    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6, step_weighting=weighting))
+    obj = DMD2(DMD2Config(steps=steps, regression_solver="euler", regression_steps=6, step_weighting=weighting,
+                          step_sampling="iteration"))
     obj.times = [80.0, 2.0, 0.3][:steps]
     obj.from_scratch = True
     for seed in range(20):  # the seed whose draw of k is the last step, the one the weighting changes most
@@ -55,6 +56,27 @@ def test_regression_gradient_pulls_x_to_the_teachers_ode_solution(steps, weighti
     if steps == 1:
         d2 = ((target[:, None, :] - teacher.means[None]) ** 2).sum(-1).min(1).values
         assert (d2.sqrt() < 4 * 0.08).double().mean() > 0.7
+
+
+def test_stratified_regression_gradient_pulls_each_group_to_its_own_ode_solution():
+    """step_sampling=stratified: rows at tau_k are pulled to the teacher's ODE solution from tau_k (6 float64 Euler
+    steps; from t_max for step 0), scaled by step k's EDM weight."""
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    obj = DMD2(DMD2Config(steps=3, regression_solver="euler", regression_steps=6, step_sampling="stratified"))
+    obj.times, obj.from_scratch = [80.0, 2.0, 0.3], True
+    ctx = Context({"teacher": teacher, "student": teacher}, {"x": None, "cond": None}, 0, 300, "cpu")
+    torch.manual_seed(0)
+    x_in, t_in = obj.generator_input(ctx)
+    x = torch.randn(300, 2, dtype=torch.float32, requires_grad=True)
+    obj.regression_loss(ctx, x).backward()
+    for k, lo in enumerate((0, 100, 200)):
+        rows = slice(lo, lo + 100)
+        assert torch.all(t_in[rows] == obj.times[k])
+        times = make_grid(teacher.schedule, 6, t_max=None if k == 0 else obj.times[k]).tolist()
+        target = euler_float64(teacher, x_in[rows] * (times[0] / obj.times[k]), times)
+        weight = edm_lambda(obj.times[k], teacher.sigma_data) / edm_lambda(80.0, teacher.sigma_data)
+        expected = weight * 2 * (x.detach()[rows].double() - target) / x.numel()
+        assert torch.allclose(x.grad[rows].double(), expected, atol=1e-6, rtol=1e-4), k
 
 
 def test_defaults_turn_regression_on_and_raise_the_lr_from_scratch():
