@@ -147,3 +147,29 @@ def test_chain_steps_from_the_top_is_the_ancestral_sampler_and_later_starts_skip
     last, own = chain_from(teacher, times, z, len(times) - 2)
     torch.testing.assert_close(last, teacher.denoise(z, times[-2].expand(256)), rtol=1e-12, atol=1e-12)
     assert last is own
+
+
+def test_rollout_steps_are_the_multistep_sampler_and_the_ode_reference_is_the_teachers_sampler():
+    """benchmarks/rollout_steps.py: its last x0 is the multistep sampler's output draw for draw, each step's input is
+    the previous x0 re-noised to tau_j, and the first step's ODE reference is the teacher's own 32-step DPM++
+    sampler from the same noise."""
+    from benchmarks.rollout_steps import rollout_x0, teacher_ode
+    from core.generation import multistep
+    from core.timesteps import make_grid
+    from plugins.samplers.ode import dpmpp_2m
+
+    teacher = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    times = torch.tensor([80.0, 2.5, 0.3, 0.0], dtype=torch.float64)
+    noise = torch.randn(256, 2, dtype=torch.float64)
+    torch.manual_seed(5)
+    want = multistep(teacher, noise, times)
+    torch.manual_seed(5)
+    steps = rollout_x0(teacher, times, noise)
+    assert len(steps) == 3
+    torch.testing.assert_close(steps[-1][1], want, rtol=0, atol=0)
+    torch.testing.assert_close(steps[0][0], noise * 80.0, rtol=1e-12, atol=0)
+    for j in (1, 2):  # x_tau_j = x0_{j-1} + sigma_j eps on EDM (alpha = 1): the residual is unit noise
+        eps = (steps[j][0] - steps[j - 1][1]) / float(times[j])
+        assert abs(float(eps.std()) - 1) < 0.15 and abs(float(eps.mean())) < 0.15
+    ode = teacher_ode(teacher, steps[0][0], times[0], first=True)
+    torch.testing.assert_close(ode, dpmpp_2m(teacher, noise, make_grid(teacher.schedule, 32)), rtol=1e-10, atol=1e-10)
