@@ -47,7 +47,8 @@ class DMD2Config:
         default="auto",
         metadata={"doc": "which generator steps a K-step batch trains: iteration, one k ~ U{0..K-1} per iteration "
                          "for the whole batch (DMD2); stratified, every step in each batch, on B/K rows each, so "
-                         "every generator update trains all K steps at the same cost; auto: stratified for a "
+                         "every generator update trains all K steps at the same cost (a batch of fewer than K rows "
+                         "trains the steps in turn); auto: stratified for a "
                          "generator trained from scratch (analytic teacher), iteration for a teacher copy"})
     critic_updates: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(positive),
@@ -150,17 +151,20 @@ def backward_simulate_groups(generator, noise: Tensor, times: list[float], group
     return x
 
 
-def step_groups(K: int, total: int, offset: int, rows: int) -> list[tuple[int, slice]]:
+def step_groups(K: int, total: int, offset: int, rows: int, iteration: int = 0) -> list[tuple[int, slice]]:
     """Stratified steps: the global batch's rows split into K contiguous groups as even as possible (the first
     total % K one row larger), group k at tau_k; returns this micro-batch's (k, local rows) for rows
-    offset .. offset + rows. Placed by global row, so DDP and gradient accumulation train what one process would."""
-    if total < K:
-        raise UsageError(f"objective.step_sampling=stratified splits each batch into objective.steps={K} groups, but "
-                         f"train.batch is {total}; raise train.batch or set objective.step_sampling=iteration")
-    bounds = [k * (total // K) + min(k, total % K) for k in range(K + 1)]
+    offset .. offset + rows. Placed by global row, so DDP and gradient accumulation train what one process would.
+    A batch of fewer than K rows trains a different ``total`` of the steps each iteration, in turn."""
+    if total >= K:
+        bounds = [k * (total // K) + min(k, total % K) for k in range(K + 1)]
+        steps = range(K)
+    else:
+        steps = sorted((iteration * total + i) % K for i in range(total))
+        bounds = list(range(total + 1))
     groups = []
-    for k in range(K):
-        lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + rows)
+    for k, lo, hi in zip(steps, bounds, bounds[1:]):
+        lo, hi = max(lo, offset), min(hi, offset + rows)
         if lo < hi:
             groups.append((k, slice(lo - offset, hi - offset)))
     return groups
@@ -274,7 +278,7 @@ class DMD2:
             shape = teacher.data_shape if ctx.batch["x"] is None else ctx.batch["x"].shape[1:]
             noise = torch.randn(ctx.batch_size, *shape, device=ctx.device)
             if self.stratified and K > 1:
-                groups = step_groups(K, ctx.global_batch, ctx.row_offset, ctx.batch_size)
+                groups = step_groups(K, ctx.global_batch, ctx.row_offset, ctx.batch_size, ctx.iteration)
             else:
                 k = distributed.broadcast_int(torch.randint(K, ())) if K > 1 else 0
                 groups = [(k, slice(0, ctx.batch_size))]

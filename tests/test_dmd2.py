@@ -297,15 +297,21 @@ def test_critic_ratio_defaults_to_two_from_scratch_and_dmd2s_five_for_a_teacher_
     assert obj.phases()[0].every == expect and obj.phases()[1].every == 1
 
 
-def test_stratified_batch_smaller_than_the_step_count_is_a_usage_error():
-    sched = make_schedule("edm")
-    obj = DMD2(DMD2Config(steps=4, step_sampling="stratified"))
-    obj.times = generator_times(obj.config, sched)
-    teacher = type("T", (), {"data_shape": (2,), "schedule": sched})()
-    ctx = Context({"teacher": teacher, "student": ConstantGenerator(sched, 0.0)}, {"x": None, "cond": None}, 0, 3,
-                  "cpu")
-    with pytest.raises(UsageError, match="train.batch is 3; raise train.batch or set objective.step_sampling"):
-        obj.generator_input(ctx)
+@pytest.mark.parametrize("total,K", [(3, 4), (2, 4), (1, 3)])
+def test_stratified_batch_smaller_than_the_step_count_trains_the_steps_in_turn(total, K):
+    """Fewer rows than steps: each iteration trains ``total`` distinct steps, ascending along the rows, and over K
+    iterations every step gets exactly ``total`` rows."""
+    from collections import Counter
+
+    from plugins.dmd2 import step_groups
+
+    counts = Counter()
+    for n in range(K):
+        groups = step_groups(K, total, 0, total, n)
+        ks = [k for k, _ in groups]
+        assert ks == sorted(set(ks)) and [r.stop - r.start for _, r in groups] == [1] * total
+        counts.update(ks)
+    assert counts == Counter({k: total for k in range(K)})
 
 
 def test_stratified_steps_reject_conditions_they_cannot_split():
