@@ -289,7 +289,8 @@ class DMD2:
                 for k, rows in groups:
                     z = noise[rows]
                     if k == 0 or self.config.backward_simulation:
-                        parts.append(backward_simulate(ctx.student, z, self.times, k, condition_rows(cond, rows)))
+                        sub = cond if len(groups) == 1 else condition_rows(cond, rows)
+                        parts.append(backward_simulate(ctx.student, z, self.times, k, sub))
                     else:  # DMD2 without backward simulation: forward-noised real data (the train/test mismatch)
                         parts.append(self._noised_real(ctx, self.times[k], z, rows))
                 x_in = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -401,8 +402,8 @@ class DMD2:
         solver = get_registry().get("sampler", c.regression_solver).factory
         guidance = c.guidance if c.guidance is not None else getattr(teacher, "guidance", None)
         extra = {} if guidance is None or cond is None else {"guidance": guidance}
-        total = x.new_zeros(())
-        for k, rows in ctx.cache["dmd2.groups"]:
+        total, groups = x.new_zeros(()), ctx.cache["dmd2.groups"]
+        for k, rows in groups:
             # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
             # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
             t_k = float(t_in[rows][0])
@@ -410,7 +411,7 @@ class DMD2:
             with torch.no_grad():
                 sigma_in = sched.sigma(torch.tensor(t_k, dtype=torch.float64))
                 noise = x_in[rows] / sigma_in.to(x_in.dtype)  # the solvers start from sigma(grid[0]) * noise
-                target = solver(teacher, noise, grid, condition_rows(cond, rows), **extra)
+                target = solver(teacher, noise, grid, cond if len(groups) == 1 else condition_rows(cond, rows), **extra)
             sse = (x[rows] - target.to(x.dtype)).square().sum()
             weight = self.step_weight(k, ctx)
             total = total + (sse if weight == 1 else weight * sse)

@@ -314,6 +314,24 @@ def test_stratified_batch_smaller_than_the_step_count_trains_the_steps_in_turn(t
     assert counts == Counter({k: total for k in range(K)})
 
 
+def test_one_k_per_iteration_passes_any_condition_through_whole():
+    """step_sampling=iteration never splits the batch, so a condition of any type reaches the generator as is."""
+    sched = make_schedule("edm")
+    obj = DMD2(DMD2Config(steps=2, step_sampling="iteration"))
+    obj.times = generator_times(obj.config, sched)
+    teacher = type("T", (), {"data_shape": (2,), "schedule": sched})()
+    cond = {"prompt_ids": [3, 1, 4, 1]}  # not a tensor: not splittable
+    torch.manual_seed(0)
+    for it in range(8):
+        gen = ConstantGenerator(sched, 0.0)
+        ctx = Context({"teacher": teacher, "student": gen}, {"x": None, "cond": cond}, it, 4, "cpu")
+        obj.generator_input(ctx)
+        assert all(c is cond for c in gen.cond_rows)
+        if gen.calls:
+            return
+    raise AssertionError("k = 1 never drawn in 8 iterations")
+
+
 def test_stratified_steps_reject_conditions_they_cannot_split():
     from plugins.dmd2 import condition_rows
 
