@@ -396,7 +396,7 @@ class DMD2:
         noise, from t_max), so every noise keeps the mode the teacher assigns it. Computed per generator update,
         not from a stored pair set. The rows of step k are scaled by ``step_weight``; the loss is their weighted
         mean squared error over the whole batch."""
-        x_in, t_in = self.generator_input(ctx)
+        x_in, _ = self.generator_input(ctx)
         c, teacher, cond = self.config, ctx.teacher, ctx.batch["cond"]
         sched = teacher.schedule
         solver = get_registry().get("sampler", c.regression_solver).factory
@@ -406,7 +406,7 @@ class DMD2:
         for k, rows in groups:
             # step 0's input is pure noise sigma(tau_0) z whatever tau_0 is: its target is the teacher's full ODE
             # image of z, from t_max (DMD2's 1-step SDXL: ODE pairs from T, generator conditioned on t = 399)
-            t_k = float(t_in[rows][0])
+            t_k = self.times[k]  # the step's time as a float: no device sync
             grid = make_grid(sched, c.regression_steps, t_max=None if k == 0 else t_k)
             with torch.no_grad():
                 sigma_in = sched.sigma(torch.tensor(t_k, dtype=torch.float64))

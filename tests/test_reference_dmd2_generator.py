@@ -41,6 +41,7 @@ def test_step_weight_is_edms_lambda_at_tau_k_over_tau_0(schedule, times):
 @pytest.mark.parametrize("weight", [2.0, 0.25])
 def test_regression_loss_is_scaled_by_the_steps_weight(monkeypatch, weight):
     objective = DMD2(DMD2Config())
+    objective.times = [80.0, 1.0]
     x_in, target = torch.randn(6, 2), torch.randn(6, 2)
     monkeypatch.setattr(objective, "generator_input", lambda ctx: (x_in, torch.ones(6)))
     monkeypatch.setattr(dmd2, "get_registry", lambda: SimpleNamespace(
@@ -138,6 +139,7 @@ def test_regression_target_is_the_teachers_ode_from_t_max_for_step_0_and_from_ta
 
     sched, t_k, seen = VPCosineSchedule(), 0.7, {}
     objective = DMD2(DMD2Config(steps=4, regression_steps=5))
+    objective.times = [0.99, 0.8, t_k, 0.3] if k else [t_k, 0.5, 0.4, 0.3]
     x_in = torch.randn(3, 2, dtype=torch.float64)
     monkeypatch.setattr(objective, "generator_input", lambda ctx: (x_in, torch.full((3,), t_k, dtype=torch.float64)))
     monkeypatch.setattr(objective, "step_weight", lambda k, ctx: 1.0)
