@@ -330,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--collect", nargs="+", metavar="ROWS.jsonl",
                    help="train nothing: aggregate the rows files of earlier (partial) sweeps into --json and --table")
     args = p.parse_args(argv)
+    args.teacher_samples = args.teacher_samples or args.samples
     if args.collect:
         return collect(args, argv)
     spec = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher.spec=")), None)
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         teachers, stages = {}, {}
         if any(table[v][1] for v in variants):
             teachers = {m: pool.submit(network_teacher, workdir, m, spec) for m in mixtures}
-        refs = [pool.submit(teacher_rows, m, spec, seeds, args.teacher_samples or args.samples) for m in mixtures]
+        refs = [pool.submit(teacher_rows, m, spec, seeds, args.teacher_samples) for m in mixtures]
         if any(table[v][1] == "first-stage" for v in variants):
             stages = {m: pool.submit(first_stage, workdir, m, teachers[m].result()) for m in mixtures}
         jobs = []
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
                   f"TV {row['mode_mass_tv']:.3f} lost {row['lost_modes']} off {row['off_manifold']:.3f} "
                   f"({row['train_seconds']} s)", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": args.samples,
-            "teacher_samples": args.teacher_samples or args.samples,
+            "teacher_samples": args.teacher_samples,
             "command": "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs}
     report(rows, mixtures, meta, args)

@@ -28,7 +28,8 @@ from plugins.gmm_quality import mixture_quality
 def rollout_x0(student, times, noise):
     """(input at tau_j, x0 of step j) for every step of the student's multistep rollout from ``noise``."""
     x0s = []
-    _, states = multistep(student, noise, times, None, return_trajectory=True, callback=lambda d: x0s.append(d["denoised"]))
+    _, states = multistep(student, noise, times, None, return_trajectory=True,
+                          callback=lambda d: x0s.append(d["denoised"]))
     return list(zip(states[:-1], x0s))
 
 

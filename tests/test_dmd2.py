@@ -289,7 +289,8 @@ def test_step_sampling_auto_stratifies_generators_trained_from_scratch(setting, 
     assert obj.stratified is expect
 
 
-@pytest.mark.parametrize("setting,from_scratch,expect", [(None, True, 2), (None, False, 5), (3, True, 3), (1, False, 1)])
+@pytest.mark.parametrize("setting,from_scratch,expect",
+                         [(None, True, 2), (None, False, 5), (3, True, 3), (1, False, 1)])
 def test_critic_ratio_defaults_to_two_from_scratch_and_dmd2s_five_for_a_teacher_copy(setting, from_scratch, expect):
     obj = DMD2(DMD2Config(critic_updates=setting))
     obj.from_scratch = from_scratch
