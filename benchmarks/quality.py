@@ -310,6 +310,23 @@ def collect(args, argv) -> int:
     return 0
 
 
+def bad_arguments(args) -> str | None:
+    """What is wrong with the sweep's options, in one line with its fix, or None."""
+    for flag, value in (("--samples", args.samples), ("--teacher-samples", args.teacher_samples),
+                        ("--jobs", args.jobs)):
+        if value < 1:
+            return f"{flag} must be a positive number, got {value}"
+    try:
+        [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        return f"--seeds takes integers separated by commas, got '{args.seeds}'; e.g. --seeds 0,1,2"
+    unknown = [m for m in args.presets.split(",") if m and m not in PRESETS]
+    if unknown and not args.collect:
+        return (f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}, "
+                "or pass your own mixture as teacher.spec=FILE.json")
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run; teacher.spec=FILE replaces "
@@ -331,6 +348,10 @@ def main(argv=None) -> int:
                    help="train nothing: aggregate the rows files of earlier (partial) sweeps into --json and --table")
     args = p.parse_args(argv)
     args.teacher_samples = args.teacher_samples or args.samples
+    problem = bad_arguments(args)
+    if problem:
+        print(f"fewstep: error: {problem}", file=sys.stderr)
+        return 2
     if args.collect:
         return collect(args, argv)
     spec = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("teacher.spec=")), None)
@@ -354,7 +375,7 @@ def main(argv=None) -> int:
         print(f"fewstep: error: teacher.spec: no such file '{spec}'; pass a JSON mixture file", file=sys.stderr)
         return 2
     mixtures = [Path(spec).stem] if spec else [m for m in args.presets.split(",") if m]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
