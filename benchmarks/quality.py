@@ -40,6 +40,7 @@ VARIANTS = {  # name -> (overrides, teacher: None = the exact mixture, "network"
     "mm": (("objective=mm",), None),
     "mm-3x": (("objective=mm", "train.steps=6000"), None),
     "mm-param": (("objective=mm-param",), "network"),
+    "mm-param-3x": (("objective=mm-param", "train.steps=6000"), "network"),
     "sfd": (("objective=sfd",), "network"),
     "sfd-1": (("objective=sfd-1",), "first-stage"),
 }
@@ -238,6 +239,10 @@ def goals(agg: list[dict], mixtures: list[str]) -> list[dict]:
             if mm3:
                 check("mm after 3x training no worse (no drift)", mx, mm3["energy_distance"] <= mm["energy_distance"],
                       f"{mm3['energy_distance']:.4f} vs {mm['energy_distance']:.4f}")
+        mp, mp3 = lookup(agg, "mm-param", mx), lookup(agg, "mm-param-3x", mx)
+        if mp and mp3:
+            check("mm-param after 3x training no worse", mx, mp3["energy_distance"] <= mp["energy_distance"],
+                  f"{mp3['energy_distance']:.4f} vs {mp['energy_distance']:.4f}")
         sfd1 = lookup(agg, "sfd-1", mx)
         if sfd1 and e4:
             check("sfd 1-NFE <= teacher euler 4", mx, sfd1["energy_distance"] <= e4["energy_distance"],

@@ -133,6 +133,21 @@ def test_collect_aggregates_partial_sweeps_over_seeds(tmp_path):
     assert goals == {"dmd2 1-step: no lost mode": False, "dmd2 1-step <= teacher euler 8": True}
 
 
+def test_goals_judge_drift_of_both_moment_matching_algorithms_by_their_3x_runs():
+    from benchmarks.quality import aggregate, goals
+
+    def row(variant, seed, ed):
+        return {"variant": variant, "mixture": "grid25", "seed": seed, "nfe": 4, "energy_distance": ed,
+                "mode_mass_tv": 0.1, "lost_modes": 0, "off_manifold": 0.2}
+
+    rows = [row("mm", 0, 0.010), row("mm", 1, 0.020), row("mm-3x", 0, 0.012), row("mm-3x", 1, 0.016),
+            row("mm-param", 0, 0.05), row("mm-param", 1, 0.05), row("mm-param-3x", 0, 0.04), row("mm-param-3x", 1, 0.07)]
+    result = {g["goal"]: g for g in goals(aggregate(rows), ["grid25"])}
+    assert result["mm after 3x training no worse (no drift)"]["pass"]  # means over seeds: 0.014 <= 0.015
+    assert not result["mm-param after 3x training no worse"]["pass"]  # 0.055 > 0.05
+    assert result["mm-param after 3x training no worse"]["detail"] == "0.0550 vs 0.0500"
+
+
 def test_chain_steps_from_the_top_is_the_ancestral_sampler_and_later_starts_skip_steps():
     """benchmarks/chain_steps.py's chain, started at tau_0, is Algorithm 1 draw for draw (same seed); started at
     tau_j it makes k - j model calls, and from the last time it is one denoising call."""
