@@ -3,8 +3,10 @@
     python -m benchmarks.chain_steps objective=mm teacher.preset=grid25 seed=0
     python -m benchmarks.chain_steps objective=mm teacher.preset=grid25 objective.time_sampling=continuous \
         objective.weighting=edm                                       # the paper's settings, MM's old defaults
+    python -m benchmarks.chain_steps objective=mm teacher=checkpoint teacher.path=RUN student=copy
+                                                  # a network teacher of a mixture (RUN: objective=denoise), its copy
 
-Trains one run on an exact mixture teacher (the overrides, as for ``python -m core.run``), then for each grid time
+Trains one run on an exact mixture teacher, or a network teacher of one (the overrides, as for ``python -m core.run``), then for each grid time
 tau_j draws z ~ q(z_tau_j) exactly (mixture samples plus noise) and runs the student's remaining steps j..k-1 from
 there. Scored against exact samples (``plugins.gmm_quality``): the final samples, and the x~ of step j itself. A step
 that breaks what it was given shows as the first j whose final score is far worse than j + 1's.
@@ -45,6 +47,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as out:
         trainer = _train([*argv, f"out={out}", "train.eval_every=0", "train.preview_every=0"])
     student, mixture = trainer.sampling_model(), trainer.teacher
+    while hasattr(mixture, "source"):  # a checkpoint teacher of a mixture: its chains are scored against the mixture
+        mixture = mixture.source
     if trainer.spec.sampler != "ancestral" or getattr(mixture, "num_classes", 0) or not hasattr(mixture, "sample_exact"):
         raise UsageError("chain_steps needs an ancestral student of an unconditional exact mixture: objective=mm "
                          "with teacher=gmm and a preset without classes (ring8, grid25, hd16)")

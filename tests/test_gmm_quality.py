@@ -193,3 +193,17 @@ def test_rollout_steps_are_the_multistep_sampler_and_the_ode_reference_is_the_te
         assert abs(float(eps.std()) - 1) < 0.15 and abs(float(eps.mean())) < 0.15
     ode = teacher_ode(teacher, steps[0][0], times[0], first=True)
     torch.testing.assert_close(ode, dpmpp_2m(teacher, noise, make_grid(teacher.schedule, 32)), rtol=1e-10, atol=1e-10)
+
+
+def test_chain_steps_scores_a_network_teachers_copy_against_the_exact_mixture(tmp_path, capsys):
+    """A checkpoint teacher of a mixture is unwrapped to the mixture it was trained on (no AttributeError)."""
+    from benchmarks.chain_steps import main
+    from benchmarks.quality import _train
+
+    tiny = ["train.batch=16", "train.eval_every=0", "train.preview_every=0"]
+    _train(["objective=denoise", "teacher=gmm", "teacher.preset=ring8", "train.steps=2", "student.hidden=16",
+            "student.depth=1", f"out={tmp_path / 'teacher'}", *tiny])
+    assert main(["objective=mm", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}", "student=copy",
+                 "train.steps=2", *tiny]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step ")]
+    assert len(rows) == 4 and rows[-1].startswith("| step 3 (sigma 0.17")
