@@ -2,7 +2,8 @@
 
     python -m benchmarks.rollout_steps run=runs/grid25-4 [num=10000]
 
-Loads a finished run on an exact mixture teacher (``teacher=gmm``, unconditional), samples ``num`` rollouts of its
+Loads a finished run on an exact mixture teacher (``teacher=gmm``, unconditional) or on a network teacher of one
+(``teacher=checkpoint``, whose ODE is then the reference), samples ``num`` rollouts of its
 ``multistep`` sampler and, at each step j, scores the step's x0 against exact samples (``plugins.gmm_quality``)
 next to where the teacher's probability-flow ODE (32 DPM++ steps) takes the same input. "move" is the mean
 distance from the input's clean estimate x_tau / alpha to the step's x0, for the student and for the ODE: a step
@@ -52,12 +53,16 @@ def main(argv: list[str]) -> int:
         raise UsageError("usage: python -m benchmarks.rollout_steps run=RUN_DIR [num=N]")
     nets, spec, _ = load_run(opts["run"])
     student, teacher, n = nets.student.eval(), nets.teacher, int(opts.get("num", 10000))
-    if spec.sampler != "multistep" or not hasattr(teacher, "sample_exact") or getattr(teacher, "num_classes", 0):
+    mixture = teacher
+    while hasattr(mixture, "source"):  # a network teacher of a mixture: the ODE is the network's, scores the mixture's
+        mixture = mixture.source
+    if spec.sampler != "multistep" or not hasattr(mixture, "sample_exact") or getattr(mixture, "num_classes", 0):
         raise UsageError("rollout_steps needs a multistep run (objective=dmd2) on an unconditional exact mixture "
-                         "teacher (teacher=gmm with ring8, grid25, hd16 or a teacher.spec file)")
+                         "teacher (teacher=gmm with ring8, grid25, hd16 or a teacher.spec file), or on a network "
+                         "teacher of one (teacher=checkpoint)")
     times, sched = torch.tensor(spec.times, dtype=torch.float64), teacher.schedule
     torch.manual_seed(1007)
-    reference = teacher.sample_exact(n, None)
+    reference = mixture.sample_exact(n, None)
     torch.manual_seed(7)
     steps = rollout_x0(student, times, torch.randn(n, *teacher.data_shape))
     print("| step (sigma) | x0: ED | off-manifold | lost | teacher ODE from the same input: ED | off-manifold | "
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> int:
     for j, (x, x0) in enumerate(steps):
         t = times[j]
         ode = teacher_ode(teacher, x, t, j == 0)
-        q, qo = mixture_quality(teacher, x0, reference), mixture_quality(teacher, ode, reference)
+        q, qo = mixture_quality(mixture, x0, reference), mixture_quality(mixture, ode, reference)
         clean = x / sched.alpha(t).to(x.dtype)
         move = "–" if j == 0 else f"{float((x0 - clean).norm(dim=1).mean()):.3f}"
         ode_move = "–" if j == 0 else f"{float((ode - clean).norm(dim=1).mean()):.3f}"

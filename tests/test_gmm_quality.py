@@ -207,3 +207,17 @@ def test_chain_steps_scores_a_network_teachers_copy_against_the_exact_mixture(tm
                  "train.steps=2", *tiny]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| step ")]
     assert len(rows) == 4 and rows[-1].startswith("| step 3 (sigma 0.17")
+
+
+def test_rollout_steps_of_a_network_teachers_student_are_scored_against_the_mixture(tmp_path, capsys):
+    from benchmarks.quality import _train
+    from benchmarks.rollout_steps import main
+
+    tiny = ["train.batch=16", "train.eval_every=0", "train.preview_every=0"]
+    _train(["objective=denoise", "teacher=gmm", "teacher.preset=ring8", "train.steps=2", "student.hidden=16",
+            "student.depth=1", f"out={tmp_path / 'teacher'}", *tiny])
+    _train(["objective=dmd2", "objective.steps=2", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}",
+            "train.steps=2", f"out={tmp_path / 'run'}", *tiny])
+    assert main([f"run={tmp_path / 'run'}", "num=300"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 (") or line.startswith("| 1 (")]
+    assert len(rows) == 2
