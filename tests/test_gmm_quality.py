@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from plugins.gmm import GaussianMixtureTeacher, GMMConfig
 from plugins.gmm_quality import (LOST_FRACTION, OFF_MANIFOLD_LEVEL, chi2_quantile, mixture_quality,
@@ -93,6 +94,14 @@ def test_sweep_runs_end_to_end_and_writes_json_and_table(tmp_path):
     assert doc.startswith("# page\n\nintro") and doc.endswith("after\n") and "STALE-TABLE" not in doc
     assert "| ring8 | **dmd2** | 1 | 0 |" in doc
 
+    from benchmarks.quality_gallery import PANEL
+    from benchmarks.quality_gallery import main as gallery
+
+    picture = tmp_path / "gallery.png"
+    assert gallery([f"workdir={tmp_path / 'runs'}", "num=200", f"out={picture}"]) == 0
+    # ring8 and grid25 rows; the teacher's Euler and ancestral panels, then the one finished run (dmd2, ring8)
+    assert Image.open(picture).size == (3 * PANEL, 2 * PANEL)
+
 
 @pytest.mark.parametrize("args, message", [
     (["--variants", "nope"], "unknown variant(s) nope"),
@@ -111,6 +120,22 @@ def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert err.startswith("fewstep: error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "w").exists() and not (tmp_path / "q.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage: python -m benchmarks.quality_gallery"),
+    (["workdir=/no/such/dir"], "is not a directory"),
+    (["workdir=.", "num=x"], "take integers"),
+    (["workdir=."], "holds no run of seed 0"),
+])
+def test_gallery_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    from benchmarks.quality_gallery import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, f"out={tmp_path / 'g.png'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fewstep: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_collect_aggregates_partial_sweeps_over_seeds(tmp_path):
