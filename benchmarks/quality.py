@@ -322,8 +322,10 @@ def bad_arguments(args) -> str | None:
         if value < 1:
             return f"{flag} must be a positive number, got {value}"
     try:
-        [int(s) for s in args.seeds.split(",") if s]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
+        seeds = []
+    if not seeds:
         return f"--seeds takes integers separated by commas, got '{args.seeds}'; e.g. --seeds 0,1,2"
     unknown = [m for m in args.presets.split(",") if m and m not in PRESETS]
     if unknown and not args.collect:
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
     p.add_argument("--collect", nargs="+", metavar="ROWS.jsonl",
                    help="train nothing: aggregate the rows files of earlier (partial) sweeps into --json and --table")
     args = p.parse_args(argv)
-    args.teacher_samples = args.teacher_samples or args.samples
+    args.teacher_samples = args.samples if args.teacher_samples is None else args.teacher_samples
     problem = bad_arguments(args)
     if problem:
         print(f"fewstep: error: {problem}", file=sys.stderr)

@@ -108,9 +108,10 @@ def test_sweep_runs_end_to_end_and_writes_json_and_table(tmp_path):
     (["teacher.spec=/no/such.json"], "no such file"),
     (["--define", "broken"], "is not NAME:KEY=VALUE"),
     (["--samples", "0"], "--samples must be a positive number"),
-    (["--teacher-samples", "-5"], "--teacher-samples must be a positive number"),
+    (["--teacher-samples", "0"], "--teacher-samples must be a positive number"),
     (["--jobs", "0"], "--jobs must be a positive number"),
     (["--seeds", "0,x"], "--seeds takes integers"),
+    (["--seeds", ","], "--seeds takes integers"),
     (["--presets", "ring8,ring9"], "unknown preset(s) ring9"),
 ])
 def test_sweep_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
