@@ -221,32 +221,32 @@ def goals(agg: list[dict], mixtures: list[str]) -> list[dict]:
             check("dmd2 1-step: no lost mode", mx, d1["lost_modes_max"] == 0, f"max lost {d1['lost_modes_max']}")
             if e8 and mx in ("ring8", "grid25"):
                 check("dmd2 1-step <= teacher euler 8", mx, d1["energy_distance"] <= e8["energy_distance"],
-                      f"{d1['energy_distance']:.4f} vs {e8['energy_distance']:.4f}")
+                      f"{d1['energy_distance']:.5f} vs {e8['energy_distance']:.5f}")
         if d4:
             check("dmd2 4-step: no lost mode", mx, d4["lost_modes_max"] == 0, f"max lost {d4['lost_modes_max']}")
             if d1:
                 check("dmd2 4-step <= 1/2 dmd2 1-step", mx, d4["energy_distance"] <= 0.5 * d1["energy_distance"],
-                      f"{d4['energy_distance']:.4f} vs {d1['energy_distance']:.4f}")
+                      f"{d4['energy_distance']:.5f} vs {d1['energy_distance']:.5f}")
             if e4:
                 check("dmd2 4-step <= teacher euler 4", mx, d4["energy_distance"] <= e4["energy_distance"],
-                      f"{d4['energy_distance']:.4f} vs {e4['energy_distance']:.4f}")
+                      f"{d4['energy_distance']:.5f} vs {e4['energy_distance']:.5f}")
         mm, mm3 = lookup(agg, "mm", mx), lookup(agg, "mm-3x", mx)
         if mm:
             check("mm 4-step: no lost mode", mx, mm["lost_modes_max"] == 0, f"max lost {mm['lost_modes_max']}")
             if a4:
                 check("mm 4-step <= teacher ancestral 4", mx, mm["energy_distance"] <= a4["energy_distance"],
-                      f"{mm['energy_distance']:.4f} vs {a4['energy_distance']:.4f}")
+                      f"{mm['energy_distance']:.5f} vs {a4['energy_distance']:.5f}")
             if mm3:
                 check("mm after 3x training no worse (no drift)", mx, mm3["energy_distance"] <= mm["energy_distance"],
-                      f"{mm3['energy_distance']:.4f} vs {mm['energy_distance']:.4f}")
+                      f"{mm3['energy_distance']:.5f} vs {mm['energy_distance']:.5f}")
         mp, mp3 = lookup(agg, "mm-param", mx), lookup(agg, "mm-param-3x", mx)
         if mp and mp3:
             check("mm-param after 3x training no worse", mx, mp3["energy_distance"] <= mp["energy_distance"],
-                  f"{mp3['energy_distance']:.4f} vs {mp['energy_distance']:.4f}")
+                  f"{mp3['energy_distance']:.5f} vs {mp['energy_distance']:.5f}")
         sfd1 = lookup(agg, "sfd-1", mx)
         if sfd1 and e4:
             check("sfd 1-NFE <= teacher euler 4", mx, sfd1["energy_distance"] <= e4["energy_distance"],
-                  f"{sfd1['energy_distance']:.4f} vs {e4['energy_distance']:.4f}")
+                  f"{sfd1['energy_distance']:.5f} vs {e4['energy_distance']:.5f}")
     return out
 
 
@@ -262,8 +262,8 @@ def markdown(agg: list[dict], goal_rows: list[dict], meta: dict) -> str:
     for a in sorted(agg, key=lambda a: (a["mixture"], order.get(a["variant"], 99), a["nfe"])):
         name = a["variant"] if a["variant"].startswith("teacher") else f"**{a['variant']}**"
         lines.append(f"| {a['mixture']} | {name} | {a['nfe']} | {','.join(map(str, a['seeds']))} | "
-                     f"{a['energy_distance']:.4f} ± "
-                     f"{a['energy_distance_std']:.4f} | {a['mode_mass_tv']:.3f} ± {a['mode_mass_tv_std']:.3f} | "
+                     f"{a['energy_distance']:.5f} ± "
+                     f"{a['energy_distance_std']:.5f} | {a['mode_mass_tv']:.3f} ± {a['mode_mass_tv_std']:.3f} | "
                      f"{a['lost_modes_max']} | {a['off_manifold']:.3f} ± {a['off_manifold_std']:.3f} |")
     if goal_rows:
         lines += ["", "| goal | mixture | result | numbers |", "|---|---|---|---|"]
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
             rows.append(row)
             with progress.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"{row['variant']:>8} {row['mixture']:>8} seed {row['seed']}: ED {row['energy_distance']:.4f} "
+            print(f"{row['variant']:>8} {row['mixture']:>8} seed {row['seed']}: ED {row['energy_distance']:.5f} "
                   f"TV {row['mode_mass_tv']:.3f} lost {row['lost_modes']} off {row['off_manifold']:.3f} "
                   f"({row['train_seconds']} s)", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "samples": args.samples,

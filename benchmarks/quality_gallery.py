@@ -42,7 +42,8 @@ def run_sampler(run_dir: Path):
 
     nets, spec, _ = load_run(str(run_dir))
     student, teacher = nets.student.eval(), nets.teacher
-    return lambda n, labels: generate(student, spec, n, None, shape=teacher.data_shape), len(spec.times) - 1
+    nfe = len(spec.times) - 1 - int(bool(spec.options.get("afs")))  # as the sweep counts: AFS makes no call
+    return lambda n, labels: generate(student, spec, n, None, shape=teacher.data_shape), nfe
 
 
 def panel(mixture, sample_fn, n: int, seed: int, title: str) -> Image.Image:
