@@ -23,7 +23,7 @@ from benchmarks.quality import _quiet_torch, _train
 from core import ops
 from core.cli import guard
 from core.errors import UsageError
-from plugins.gmm_quality import mixture_quality
+from plugins.gmm_quality import exact_mixture, mixture_quality
 
 
 @torch.no_grad()
@@ -46,9 +46,7 @@ def main(argv: list[str]) -> int:
     _quiet_torch()
     with tempfile.TemporaryDirectory() as out:
         trainer = _train([*argv, f"out={out}", "train.eval_every=0", "train.preview_every=0"])
-    student, mixture = trainer.sampling_model(), trainer.teacher
-    while hasattr(mixture, "source"):  # a checkpoint teacher of a mixture: its chains are scored against the mixture
-        mixture = mixture.source
+    student, mixture = trainer.sampling_model(), exact_mixture(trainer.teacher)
     if trainer.spec.sampler != "ancestral" or getattr(mixture, "num_classes", 0) or not hasattr(mixture, "sample_exact"):
         raise UsageError("chain_steps needs an ancestral student of an unconditional exact mixture: objective=mm "
                          "with teacher=gmm and a preset without classes (ring8, grid25, hd16)")

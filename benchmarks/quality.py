@@ -113,10 +113,10 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     trainer = _train(overrides)
     seconds = time.perf_counter() - t0
+    from plugins.gmm_quality import exact_mixture
+
     teacher = trainer.teacher
-    mixture = teacher
-    while hasattr(mixture, "source"):  # a checkpoint teacher is scored against its exact mixture
-        mixture = mixture.source
+    mixture = exact_mixture(teacher)  # a checkpoint teacher is scored against its exact mixture
     student = trainer.sampling_model()
 
     def sample(n, labels):

@@ -23,6 +23,14 @@ LOST_FRACTION = 0.1
 OFF_MANIFOLD_LEVEL = 0.999
 
 
+def exact_mixture(teacher):
+    """The exact mixture behind ``teacher``: itself, or for a network teacher of one (``teacher=checkpoint``) the
+    mixture its run was trained on, against which its students are scored."""
+    while hasattr(teacher, "source"):
+        teacher = teacher.source
+    return teacher
+
+
 def chi2_quantile(dof: int, level: float) -> float:
     """x with P(chi^2_dof <= x) = level, by bisection on the regularised incomplete gamma function."""
     a = torch.tensor(dof / 2, dtype=torch.float64)

@@ -247,3 +247,13 @@ def test_rollout_steps_of_a_network_teachers_student_are_scored_against_the_mixt
     assert main([f"run={tmp_path / 'run'}", "num=300"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 (") or line.startswith("| 1 (")]
     assert len(rows) == 2
+
+
+def test_exact_mixture_unwraps_network_teachers_to_the_mixture_they_learnt():
+    from types import SimpleNamespace
+
+    from plugins.gmm_quality import exact_mixture
+
+    mixture = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
+    assert exact_mixture(mixture) is mixture
+    assert exact_mixture(SimpleNamespace(source=SimpleNamespace(source=mixture))) is mixture
