@@ -6,10 +6,11 @@
     python -m benchmarks.chain_steps objective=mm teacher=checkpoint teacher.path=RUN student=copy
                                                   # a network teacher of a mixture (RUN: objective=denoise), its copy
 
-Trains one run on an exact mixture teacher, or a network teacher of one (the overrides, as for ``python -m core.run``), then for each grid time
-tau_j draws z ~ q(z_tau_j) exactly (mixture samples plus noise) and runs the student's remaining steps j..k-1 from
-there. Scored against exact samples (``plugins.gmm_quality``): the final samples, and the x~ of step j itself. A step
-that breaks what it was given shows as the first j whose final score is far worse than j + 1's.
+Trains one run on an exact mixture teacher, or a network teacher of one (the overrides, as for
+``python -m core.run``), then for each grid time tau_j draws z ~ q(z_tau_j) exactly (mixture samples plus noise)
+and runs the student's remaining steps j..k-1 from there. Scored against exact samples (``plugins.gmm_quality``):
+the final samples, and the x~ of step j itself. A step that breaks what it was given shows as the first j whose
+final score is far worse than j + 1's.
 """
 
 from __future__ import annotations

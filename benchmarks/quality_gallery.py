@@ -1,6 +1,7 @@
 """A picture of a quality sweep: one scatter per 2-D mixture and sampler or objective, next to exact samples.
 
-    python -m benchmarks.quality_gallery workdir=runs/quality [seed=0] [num=2000] [out=docs/methods/quality/gallery.png]
+    python -m benchmarks.quality_gallery workdir=runs/quality [seed=0] [num=2000]
+    python -m benchmarks.quality_gallery workdir=runs/quality out=docs/methods/quality/gallery.png   # the default out
 
 Rows are the sweep's 2-D mixtures (ring8, grid25), columns the teacher's Euler and ancestral samplers at 4 NFE and
 each variant whose finished run ``{variant}-{mixture}-s{seed}`` is in ``workdir`` (others are left out). Each panel
@@ -89,7 +90,8 @@ def main(argv: list[str]) -> int:
     rows = []
     for name in MIXTURES:
         mixture = GaussianMixtureTeacher(GMMConfig(preset=name))
-        row = [panel(mixture, teacher_sampler(mixture, s), n, seed, f"{name} teacher {s}, 4 NFE") for s in TEACHER_SAMPLERS]
+        row = [panel(mixture, teacher_sampler(mixture, s), n, seed, f"{name} teacher {s}, 4 NFE")
+               for s in TEACHER_SAMPLERS]
         for variant in runs:
             if finished(variant, name):
                 sample_fn, nfe = run_sampler(workdir / f"{variant}-{name}-s{seed}")

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("usage: python -m benchmarks.rollout_steps run=RUN_DIR [num=N]")
     nets, spec, _ = load_run(opts["run"])
     student, teacher, n = nets.student.eval(), nets.teacher, int(opts.get("num", 10000))
-    mixture = exact_mixture(teacher)  # a network teacher of a mixture: the ODE is the network's, scores the mixture's
+    mixture = exact_mixture(teacher)  # for a network teacher: the ODE is the network's, the scores the mixture's
     if spec.sampler != "multistep" or not hasattr(mixture, "sample_exact") or getattr(mixture, "num_classes", 0):
         raise UsageError("rollout_steps needs a multistep run (objective=dmd2) on an unconditional exact mixture "
                          "teacher (teacher=gmm with ring8, grid25, hd16 or a teacher.spec file), or on a network "

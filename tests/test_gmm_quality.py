@@ -245,7 +245,7 @@ def test_rollout_steps_of_a_network_teachers_student_are_scored_against_the_mixt
     _train(["objective=dmd2", "objective.steps=2", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}",
             "train.steps=2", f"out={tmp_path / 'run'}", *tiny])
     assert main([f"run={tmp_path / 'run'}", "num=300"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 (") or line.startswith("| 1 (")]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 0 (", "| 1 ("))]
     assert len(rows) == 2
 
 
