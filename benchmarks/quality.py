@@ -85,11 +85,10 @@ def labels_for(mixture, n: int):
     return torch.arange(n) % mixture.num_classes if getattr(mixture, "num_classes", 0) else None
 
 
-def score(mixture, sample_fn, n: int, seed: int) -> dict:
-    """Samples from ``sample_fn(n, labels)`` under seed ``seed``, scored against exact samples (seed + 1000)."""
+def draw(mixture, sample_fn, n: int, seed: int):
+    """(samples, exact samples, labels): ``sample_fn(n, labels)`` under seed ``seed``, the exact ones under seed
+    + 1000, both for the same labels (every class in turn for a class-conditional mixture, else None)."""
     import torch
-
-    from plugins.gmm_quality import mixture_quality
 
     labels = labels_for(mixture, n)
     with torch.random.fork_rng(devices=[]):
@@ -97,7 +96,30 @@ def score(mixture, sample_fn, n: int, seed: int) -> dict:
         x = sample_fn(n, labels)
         torch.manual_seed(seed + 1000)
         ref = mixture.sample_exact(n, labels)
+    return x, ref, labels
+
+
+def score(mixture, sample_fn, n: int, seed: int) -> dict:
+    """Samples from ``sample_fn(n, labels)`` under seed ``seed``, scored against exact samples (seed + 1000)."""
+    from plugins.gmm_quality import mixture_quality
+
+    x, ref, labels = draw(mixture, sample_fn, n, seed)
     return mixture_quality(mixture, x, ref, labels)
+
+
+def teacher_spec(teacher, sampler: str, nfe: int):
+    """The teacher sampler's spec at ``nfe`` calls: ancestral on the uniform fraction grid it is defined on, the
+    ODE solvers on the schedule's default grid."""
+    from core.protocols import SamplingSpec
+    from core.timesteps import fraction_grid, make_grid
+
+    grid = fraction_grid(teacher.schedule, nfe) if sampler == "ancestral" else make_grid(teacher.schedule, nfe)
+    return SamplingSpec(sampler, grid.tolist(), {})
+
+
+def spec_nfe(spec) -> int:
+    """Network calls of a sampling spec: one per interval, none for an AFS first step."""
+    return len(spec.times) - 1 - int(bool(spec.options.get("afs")))
 
 
 def run_job(job: dict) -> dict:
@@ -126,7 +148,7 @@ def run_job(job: dict) -> dict:
     with torch.no_grad():
         metrics = score(mixture, sample, job["samples"], 7 + job["seed"])
     return {"variant": job["variant"], "mixture": job["mixture"], "seed": job["seed"], **metrics,
-            "nfe": len(trainer.spec.times) - 1 - int(bool(trainer.spec.options.get("afs"))),  # AFS makes no call
+            "nfe": spec_nfe(trainer.spec),
             "train_steps": trainer.cfg.train.steps,
             "train_seconds": round(seconds, 1)}
 
@@ -156,11 +178,8 @@ def first_stage(workdir: Path, mixture: str, teacher_dir: str) -> str:
 
 def teacher_rows(mixture_name: str, spec: str | None, seeds: list[int], n: int) -> list[dict]:
     torch = _quiet_torch()
-    from core.protocols import SamplingSpec
     from core.generation import generate
-    from core.timesteps import make_grid
     from plugins.gmm import GaussianMixtureTeacher, GMMConfig
-    from core.timesteps import fraction_grid
 
     config = GMMConfig(spec=spec) if spec else GMMConfig(preset=mixture_name, guidance=GUIDANCE.get(mixture_name, 1.0))
     teacher = GaussianMixtureTeacher(config)
@@ -168,8 +187,7 @@ def teacher_rows(mixture_name: str, spec: str | None, seeds: list[int], n: int) 
     rows = []
     for sampler in SAMPLERS:
         for nfe in NFES:
-            grid = fraction_grid(teacher.schedule, nfe) if sampler == "ancestral" else make_grid(teacher.schedule, nfe)
-            spec_ = SamplingSpec(sampler, grid.tolist(), {})
+            spec_ = teacher_spec(teacher, sampler, nfe)
             for seed in seeds:
                 def sample(k, labels):
                     extra = {} if guidance is None else {"guidance": guidance}

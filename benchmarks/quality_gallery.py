@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmarks.quality import VARIANTS, _quiet_torch
+from benchmarks.quality import VARIANTS, _quiet_torch, draw, spec_nfe, teacher_spec
 from core.cli import guard
 from core.errors import UsageError
 
@@ -29,34 +29,28 @@ PANEL = 256
 
 def teacher_sampler(teacher, sampler: str, nfe: int = 4):
     from core.generation import generate
-    from core.protocols import SamplingSpec
-    from core.timesteps import fraction_grid, make_grid
 
-    grid = fraction_grid(teacher.schedule, nfe) if sampler == "ancestral" else make_grid(teacher.schedule, nfe)
-    spec = SamplingSpec(sampler, grid.tolist(), {})
+    spec = teacher_spec(teacher, sampler, nfe)
     return lambda n, labels: generate(teacher, spec, n, None, shape=teacher.data_shape)
 
 
 def run_sampler(run_dir: Path):
+    """(sample_fn, NFE) of a finished run's student."""
     from core.generation import generate
     from core.rundir import load_run
 
     nets, spec, _ = load_run(str(run_dir))
     student, teacher = nets.student.eval(), nets.teacher
-    nfe = len(spec.times) - 1 - int(bool(spec.options.get("afs")))  # as the sweep counts: AFS makes no call
-    return lambda n, labels: generate(student, spec, n, None, shape=teacher.data_shape), nfe
+    return lambda n, labels: generate(student, spec, n, None, shape=teacher.data_shape), spec_nfe(spec)
 
 
 def panel(mixture, sample_fn, n: int, seed: int, title: str) -> Image.Image:
-    """``n`` samples over as many exact ones, drawn and scored as ``benchmarks.quality.score`` does for that seed."""
+    """``n`` samples over as many exact ones, drawn and scored as the sweep's table does for that seed."""
     from core.preview import scatter_png
     from plugins.gmm_quality import mixture_quality
 
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(7 + seed)
-        x = sample_fn(n, None)
-        torch.manual_seed(7 + seed + 1000)
-        ref = mixture.sample_exact(n, None)
+    with torch.no_grad():
+        x, ref, _ = draw(mixture, sample_fn, n, 7 + seed)
     m = mixture_quality(mixture, x, ref)
     label = f"{title}\nED {m['energy_distance']:.4f}, lost {m['lost_modes']}"
     return Image.open(io.BytesIO(scatter_png(x, ref, size=PANEL, title=label)))
@@ -80,6 +74,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"num must be at least 2, got {n}")
     if not workdir.is_dir():
         raise UsageError(f"workdir={workdir} is not a directory; pass the --workdir of a quality sweep")
+
     def finished(variant, mixture):  # a run exports its student when it ends; an unfinished one is left out
         return (workdir / f"{variant}-{mixture}-s{seed}" / "student.safetensors").is_file()
 
