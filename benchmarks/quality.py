@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
         if not name or "=" not in body:
             print(f"fewstep: error: --define '{d}' is not NAME:KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
             return 2
-        overrides = tuple(body.split(","))
+        overrides = tuple(re.split(r",(?=[\w.]+=)", body))  # a comma starts a new KEY= only: lists stay whole
         table[name] = (overrides, "first-stage" if "objective=sfd-1" in overrides
                        else "network" if any(o.startswith(NETWORK_ONLY) for o in overrides) else None)
     variants = [v for v in args.variants.split(",") if v]
