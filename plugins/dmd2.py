@@ -102,12 +102,19 @@ class DMD2Config:
 # -- generator times (method note sec. 7) ------------------------------------------------------------------
 
 def default_times(schedule, steps: int) -> list[float]:
-    """tau_j evenly spaced from the top: t_max - j N/K on N-step discrete schedules (SDXL's 999/749/499/249),
-    else ``t_from_fraction(1 - j/K)``."""
+    """tau_j, the first at the top. DMD2's evenly spaced times on schedules linear in t: t_max - j N/K on N-step
+    discrete ones (SDXL's 999/749/499/249), ``t_from_fraction(1 - j/K)`` on flow and vp-cosine. EDM's rho-spacing
+    puts the upper fractions at nearly pure noise (3/4 is sigma = 17.5, 25 sigma_data), where a step starts
+    over rather than refines, so there the other K - 1 steps are evenly spaced in fraction from 1/2 down to 1/4:
+    sigma = 80, 2.5, 0.74, 0.17 for K = 4 (measured: docs/methods/quality.md, eleventh pass)."""
     if schedule.name == "vp-discrete":
         n = int(round(schedule.t_max)) + 1
         return [float(schedule.t_max - j * (n // steps)) for j in range(steps)]
-    return [float(schedule.t_from_fraction(1 - j / steps)) for j in range(steps)]
+    if schedule.name == "edm":
+        fractions = [1.0] + [0.5 - 0.25 * (j - 1) / max(steps - 2, 1) for j in range(1, steps)]
+    else:
+        fractions = [1 - j / steps for j in range(steps)]
+    return [float(schedule.t_from_fraction(f)) for f in fractions]
 
 
 def generator_times(config: DMD2Config, schedule) -> list[float]:

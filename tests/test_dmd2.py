@@ -370,6 +370,11 @@ def test_default_times_follow_dmd2():
     edm = make_schedule("edm")
     assert default_times(edm, 1) == [pytest.approx(80.0)]
     assert default_times(edm, 2) == [pytest.approx(80.0), pytest.approx(float(edm.t_from_fraction(0.5)))]
+    # on EDM the steps after the first refine from the lower half: fractions 1/2, 3/8, 1/4 (sigma 2.5, 0.74, 0.17)
+    assert default_times(edm, 4) == pytest.approx([80.0, *(float(edm.t_from_fraction(f)) for f in (0.5, 0.375, 0.25))])
+    assert default_times(edm, 4)[1:] == pytest.approx([2.5152, 0.7434, 0.16975], rel=1e-4)
+    flow = make_schedule("flow")  # linear in t: DMD2's evenly spaced fractions
+    assert default_times(flow, 4) == pytest.approx([float(flow.t_from_fraction(f)) for f in (1, 0.75, 0.5, 0.25)])
     obj = DMD2(DMD2Config(steps=1, timesteps=[399.0]))  # 1-step generator conditioned on t = 399
     assert generator_times(obj.config, sd) == [399.0]
     student = type("S", (), {"schedule": sd})()
