@@ -26,10 +26,10 @@ def teacher_energy(teacher, steps: int, cond=None, guidance=None, seed: int = 7)
         return energy_distance(x, teacher.sample_exact(N, cond))
 
 
-def student_samples(trainer, cond=None, seed: int = 7):
+def student_samples(trainer, cond=None, seed: int = 7, n: int = N):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return generate(trainer.student, trainer.spec, N, cond, shape=trainer.teacher.data_shape)
+        return generate(trainer.student, trainer.spec, n, cond, shape=trainer.teacher.data_shape)
 
 
 def test_ring8_one_step_student_covers_every_mode_and_beats_the_teachers_few_step_samplers(tmp_path):
@@ -92,15 +92,16 @@ def test_hd16_one_and_four_step_students_beat_the_teachers_one_and_two_step_samp
     assert max(e.values()) < 0.5 * min(e1_teacher, e2_teacher), (e, e1_teacher, e2_teacher)
 
 
-@pytest.mark.xfail(reason="issue 14 open: in 16-D the plain MLP learns four maps more slowly than one; the 4-step "
-                          "student needs about 3x the iterations to reach its 1-step (docs/methods/quality.md, ninth "
-                          "pass)", strict=False)
-def test_hd16_four_step_is_no_worse_than_one_step(hd16_runs):
-    teacher = hd16_runs[1].teacher
+def test_hd16_four_step_student_beats_the_one_step(hd16_runs):
+    """With the EDM step times (80, 2.5, 0.74, 0.17) each step after the first refines; at DMD2's evenly spaced
+    fractions (80, 17.5, 2.5, 0.17) the 4-step student was 4x worse than its 1-step one. At this budget (1500
+    iterations, no GAN) it is 0.68x; the sweep's default budget reaches the issue's 1/2 (docs/methods/quality.md).
+    20000 samples: at 4000 the distance's noise (~1e-3) is the 4-step's size."""
+    teacher, n = hd16_runs[1].teacher, 20000
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        ref = teacher.sample_exact(N)
-    e = {k: energy_distance(student_samples(tr), ref) for k, tr in hd16_runs.items()}
+        ref = teacher.sample_exact(n)
+    e = {k: energy_distance(student_samples(tr, n=n), ref, max_n=n) for k, tr in hd16_runs.items()}
     assert e[4] <= e[1], e
 
 
