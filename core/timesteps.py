@@ -13,7 +13,8 @@ same spacing for an EDM, VP or flow model. Kinds (Zhou et al. 2024, sec. 3 and t
   rho = 1 by default, then rounded;
 - ``explicit``: the given ``times``, used as they are.
 
-``fraction_grid`` is moment matching's grid t = i/k (Salimans et al. 2024), mapped through the schedule.
+``fraction_grid`` is moment matching's grid t = i/k (Salimans et al. 2024), mapped through the schedule;
+``step_fraction`` moves a few-step generator's grid on EDM so that the steps after the first refine.
 ``TimeGrid`` bundles a kind and its settings into one first-class object; ``nested_grids`` builds the
 coarse/fine pair of trajectory distillation (SFD's student grid and its M-times refined teacher grid).
 """
@@ -163,15 +164,35 @@ class TimeGrid:
         return nested_grids(schedule, points, substeps, self.kind, self.rho, self.t_min, self.t_max, self.times)
 
 
-def fraction_grid(schedule, steps: int) -> Tensor:
+def fraction_grid(schedule, steps: int, refine: bool = False) -> Tensor:
     """The paper's grid t = i/k, i = k..1 (plus the clean sentinel 0.0), in the schedule's units.
 
     The paper's time runs over [0, 1]; other schedules map the fraction i/k through
     ``schedule.t_from_fraction`` (Karras rho-spacing on EDM, linear in t on VP/flow, the timestep on
-    vp-discrete), so i/k = 1 is the schedule's noisiest trained time.
+    vp-discrete), so i/k = 1 is the schedule's noisiest trained time. ``refine``: through ``step_fraction``
+    first (EDM: sigma = 80, 2.5, 0.74, 0.17 for k = 4).
     """
     if steps < 1:
         raise UsageError(f"a fraction grid needs at least 1 step, got {steps}")
     u = torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+    if refine:
+        u = step_fraction(schedule, u, steps)
     times = torch.as_tensor(schedule.t_from_fraction(u), dtype=torch.float64)
     return torch.cat([times, times.new_zeros(1)])
+
+
+def step_fraction(schedule, u, steps: int) -> Tensor:
+    """Where fraction u of a k-step generator's grid (step i at i/k) goes on ``schedule``, so that the steps after
+    the first refine rather than start over. EDM's rho-spacing puts the upper fractions at nearly pure noise
+    (3/4 is sigma = 17.5, 25 sigma_data), so on EDM u is warped piecewise-linearly: 0 and 1 stay, the grid points
+    i/k (0 < i < k) go evenly from 1/4 (i = 1) up to 1/2 (i = k - 1), e.g. 1, 3/4, 1/2, 1/4 -> 1, 1/2, 3/8, 1/4.
+    Other schedules (linear in t, SDXL's 999/749/499/249 among them) and k <= 2 keep u. Measured for DMD2 and
+    MM in docs/methods/quality.md, eleventh and twelfth passes."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if schedule.name != "edm" or steps <= 2:
+        return u
+    knots = torch.tensor([0.0, *(0.25 + 0.25 * (i - 1) / (steps - 2) for i in range(1, steps)), 1.0],
+                         dtype=torch.float64, device=u.device)
+    scaled = u.clamp(0, 1) * steps
+    i = scaled.floor().clamp(max=steps - 1).long()
+    return knots[i] + (scaled - i) * (knots[i + 1] - knots[i])

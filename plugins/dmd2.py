@@ -25,7 +25,7 @@ from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of, time_batch
 from core.generation import multistep, start
 from core.registry import get_registry
-from core.timesteps import make_grid
+from core.timesteps import fraction_grid, make_grid
 
 
 def _fraction_range(instance, attribute, value):
@@ -105,16 +105,13 @@ def default_times(schedule, steps: int) -> list[float]:
     """tau_j, the first at the top. DMD2's evenly spaced times on schedules linear in t: t_max - j N/K on N-step
     discrete ones (SDXL's 999/749/499/249), ``t_from_fraction(1 - j/K)`` on flow and vp-cosine. EDM's rho-spacing
     puts the upper fractions at nearly pure noise (3/4 is sigma = 17.5, 25 sigma_data), where a step starts
-    over rather than refines, so there the other K - 1 steps are evenly spaced in fraction from 1/2 down to 1/4:
-    sigma = 80, 2.5, 0.74, 0.17 for K = 4 (measured: docs/methods/quality.md, eleventh pass)."""
+    over rather than refines, so there the other K - 1 steps are evenly spaced in fraction from 1/2 down to 1/4
+    (``core.timesteps.step_fraction``): sigma = 80, 2.5, 0.74, 0.17 for K = 4 (docs/methods/quality.md, eleventh
+    pass)."""
     if schedule.name == "vp-discrete":
         n = int(round(schedule.t_max)) + 1
         return [float(schedule.t_max - j * (n // steps)) for j in range(steps)]
-    if schedule.name == "edm":
-        fractions = [1.0] + [0.5 - 0.25 * (j - 1) / max(steps - 2, 1) for j in range(1, steps)]
-    else:
-        fractions = [1 - j / steps for j in range(steps)]
-    return [float(schedule.t_from_fraction(f)) for f in fractions]
+    return fraction_grid(schedule, steps, refine=True)[:-1].tolist()
 
 
 def generator_times(config: DMD2Config, schedule) -> list[float]:

@@ -26,19 +26,25 @@ from core.config import non_negative, positive, unit_interval
 from core.errors import UsageError
 from core.parameterization import edm_weight
 from core.protocols import Phase, SamplingSpec, sigma_data_of
-from core.timesteps import fraction_grid, ve_sigma
+from core.timesteps import fraction_grid, step_fraction, ve_sigma
 
 WEIGHTINGS = ("edm", "flat", "snr", "snr+1")
+GRID_DOC = ("the k-step grid i/k on EDM schedules: refine (the steps after the first at fractions 1/2 .. 1/4, "
+            "sigma = 80, 2.5, 0.74, 0.17 for k = 4, so that they refine rather than start over) or paper (i/k through "
+            "EDM's rho-spacing: 80, 17.5, 2.5, 0.17). The same on other schedules")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces: time sampling, weighting, one draw of (z_t, x~, z_s).
 
-def sample_times(schedule, n: int, steps: int, mode: str = "continuous", device=None) -> tuple[Tensor, Tensor]:
+def sample_times(schedule, n: int, steps: int, mode: str = "continuous", device=None,
+                 refine: bool = False) -> tuple[Tensor, Tensor]:
     """(s, t) in the schedule's units, float64 [n].
 
     continuous (paper): s ~ U(0, 1), t = min(1, s + U(0, 1/k)).  grid (Dual-Rate's variant): t = i/k with
-    i ~ U{1..k}, s ~ U(t - 1/k, t). Fractions map to times through ``schedule.t_from_fraction``.
+    i ~ U{1..k}, s ~ U(t - 1/k, t). Fractions map to times through ``schedule.t_from_fraction``, with
+    ``refine`` through ``core.timesteps.step_fraction`` first (the sampling grid's warp, so training still
+    draws each step's own interval).
     """
     if mode == "grid":
         u_t = torch.randint(1, steps + 1, (n,), device=device).double() / steps
@@ -46,6 +52,8 @@ def sample_times(schedule, n: int, steps: int, mode: str = "continuous", device=
     else:
         u_s = torch.rand(n, dtype=torch.float64, device=device)
         u_t = (u_s + torch.rand(n, dtype=torch.float64, device=device) / steps).clamp(max=1.0)
+    if refine:
+        u_s, u_t = step_fraction(schedule, u_s, steps), step_fraction(schedule, u_t, steps)
     return schedule.t_from_fraction(u_s), schedule.t_from_fraction(u_t)
 
 
@@ -74,12 +82,13 @@ class Draw(NamedTuple):
     noise: Tensor  # the posterior draw's xi [B, ...] float64, so a data-side z_s can share it
 
 
-def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "continuous") -> Draw:
+def draw(student, x: Tensor, cond, steps: int, eta: float = 1.0, mode: str = "continuous",
+         refine: bool = False) -> Draw:
     """Alg. 2, lines 2-5: z_t ~ q(z_t | x) from real data, x~ = g_eta(z_t, t), z_s ~ q(z_s | z_t, x = sg(x~)).
 
     x~ carries the student's graph when grad is enabled; z_s never does (the posterior gets sg(x~))."""
     sched = student.schedule
-    s, t = sample_times(sched, x.shape[0], steps, mode, x.device)
+    s, t = sample_times(sched, x.shape[0], steps, mode, x.device, refine)
     z_t = ops.add_noise(x, torch.randn_like(x), sched.alpha(t), sched.sigma(t))
     x_tilde = student.denoise(z_t, t.to(x.dtype), cond)
     xi = torch.randn(x.shape, dtype=torch.float64, device=x.device)
@@ -104,8 +113,8 @@ def _data(ctx) -> Tensor:
     return x
 
 
-def _steps_spec(student, steps: int, eta: float) -> SamplingSpec:
-    return SamplingSpec("ancestral", fraction_grid(student.schedule, steps).tolist(), {"eta": eta})
+def _steps_spec(student, steps: int, eta: float, grid: str) -> SamplingSpec:
+    return SamplingSpec("ancestral", fraction_grid(student.schedule, steps, grid == "refine").tolist(), {"eta": eta})
 
 
 # Paper-style optimizer (reconstruction: mm_3_retry's defaults): Adam beta1 = 0, beta2 = 0.99, eps = 1e-12,
@@ -142,6 +151,7 @@ class MMConfig:
     time_sampling: Literal["continuous", "grid"] = attrs.field(
         default="grid", metadata={"doc": "t on the sampling grid i/k (default, Dual-Rate's variant: training goes "
                                          "to the times the student is sampled at) or continuous (the paper)"})
+    grid: Literal["refine", "paper"] = attrs.field(default="refine", metadata={"doc": GRID_DOC})
     guidance: float | None = attrs.field(default=None, metadata={"doc": "CFG scale of the teacher term "
                                                                         "(default: the teacher's own)"})
     teacher_fit: int | None = attrs.field(
@@ -209,14 +219,14 @@ class MomentMatching:
             return self.fit_loss(aux if phase == "auxiliary" else student, ctx)
         if phase == "auxiliary":
             with torch.no_grad():
-                d = draw(student, x, cond, c.steps, c.eta, c.time_sampling)
+                d = draw(student, x, cond, c.steps, c.eta, c.time_sampling, c.grid == "refine")
                 teacher = self.teacher_x0(ctx.teacher, d.z_s, d.s, cond)
             w = loss_weight(student.schedule, d.s, w_kind, sd).to(x.dtype)
             aux_x0 = aux.denoise(d.z_s, d.s.to(x.dtype), cond)
             fit = ops.weighted_loss(aux_x0, d.x_tilde, w)  # ||sg(x~) - g_phi(z_s)||^2
             reg = ops.weighted_loss(aux_x0, teacher, w)  # ||g_theta(z_s) - g_phi(z_s)||^2
             return fit + c.aux_teacher_weight * reg, {"fit": fit.detach(), "reg": reg.detach()}
-        d = draw(student, x, cond, c.steps, c.eta, c.time_sampling)
+        d = draw(student, x, cond, c.steps, c.eta, c.time_sampling, c.grid == "refine")
         with torch.no_grad():
             aux_x0 = aux.denoise(d.z_s, d.s.to(x.dtype), cond)
             teacher = self.teacher_x0(ctx.teacher, d.z_s, d.s, cond)
@@ -226,10 +236,10 @@ class MomentMatching:
         return loss, {"moment_gap": gap.detach()}
 
     def sampling(self, student):
-        return _steps_spec(student, self.config.steps, self.config.sample_eta)
+        return _steps_spec(student, self.config.steps, self.config.sample_eta, self.config.grid)
 
     def with_steps(self, spec, steps, student):
-        return _steps_spec(student, steps, spec.options.get("eta", self.config.sample_eta))
+        return _steps_spec(student, steps, spec.options.get("eta", self.config.sample_eta), self.config.grid)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,6 +254,7 @@ class MMParamConfig:
                              metadata={"doc": "posterior noise of the training z_s draw (1: ancestral)"})
     sample_eta: float = attrs.field(default=1.0, validator=unit_interval, metadata={"doc": "eta when sampling"})
     time_sampling: Literal["continuous", "grid"] = attrs.field(default="continuous")
+    grid: Literal["refine", "paper"] = attrs.field(default="paper", metadata={"doc": GRID_DOC})
     precond: Literal["identity", "rms"] = attrs.field(
         default="identity", metadata={"doc": "Lambda: identity (measured steadier on the mixtures), or a running "
                                              "Adam-style RMS of the teacher gradient"})
@@ -372,11 +383,11 @@ class MomentMatchingParam:
         cond_a, cond_b = (None, None) if cond is None else (cond[:half], cond[half:])
         sched, sd = student.schedule, float(sigma_data_of(ctx.teacher, ctx.student))
         with torch.no_grad():  # batch A: only the teacher's parameter gradient, no student graph
-            a = draw(student, x[:half], cond_a, c.steps, c.eta, c.time_sampling)
+            a = draw(student, x[:half], cond_a, c.steps, c.eta, c.time_sampling, c.grid == "refine")
         # the moment to match is the teacher's gradient on real data: 0 only at a stationary point of the loss
         data_a = (x[:half], data_side(a, x[:half], sched, c.eta)) if c.data_moment else None
         nu = self.parameter_direction(a, loss_weight(sched, a.s, c.weighting, sd).to(x.dtype), cond_a, data_a)
-        b = draw(student, x[half:], cond_b, c.steps, c.eta, c.time_sampling)
+        b = draw(student, x[half:], cond_b, c.steps, c.eta, c.time_sampling, c.grid == "refine")
         w_b, k, reps = loss_weight(sched, b.s, c.weighting, sd).to(x.dtype), x.shape[0] - half, 1 + c.data_moment
         z_data = data_side(b, x[half:], sched, c.eta) if c.data_moment else b.z_s[:0]  # one JVP over both z_s
         g_all, jv_all = self.jvp(nu, torch.cat([b.z_s, z_data]), b.s.repeat(reps),
@@ -392,10 +403,10 @@ class MomentMatchingParam:
         return loss, {"moment_norm": moment.mean()}
 
     def sampling(self, student):
-        return _steps_spec(student, self.config.steps, self.config.sample_eta)
+        return _steps_spec(student, self.config.steps, self.config.sample_eta, self.config.grid)
 
     def with_steps(self, spec, steps, student):
-        return _steps_spec(student, steps, spec.options.get("eta", self.config.sample_eta))
+        return _steps_spec(student, steps, spec.options.get("eta", self.config.sample_eta), self.config.grid)
 
 
 @hookimpl

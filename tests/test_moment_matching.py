@@ -92,7 +92,7 @@ def test_mm_generator_gradient_is_weighted_moment_gap_pulled_back(weighting, tim
     got = torch.autograd.grad(loss, params)
 
     torch.manual_seed(7)  # the same draws, then the gradient written out by hand
-    d = draw(student, b["x"], None, 4, mode=times)
+    d = draw(student, b["x"], None, 4, mode=times, refine=True)  # MM's default grid
     assert not d.z_s.requires_grad  # posterior sample of sg(x~)
     with torch.no_grad():
         gap = aux.denoise(d.z_s, d.s) - teacher.denoise(d.z_s, d.s)  # EDM: t = sigma
@@ -116,7 +116,7 @@ def test_mm_auxiliary_loss_is_fit_plus_teacher_regulariser():
     assert loss.requires_grad and not any(p.grad is not None for p in student.parameters())
     torch.manual_seed(3)
     with torch.no_grad():
-        d = draw(student, b["x"], None, 4)
+        d = draw(student, b["x"], None, 4, refine=True)
         a, g = aux.denoise(d.z_s, d.s), teacher.denoise(d.z_s, d.s)
     w = edm_weight(d.s, sd)
     want = (w * ((a - d.x_tilde) ** 2).mean(1)).mean() + 0.5 * (w * ((a - g) ** 2).mean(1)).mean()
@@ -301,6 +301,46 @@ def test_sampling_spec_is_ancestral_on_the_i_over_k_grid(objective):
     assert spec8.times == pytest.approx([0.1 + 0.8 * i / 8 for i in range(8, 0, -1)] + [0.0], rel=1e-15)
     assert spec8.options == {"eta": 0.2}  # the spec's own eta is kept
     assert objective.with_steps(type(spec)("ancestral", spec.times, {}), 2, small_net(sched)).options == {"eta": 0.5}
+
+
+@pytest.mark.parametrize("mode", ["continuous", "grid"])
+def test_refined_grid_on_edm_keeps_each_step_in_its_own_interval(mode):
+    """grid=refine (MM's default): on EDM the sampler's grid is sigma = 80, 2.5, 0.74, 0.17 (fractions 1, 1/2, 3/8,
+    1/4 through the rho-spacing), and training draws (s, t) inside the warped intervals, on its points in grid mode."""
+    sched, k = make_schedule("edm"), 4
+    spec = MomentMatching(MMConfig()).sampling(small_net(sched))
+    rho_map = lambda f: (0.002 ** (1 / 7) + f * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7  # noqa: E731
+    assert spec.times == pytest.approx([80.0, rho_map(0.5), rho_map(0.375), rho_map(0.25), 0.0], rel=1e-12)
+    assert MomentMatching(MMConfig(grid="paper")).sampling(small_net(sched)).times == pytest.approx(
+        [80.0, rho_map(0.75), rho_map(0.5), rho_map(0.25), 0.0], rel=1e-12)
+    s, t = sample_times(sched, 20_000, k, mode, refine=True)
+    grid = torch.tensor(spec.times[:-1], dtype=torch.float64)
+    assert bool((s <= t).all())
+    inside = ((grid[None] > s[:, None] * (1 + 1e-12)) & (grid[None] < t[:, None] * (1 - 1e-12))).sum(1)
+    if mode == "grid":  # t on a grid point, s inside the interval below it
+        assert set(t.unique().tolist()) == {float(v) for v in grid}
+        i = torch.searchsorted(-grid, -t)
+        lower = torch.cat([grid[1:], grid.new_tensor([sched.t_min])])[i]
+        assert bool((s >= lower * (1 - 1e-12)).all()) and int(inside.max()) == 0
+    else:  # at most one step apart: no more than one grid point strictly between s and t
+        assert int(inside.max()) == 1 and float((inside == 0).double().mean()) > 0.2
+
+
+def test_step_fraction_warps_only_edm_and_only_three_or_more_steps():
+    from core.timesteps import step_fraction
+
+    edm, flow = make_schedule("edm"), make_schedule("flow")
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    torch.testing.assert_close(step_fraction(flow, u, 4), u)
+    torch.testing.assert_close(step_fraction(edm, u, 2), u)
+    w = step_fraction(edm, u, 4)
+    assert bool((w[1:] >= w[:-1]).all()) and float(w[0]) == 0.0 and float(w[-1]) == 1.0  # monotone, ends fixed
+    knots = step_fraction(edm, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64), 4)
+    torch.testing.assert_close(knots, torch.tensor([0.25, 0.375, 0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(step_fraction(edm, torch.tensor([0.625]), 4), torch.tensor([0.4375], dtype=torch.float64))
+    # 8 steps: 1/8 .. 7/8 go evenly from 1/4 to 1/2
+    eighths = step_fraction(edm, torch.arange(1, 8, dtype=torch.float64) / 8, 8)
+    torch.testing.assert_close(eighths, 0.25 + 0.25 * torch.arange(7, dtype=torch.float64) / 6)
 
 
 def test_mm_run_end_to_end_and_sample_cli(tmp_path):
