@@ -254,7 +254,7 @@ class MMParamConfig:
                              metadata={"doc": "posterior noise of the training z_s draw (1: ancestral)"})
     sample_eta: float = attrs.field(default=1.0, validator=unit_interval, metadata={"doc": "eta when sampling"})
     time_sampling: Literal["continuous", "grid"] = attrs.field(default="continuous")
-    grid: Literal["refine", "paper"] = attrs.field(default="paper", metadata={"doc": GRID_DOC})
+    grid: Literal["refine", "paper"] = attrs.field(default="refine", metadata={"doc": GRID_DOC})
     precond: Literal["identity", "rms"] = attrs.field(
         default="identity", metadata={"doc": "Lambda: identity (measured steadier on the mixtures), or a running "
                                              "Adam-style RMS of the teacher gradient"})

@@ -146,8 +146,8 @@ def test_mm_param_surrogate_gradient_matches_double_backward(precond, jvp, data_
     torch.manual_seed(11)
     x = b["x"]
     with torch.no_grad():
-        a = draw(student, x[:8], None, 4)
-    d = draw(student, x[8:], None, 4)
+        a = draw(student, x[:8], None, 4, refine=True)
+    d = draw(student, x[8:], None, 4, refine=True)
 
     def teacher_loss(dr, x0, z_s):  # l(theta) = mean_b w(s_b) mean_d (g_theta(z_s) - x0)^2
         return (edm_weight(dr.s, sd) * ((net.denoise(z_s, dr.s) - x0) ** 2).mean(1)).mean()
