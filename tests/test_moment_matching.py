@@ -265,6 +265,9 @@ def test_configs_resolve_with_paper_defaults():
     assert (cfg.train.lr_decay, cfg.train.warmup > 0) == ("linear", True)
     # measured departures from the paper's edm/continuous (docs/methods/quality.md, eighth pass)
     assert (cfg.objective.config.weighting, cfg.objective.config.time_sampling) == ("flat", "grid")
+    # and the refined grid on EDM (twelfth pass), for both algorithms; `paper` is accepted, anything else is not
+    assert cfg.objective.config.grid == run_config("objective=mm-param", "teacher=gmm").objective.config.grid == "refine"
+    assert run_config("objective=mm", "teacher=gmm", "objective.grid=paper").objective.config.grid == "paper"
     phases = {p.name: p for p in MomentMatching(cfg.objective.config).phases()}
     assert phases["auxiliary"].betas == (0.0, 0.99) and phases["generator"].eps == 1e-12
     assert phases["generator"].grad_clip == 1.0
