@@ -81,8 +81,9 @@ def test_mm_alg2_step(benchmark, nets, phase):
 
 @pytest.mark.benchmark(group="mm-update")
 @pytest.mark.parametrize("jvp", ["forward", "fd"])
-def test_mm_alg3_step(benchmark, nets, jvp):
-    objective = MomentMatchingParam(MMParamConfig(jvp=jvp))
+@pytest.mark.parametrize("data_moment", [True, False], ids=["data-moment", "zero-moment"])
+def test_mm_alg3_step(benchmark, nets, jvp, data_moment):
+    objective = MomentMatchingParam(MMParamConfig(jvp=jvp, data_moment=data_moment))
     objective.build(nets)
     benchmark(_step, objective, "generator", _ctx(nets))
 

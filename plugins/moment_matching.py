@@ -266,9 +266,12 @@ class MMParamConfig:
                                          "or forward with fd fallback (auto)"})
     fd_step: float = attrs.field(default=1e-3, validator=positive,
                                  metadata={"doc": "fd step as a fraction of ||theta|| / ||nu||"})
+    # fewstep's default, not the paper's: a teacher is rarely at a stationary point of l under MM's time draws and
+    # weighting, and matching to 0 then drifts with training (docs/methods/quality.md, thirteenth pass).
     data_moment: bool = attrs.field(
-        default=False, metadata={"doc": "match E_g[grad_theta l] to the teacher's gradient on real data (from each "
-                                        "batch) rather than to 0, the paper's value for a converged teacher"})
+        default=True, metadata={"doc": "match E_g[grad_theta l] to the teacher's gradient on real data (from each "
+                                       "batch; default) or to 0 (false: the paper's value, right only for a teacher "
+                                       "at a stationary point of l)"})
 
 
 class _Denoise(torch.nn.Module):
