@@ -280,3 +280,40 @@ def test_exact_mixture_unwraps_network_teachers_to_the_mixture_they_learnt():
     mixture = GaussianMixtureTeacher(GMMConfig(preset="ring8"))
     assert exact_mixture(mixture) is mixture
     assert exact_mixture(SimpleNamespace(source=SimpleNamespace(source=mixture))) is mixture
+
+
+def test_rescore_sets_are_the_sweeps_score_at_successive_seeds(tmp_path, capsys):
+    """benchmarks/rescore.py: set j of a run is exactly what the sweep's ``score`` gives its sampler at seed 100 + j,
+    and the printed mean is theirs."""
+    from benchmarks.quality import _train, score
+    from benchmarks.rescore import main, rescore
+    from core.generation import generate
+    from core.rundir import load_run
+
+    out = tmp_path / "run"
+    _train(["objective=dmd2", "teacher=gmm", "teacher.preset=ring8", "train.steps=2", "student.hidden=16",
+            "student.depth=1", "train.batch=16", "train.eval_every=0", "train.preview_every=0", f"out={out}"])
+    eds = rescore(str(out), 3, 300)
+    nets, spec, _ = load_run(str(out))
+    student, teacher = nets.student.eval(), nets.teacher
+    with torch.no_grad():
+        want = [score(teacher, lambda n, labels: generate(student, spec, n, None, shape=teacher.data_shape), 300,
+                      100 + j)["energy_distance"] for j in range(3)]
+    assert eds == want and len(set(eds)) == 3  # independent sets, each reproducible
+    assert main([f"runs={out}", "sets=3", "num=300"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {out} | {sum(want) / 3:.5f} ± ")
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage: python -m benchmarks.rescore runs="),
+    (["runs=x", "sets=two"], "sets and num take integers"),
+    (["runs=x", "sets=1"], "sets and num must be at least 2"),
+    (["runs=/nonexistent/run"], "run=/nonexistent/run is not a fewstep run"),
+])
+def test_rescore_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    from benchmarks.rescore import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fewstep: error: ") and message in err and "\n" not in err
