@@ -4,8 +4,8 @@
 
 Each run (a mixture teacher's, exact or ``teacher=checkpoint`` of one) is sampled ``sets`` times with its own
 sampling spec, ``num`` samples each, every set against fresh exact samples (the sweep's ``score`` at seeds 100,
-101, ...). Prints each set's energy distance, their mean and its standard error. A single 20000-sample score of a
-grid25 student varies by about ±30% (docs/methods/quality.md, thirteenth pass).
+101, ...). Prints each set's energy distance, their mean and its standard error. The single 20000-sample scores of
+one grid25 student differ by up to 2× (docs/methods/quality.md, thirteenth pass).
 """
 
 from __future__ import annotations
