@@ -361,15 +361,15 @@ def test_mm_run_end_to_end_and_sample_cli(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # quality on the ring (network teacher from objective=denoise; student and auxiliary copied from it)
 
-def ancestral_energy(model, teacher, steps, n=3000, seed=0, refine=True):
-    """Energy distance of ``steps``-step ancestral samples to exact mixture samples, on MM's default grid
-    (``refine``, the one its students are trained and sampled on) or the paper's i/k."""
+def ancestral_energy(model, teacher, steps, n=3000, seed=0):
+    """Energy distance of ``steps``-step ancestral samples to exact mixture samples, on MM's default (refined)
+    grid, the one its students are trained and sampled on."""
     from core.metrics import energy_distance
     from plugins.samplers.ancestral import ancestral
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        grid = fraction_grid(model.schedule, steps, refine)
+        grid = fraction_grid(model.schedule, steps, refine=True)
         samples = ancestral(model, torch.randn(n, *teacher.data_shape), grid)
         return energy_distance(samples, teacher.sample_exact(n))
 
