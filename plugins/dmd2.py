@@ -78,8 +78,9 @@ class DMD2Config:
         metadata={"doc": "lambda_reg: DMD's regression loss ||G(x_in) - ODE_teacher(x_in)||^2 on the generator's "
                          "own inputs (default 1: it keeps every mode of a generator trained from scratch, and "
                          "breaks the per-class collapse of a 1-step teacher copy, which outputs the class mean "
-                         "at sigma_max whatever the noise; 0, DMD2's choice, for teachers with expensive_calls such "
-                         "as the diffusers pipelines)"})
+                         "at sigma_max whatever the noise; 3 for a K-step generator from scratch, whose steps it "
+                         "sharpens; 0, DMD2's choice, for teachers with expensive_calls such as the diffusers "
+                         "pipelines)"})
     regression_warmup: int = attrs.field(
         default=0, validator=attrs.validators.ge(0),
         metadata={"doc": "iterations whose generator updates use the regression loss alone (the critic trains "
@@ -260,10 +261,14 @@ class DMD2:
     def regression_weight(self) -> float:
         # on for teacher copies too (docs/methods/digits.md): DM and GAN gradients cannot make a copy's output
         # depend on the noise it starts from, the ODE targets can. Off, as in DMD2's recipe, where each of its
-        # regression_steps teacher calls is a large pipeline's (SDXL: ~10x the iteration's cost)
+        # regression_steps teacher calls is a large pipeline's (SDXL: ~10x the iteration's cost). 3 for a K-step
+        # generator from scratch: DM + GAN leave each step's x0 blurred around the modes, and a stronger pull to the
+        # ODE targets sharpens them (docs/methods/quality.md, thirteenth pass)
         if self.config.regression_weight is not None:
             return self.config.regression_weight
-        return 0.0 if getattr(self, "teacher_calls_expensive", False) else 1.0
+        if getattr(self, "teacher_calls_expensive", False):
+            return 0.0
+        return 3.0 if self.config.steps > 1 and getattr(self, "from_scratch", False) else 1.0
 
     # -- one iteration -----------------------------------------------------------------------------------------
     def loss(self, phase: str, ctx) -> tuple[Tensor, dict]:

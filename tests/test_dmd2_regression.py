@@ -96,6 +96,11 @@ def test_defaults_turn_regression_on_and_raise_the_lr_from_scratch():
     obj = DMD2(DMD2Config(gan="off", regression_weight=0.5, lr=3e-4, critic_lr=2e-4))
     obj.build({"teacher": analytic, "student": analytic, "critic": analytic})
     assert (obj.regression_weight, obj.phases()[0].lr, obj.phases()[1].lr) == (0.5, 3e-4, 2e-4)
+    # K steps: 3 from scratch (quality.md, thirteenth pass), unchanged for network and pipeline teachers
+    for teacher, weight in ((analytic, 3.0), (NetworkTeacher(), 1.0), (PipelineTeacher(), 0.0)):
+        obj = DMD2(DMD2Config(gan="off", steps=4))
+        obj.build({"teacher": teacher, "student": analytic, "critic": analytic})
+        assert obj.regression_weight == weight
 
 
 def test_regression_warmup_updates_the_generator_on_the_ode_pairs_alone():
